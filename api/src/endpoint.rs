@@ -1,0 +1,209 @@
+//! The `Endpoint` resource: a route and a traffic policy over Backends.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Default per-request timeout: generous for CNNs on CPU, short enough to fail a hung upstream.
+pub const DEFAULT_TIMEOUT_MILLIS: u32 = 30_000;
+/// Default retries: one retry hides a single pod restart without doubling load in an outage.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 1;
+/// Default retry budget: retries may add at most 20% to the request rate.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Most backends one Endpoint may name in its traffic split.
+pub const MAX_TRAFFIC_TARGETS: usize = 16;
+
+/// Specification of an Endpoint: where it is called and how its traffic is split.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serval.dev",
+    version = "v1alpha1",
+    kind = "Endpoint",
+    namespaced,
+    status = "EndpointStatus",
+    shortname = "sep",
+    category = "serval",
+    cel,
+    doc = "A route that clients call and a traffic policy over Backends: weighted split, mirror, header match and sticky sessions.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Route","type":"string","jsonPath":".spec.route.pathPrefix"}"#,
+    printcolumn = r#"{"name":"Traffic","type":"string","jsonPath":".status.trafficSummary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.mirror) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests")
+)]
+pub struct EndpointSpec {
+    /// Where clients call this Endpoint.
+    pub route: Route,
+
+    /// Weighted split of requests over Backends. Weights are relative (0-100); a Backend with
+    /// weight 0 receives no primary traffic.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.exists(t, t.weight > 0)").message("traffic weights must sum to more than 0"))]
+    #[x_kube(validation = Rule::new("self.all(a, self.filter(b, b.backend == a.backend).size() == 1)").message("each backend may appear only once in traffic"))]
+    pub traffic: Vec<TrafficTarget>,
+
+    /// Copy a share of requests to a shadow Backend and compare its answers with the primary's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+
+    /// Header rules, evaluated in order before the weighted split.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub matches: Vec<MatchRule>,
+
+    /// Pin each caller to one Backend by hashing a request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+
+    /// Per-request timeout in milliseconds.
+    #[serde(default = "default_timeout_millis")]
+    #[schemars(range(min = 1, max = 3_600_000))]
+    pub timeout_millis: u32,
+
+    /// Retries on connection failure and 503.
+    #[serde(default)]
+    pub retries: Retries,
+}
+
+fn default_timeout_millis() -> u32 {
+    DEFAULT_TIMEOUT_MILLIS
+}
+
+/// Where an Endpoint is reachable on the router.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Path prefix, e.g. `/digits`. It is stripped before the request reaches a Backend.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^/[A-Za-z0-9._~/-]*$')").message("route.pathPrefix must start with '/' and contain only letters, digits and . _ ~ / -"))]
+    pub path_prefix: String,
+
+    /// Host name the route is limited to; any host when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("route.host must be a lowercase DNS name"))]
+    pub host: Option<String>,
+}
+
+/// A Backend and its weight in the split.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficTarget {
+    /// Name of a Backend in the same namespace.
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: String,
+    /// Relative weight, 0-100.
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: u32,
+}
+
+/// Shadow traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    /// Name of the Backend that receives the copies. Its answers never reach the client.
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: String,
+    /// Share of requests copied, 0-100.
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+}
+
+/// Route requests carrying a header value to a Backend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchRule {
+    /// The header to compare.
+    pub header: HeaderValueMatch,
+    /// Name of the Backend that receives matching requests.
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: String,
+}
+
+/// An exact header match.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderValueMatch {
+    /// Header name (case-insensitive).
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$')").message("match header name must be a valid HTTP header name"))]
+    pub name: String,
+    /// Exact value.
+    #[schemars(length(max = 1024))]
+    pub value: String,
+}
+
+/// Sticky sessions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sticky {
+    /// Request header whose value identifies a caller, e.g. `x-user-id`.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$')").message("sticky.header must be a valid HTTP header name"))]
+    pub header: String,
+}
+
+/// Retry settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Extra attempts after the first, on connection failure or 503 only.
+    #[serde(default = "default_retry_attempts")]
+    #[schemars(range(min = 0, max = 5))]
+    pub attempts: u32,
+    /// Retries allowed as a percentage of requests, so retries cannot amplify an outage.
+    #[serde(default = "default_retry_budget")]
+    #[schemars(range(min = 0, max = 100))]
+    pub budget_percent: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self { attempts: DEFAULT_RETRY_ATTEMPTS, budget_percent: DEFAULT_RETRY_BUDGET_PERCENT }
+    }
+}
+
+fn default_retry_attempts() -> u32 {
+    DEFAULT_RETRY_ATTEMPTS
+}
+fn default_retry_budget() -> u32 {
+    DEFAULT_RETRY_BUDGET_PERCENT
+}
+
+/// Observed state of an Endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Traffic actually sent to each Backend, after unready Backends are taken out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<EffectiveTraffic>,
+    /// `backend=percent` pairs, for `kubectl get`.
+    #[serde(default)]
+    pub traffic_summary: String,
+    /// URL of the route on the namespace's router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `Ready`, `Progressing` and `Degraded`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One Backend's effective share of traffic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveTraffic {
+    /// Backend name.
+    pub backend: String,
+    /// Declared weight.
+    pub weight: u32,
+    /// Percentage of primary requests it receives now, 0-100.
+    pub percent: u32,
+    /// Whether the Backend exists and is Ready.
+    pub ready: bool,
+}

@@ -1,0 +1,325 @@
+//! The routing table: what the operator (or local mode) generates and the router serves.
+//!
+//! One table per namespace covers every Endpoint there. It is plain data with a schema version
+//! and a content-derived revision, stored as JSON under [`ROUTING_TABLE_KEY`] in the ConfigMap
+//! [`ROUTING_CONFIGMAP`]. The router validates a table before swapping it in and keeps the old
+//! one when validation fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Schema version of the routing-table document.
+pub const ROUTING_TABLE_API_VERSION: &str = "serval.dev/routing/v1";
+/// Name of the per-namespace ConfigMap holding the table.
+pub const ROUTING_CONFIGMAP: &str = "serval-routing";
+/// Key of the table inside the ConfigMap's `data`.
+pub const ROUTING_TABLE_KEY: &str = "routing.json";
+
+/// A complete routing table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingTable {
+    /// Always [`ROUTING_TABLE_API_VERSION`].
+    pub api_version: String,
+    /// Hash of the content; changes exactly when the content changes. Set by [`Self::seal`].
+    #[serde(default)]
+    pub revision: String,
+    /// One route per Endpoint, sorted by Endpoint name.
+    pub routes: Vec<Route>,
+    /// Upstreams by Backend name.
+    pub backends: BTreeMap<String, Upstream>,
+}
+
+/// How one Endpoint's traffic is routed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Endpoint name; clients may also call `/v2/models/<endpoint>/…` and `/v1/models/<endpoint>…`.
+    pub endpoint: String,
+    /// Path prefix, stripped before forwarding.
+    pub path_prefix: String,
+    /// Host the route is limited to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Weighted split. Weight 0 receives nothing; all zero means no ready backend (503).
+    pub traffic: Vec<WeightedBackend>,
+    /// Shadow traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorPolicy>,
+    /// Header rules evaluated in order before the split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HeaderMatch>,
+    /// Header whose value pins a caller to one backend (consistent hashing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
+    /// Per-request timeout.
+    pub timeout_ms: u64,
+    /// Retry policy.
+    pub retries: RetryPolicy,
+}
+
+/// One backend and its share of a route's traffic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedBackend {
+    /// Backend name, a key of [`RoutingTable::backends`].
+    pub backend: String,
+    /// Relative weight, 0–100.
+    pub weight: u32,
+}
+
+/// Shadow a share of requests to another backend.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorPolicy {
+    /// Backend receiving the copies.
+    pub backend: String,
+    /// Share of requests copied, 0–100.
+    pub percent: u32,
+}
+
+/// Send requests whose header equals a value to a given backend.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    pub header: String,
+    /// Exact value.
+    pub value: String,
+    /// Backend chosen on a match.
+    pub backend: String,
+}
+
+/// When and how often to retry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Extra attempts after the first (connection failure or 503 only).
+    pub attempts: u32,
+    /// Retries allowed as a percentage of recent requests, so retries cannot amplify an outage.
+    pub budget_percent: u32,
+}
+
+/// Where a backend is reached.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Model name the backend's model server serves (the Backend's name).
+    pub model: String,
+    /// `host:port` addresses; the router balances across them.
+    pub addresses: Vec<String>,
+    /// Whether the backend is ready. Routes give an unready backend weight 0 already; this is
+    /// kept so the router can report it.
+    pub ready: bool,
+}
+
+/// Why a routing table was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoutingTableError {
+    /// Not JSON of the right shape.
+    #[error("routing table is not valid JSON: {0}")]
+    Parse(String),
+    /// Unknown schema version.
+    #[error("routing table apiVersion {found:?} is not {ROUTING_TABLE_API_VERSION:?}")]
+    ApiVersion {
+        /// The version found.
+        found: String,
+    },
+    /// Semantically invalid.
+    #[error("routing table route {endpoint:?}: {reason}")]
+    Route {
+        /// The offending route.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A backend entry is invalid.
+    #[error("routing table backend {backend:?}: {reason}")]
+    Backend {
+        /// The offending backend.
+        backend: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl RoutingTable {
+    /// An empty table.
+    pub fn empty() -> Self {
+        Self {
+            api_version: ROUTING_TABLE_API_VERSION.to_owned(),
+            revision: String::new(),
+            routes: Vec::new(),
+            backends: BTreeMap::new(),
+        }
+        .seal()
+    }
+
+    /// Sorts for a canonical form and sets [`Self::revision`] from the content.
+    pub fn seal(mut self) -> Self {
+        self.routes.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        self.revision = String::new();
+        // Serializing owned strings and integers cannot fail.
+        let bytes = serde_json::to_vec(&self).unwrap_or_default();
+        self.revision = hex::encode(&Sha256::digest(&bytes)[..8]);
+        self
+    }
+
+    /// Parses and validates a table.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, RoutingTableError> {
+        let table: Self =
+            serde_json::from_slice(bytes).map_err(|e| RoutingTableError::Parse(e.to_string()))?;
+        table.validate()?;
+        Ok(table)
+    }
+
+    /// Pretty JSON, as stored in the ConfigMap.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks everything the router relies on.
+    pub fn validate(&self) -> Result<(), RoutingTableError> {
+        if self.api_version != ROUTING_TABLE_API_VERSION {
+            return Err(RoutingTableError::ApiVersion { found: self.api_version.clone() });
+        }
+        for (name, up) in &self.backends {
+            for addr in &up.addresses {
+                if !valid_address(addr) {
+                    return Err(RoutingTableError::Backend {
+                        backend: name.clone(),
+                        reason: format!("address {addr:?} is not host:port"),
+                    });
+                }
+            }
+            if up.model.is_empty() {
+                return Err(RoutingTableError::Backend {
+                    backend: name.clone(),
+                    reason: "model name is empty".to_owned(),
+                });
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut claims = BTreeSet::new();
+        for r in &self.routes {
+            let err = |reason: String| RoutingTableError::Route { endpoint: r.endpoint.clone(), reason };
+            if !names.insert(&r.endpoint) {
+                return Err(err("endpoint appears twice".to_owned()));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(err(format!("pathPrefix {:?} must start with '/'", r.path_prefix)));
+            }
+            if !claims.insert((r.host.as_deref(), r.path_prefix.trim_end_matches('/'))) {
+                return Err(err(format!("route {:?} is claimed twice", r.path_prefix)));
+            }
+            if r.traffic.is_empty() {
+                return Err(err("traffic is empty".to_owned()));
+            }
+            let referenced = r
+                .traffic
+                .iter()
+                .map(|t| &t.backend)
+                .chain(r.mirror.iter().map(|m| &m.backend))
+                .chain(r.matches.iter().map(|m| &m.backend));
+            for b in referenced {
+                if !self.backends.contains_key(b) {
+                    return Err(err(format!("backend {b:?} has no upstream entry")));
+                }
+            }
+            if let Some(t) = r.traffic.iter().find(|t| t.weight > 100) {
+                return Err(err(format!("weight {} of {:?} is over 100", t.weight, t.backend)));
+            }
+            if let Some(m) = &r.mirror
+                && m.percent > 100
+            {
+                return Err(err(format!("mirror percent {} is over 100", m.percent)));
+            }
+            if r.timeout_ms == 0 {
+                return Err(err("timeoutMs must be positive".to_owned()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route for an Endpoint name.
+    pub fn route(&self, endpoint: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.endpoint == endpoint)
+    }
+}
+
+fn valid_address(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RoutingTable {
+        let up = |m: &str, a: &str| Upstream {
+            model: m.to_owned(),
+            addresses: vec![a.to_owned()],
+            ready: true,
+        };
+        RoutingTable {
+            api_version: ROUTING_TABLE_API_VERSION.to_owned(),
+            revision: String::new(),
+            routes: vec![Route {
+                endpoint: "digits".to_owned(),
+                path_prefix: "/digits".to_owned(),
+                host: None,
+                traffic: vec![
+                    WeightedBackend { backend: "v1".to_owned(), weight: 90 },
+                    WeightedBackend { backend: "v2".to_owned(), weight: 10 },
+                ],
+                mirror: None,
+                matches: vec![],
+                sticky_header: None,
+                timeout_ms: 1000,
+                retries: RetryPolicy { attempts: 1, budget_percent: 20 },
+            }],
+            backends: [("v1".to_owned(), up("v1", "127.0.0.1:9001")), ("v2".to_owned(), up("v2", "127.0.0.1:9002"))]
+                .into(),
+        }
+        .seal()
+    }
+
+    #[test]
+    fn round_trips_and_revision_tracks_content() {
+        let t = table();
+        let parsed = RoutingTable::from_json(t.to_json().as_bytes()).unwrap();
+        assert_eq!(parsed, t);
+        assert_eq!(t.clone().seal().revision, t.revision, "sealing is idempotent");
+        let mut changed = t.clone();
+        changed.routes[0].traffic[0].weight = 50;
+        assert_ne!(changed.seal().revision, t.revision);
+    }
+
+    #[test]
+    fn refuses_broken_tables() {
+        let mut t = table();
+        t.routes[0].traffic.push(WeightedBackend { backend: "ghost".to_owned(), weight: 1 });
+        assert!(matches!(t.validate(), Err(RoutingTableError::Route { reason, .. }) if reason.contains("ghost")));
+
+        let mut t = table();
+        t.backends.get_mut("v1").unwrap().addresses = vec!["nohost".to_owned()];
+        assert!(matches!(t.validate(), Err(RoutingTableError::Backend { .. })));
+
+        let mut t = table();
+        t.api_version = "v0".to_owned();
+        assert!(matches!(t.validate(), Err(RoutingTableError::ApiVersion { .. })));
+
+        let mut t = table();
+        let mut dup = t.routes[0].clone();
+        dup.endpoint = "other".to_owned();
+        t.routes.push(dup);
+        assert!(t.validate().is_err(), "two routes on one prefix");
+
+        assert!(matches!(RoutingTable::from_json(b"{"), Err(RoutingTableError::Parse(_))));
+    }
+}

@@ -1,0 +1,77 @@
+//! The model-server sidecar's command line, derived from a Backend spec.
+//!
+//! The operator (container args) and local mode (process args) both call [`sidecar_args`], and
+//! the sidecar parses exactly these flags, so the three can never drift apart.
+
+use crate::backend::{BackendSpec, SIDECAR_PORT};
+
+/// Flag names understood by `serval-sidecar`.
+pub mod flags {
+    /// Model location: a path, `file://`, `http://` or `https://` URI.
+    pub const MODEL: &str = "--model";
+    /// Expected SHA-256 of the model file, hex.
+    pub const SHA256: &str = "--sha256";
+    /// Model name served in the inference protocol paths.
+    pub const NAME: &str = "--name";
+    /// Listen address.
+    pub const HOST: &str = "--host";
+    /// Listen port.
+    pub const PORT: &str = "--port";
+    /// Most rows per batch.
+    pub const MAX_BATCH_SIZE: &str = "--max-batch-size";
+    /// Longest batch fill wait, microseconds.
+    pub const MAX_DELAY_MICROS: &str = "--max-delay-micros";
+    /// Queue bound in rows.
+    pub const MAX_QUEUE: &str = "--max-queue";
+    /// Inference worker threads.
+    pub const WORKERS: &str = "--workers";
+    /// JSON of [`crate::Preprocess`].
+    pub const PREPROCESS: &str = "--preprocess";
+    /// JSON of [`crate::Postprocess`].
+    pub const POSTPROCESS: &str = "--postprocess";
+}
+
+/// Arguments for one `serval-sidecar` process serving `name` with `spec`.
+///
+/// `model` is where this process finds the model: the spec's URI in a cluster, a resolved local
+/// path in local mode, or a mount path for `pvc://` models.
+pub fn sidecar_args(name: &str, spec: &BackendSpec, model: &str, host: &str, port: u16) -> Vec<String> {
+    let b = &spec.batching;
+    let mut args = vec![
+        flags::MODEL.to_owned(),
+        model.to_owned(),
+        flags::NAME.to_owned(),
+        name.to_owned(),
+        flags::HOST.to_owned(),
+        host.to_owned(),
+        flags::PORT.to_owned(),
+        port.to_string(),
+        flags::MAX_BATCH_SIZE.to_owned(),
+        b.max_batch_size.to_string(),
+        flags::MAX_DELAY_MICROS.to_owned(),
+        b.max_delay_micros.to_string(),
+        flags::MAX_QUEUE.to_owned(),
+        b.max_queue.to_string(),
+    ];
+    if let Some(sha) = &spec.model.sha256 {
+        args.extend([flags::SHA256.to_owned(), sha.to_ascii_lowercase()]);
+    }
+    if let Some(w) = b.workers {
+        args.extend([flags::WORKERS.to_owned(), w.to_string()]);
+    }
+    // Serializing these plain data types cannot fail; an empty object is the safe fallback.
+    if let Some(pre) = &spec.preprocess {
+        let json = serde_json::to_string(pre).unwrap_or_else(|_| "{}".to_owned());
+        args.extend([flags::PREPROCESS.to_owned(), json]);
+    }
+    if let Some(post) = &spec.postprocess {
+        let json = serde_json::to_string(post).unwrap_or_else(|_| "{}".to_owned());
+        args.extend([flags::POSTPROCESS.to_owned(), json]);
+    }
+    args
+}
+
+/// The default in-pod listen address and port.
+pub fn default_listen() -> (&'static str, u16) {
+    ("0.0.0.0", SIDECAR_PORT)
+}

@@ -1,0 +1,81 @@
+//! State shared by all reconciles.
+
+use std::fmt::Debug;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serval_api::{Backend, Endpoint};
+
+use crate::backoff::FailureCounts;
+use crate::desired::backend::BackendDefaults;
+use crate::desired::router::RouterDefaults;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Field manager of every object the operator applies.
+pub const FIELD_MANAGER: &str = "serval-operator";
+/// Field manager of status writes, separate so users can tell spec and status owners apart.
+pub const STATUS_FIELD_MANAGER: &str = "serval-operator-status";
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// All Backends, kept current by a reflector.
+    pub backends: Store<Backend>,
+    /// All Endpoints, kept current by a reflector.
+    pub endpoints: Store<Endpoint>,
+    /// Shape of Backend pods.
+    pub backend_defaults: BackendDefaults,
+    /// Shape of router pods.
+    pub router_defaults: RouterDefaults,
+    /// Consecutive failures per object, for backoff.
+    pub failures: FailureCounts,
+}
+
+/// Now, at the one-second precision the API server stores, so a status read back compares equal.
+pub fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Server-side applies `obj` with the operator's field manager and returns the stored object.
+pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let name = obj.meta().name.as_deref().ok_or(Error::MissingField("metadata.name"))?;
+    Ok(api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?)
+}
+
+/// Server-side applies a status.
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    S: Serialize,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(STATUS_FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+/// Deletes an object; already gone is fine.
+pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + DeserializeOwned + Clone + Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,328 @@
+//! Desired Kubernetes objects for a Backend, and its status from what the Deployment reports.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serval_api::backend::SIDECAR_PORT;
+use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
+use serval_api::sidecar::sidecar_args;
+use serval_api::{Backend, BackendStatus};
+
+use super::{MANAGED_BY, restricted_security_context, restricted_pod_security_context};
+use crate::conditions::{Observed, settle};
+
+/// Label that selects a Backend's pods.
+pub const BACKEND_LABEL: &str = "serval.dev/backend";
+/// Name of the model-server container.
+pub const SIDECAR_CONTAINER: &str = "model-server";
+/// Name of the optional user container.
+pub const USER_CONTAINER: &str = "user";
+/// Port the Backend's Service exposes.
+pub const SERVICE_PORT: u16 = 8080;
+/// Where `pvc://` claims are mounted.
+const PVC_MOUNT_ROOT: &str = "/models";
+/// Failures allowed while the model downloads and warms up: 10 min at 5 s, since a large
+/// model over a slow link must not be killed mid-download.
+const STARTUP_FAILURE_THRESHOLD: i32 = 120;
+
+/// Operator-wide settings that shape Backend pods.
+#[derive(Clone, Debug)]
+pub struct BackendDefaults {
+    /// Default model-server image.
+    pub sidecar_image: String,
+}
+
+/// Labels on every object of a Backend.
+pub fn labels(backend: &Backend) -> BTreeMap<String, String> {
+    let name = backend.name_any();
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "serval-backend".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.clone()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (BACKEND_LABEL.to_owned(), name),
+    ])
+}
+
+fn selector(backend: &Backend) -> BTreeMap<String, String> {
+    BTreeMap::from([(BACKEND_LABEL.to_owned(), backend.name_any())])
+}
+
+fn meta(backend: &Backend) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(backend.name_any()),
+        namespace: backend.namespace(),
+        labels: Some(labels(backend)),
+        owner_references: backend.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Where the model server finds the model, plus a volume for `pvc://` models.
+fn model_location(uri: &str) -> (String, Option<(Volume, VolumeMount)>) {
+    let Some(rest) = uri.strip_prefix("pvc://") else {
+        return (uri.to_owned(), None);
+    };
+    let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mount = format!("{PVC_MOUNT_ROOT}/{claim}");
+    let volume = Volume {
+        name: "model".to_owned(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only: Some(true),
+        }),
+        ..Volume::default()
+    };
+    let volume_mount = VolumeMount {
+        name: "model".to_owned(),
+        mount_path: mount.clone(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    (format!("{mount}/{path}"), Some((volume, volume_mount)))
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// The Backend's Deployment: the model-server sidecar, and the user container when given.
+pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployment {
+    let spec = &backend.spec;
+    let name = backend.name_any();
+    let (model_path, pvc) = model_location(&spec.model.uri);
+    let overrides = spec.sidecar.clone().unwrap_or_default();
+
+    let mut volumes = vec![Volume {
+        // The root filesystem is read-only; downloads and scratch go here.
+        name: "tmp".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".to_owned(),
+        mount_path: "/tmp".to_owned(),
+        ..VolumeMount::default()
+    }];
+    if let Some((v, m)) = pvc {
+        volumes.push(v);
+        mounts.push(m);
+    }
+
+    let sidecar = Container {
+        name: SIDECAR_CONTAINER.to_owned(),
+        image: Some(overrides.image.unwrap_or_else(|| defaults.sidecar_image.clone())),
+        image_pull_policy: overrides.image_pull_policy,
+        args: Some(sidecar_args(&name, spec, &model_path, "0.0.0.0", SIDECAR_PORT)),
+        env: Some(vec![EnvVar {
+            name: "TMPDIR".to_owned(),
+            value: Some("/tmp".to_owned()),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: i32::from(SIDECAR_PORT),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        // Ready means loaded, warmed up and batching; the startup probe covers the download.
+        startup_probe: Some(http_probe("/v2/health/live", 5, STARTUP_FAILURE_THRESHOLD)),
+        readiness_probe: Some(http_probe("/v2/health/ready", 5, 3)),
+        liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
+        resources: spec.resources.clone(),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let mut containers = vec![sidecar];
+    if let Some(user) = &spec.container {
+        containers.push(Container {
+            name: USER_CONTAINER.to_owned(),
+            image: Some(user.image.clone()),
+            command: (!user.command.is_empty()).then(|| user.command.clone()),
+            args: (!user.args.is_empty()).then(|| user.args.clone()),
+            env: Some(
+                user.env
+                    .iter()
+                    .map(|e| EnvVar { name: e.name.clone(), value: Some(e.value.clone()), ..EnvVar::default() })
+                    .chain([EnvVar {
+                        name: "SERVAL_MODEL_SERVER".to_owned(),
+                        value: Some(format!("http://127.0.0.1:{SIDECAR_PORT}")),
+                        ..EnvVar::default()
+                    }])
+                    .collect(),
+            ),
+            ports: Some(vec![ContainerPort {
+                name: Some("user-http".to_owned()),
+                container_port: user.port,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            }]),
+            resources: user.resources.clone(),
+            security_context: Some(restricted_security_context()),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            }]),
+            ..Container::default()
+        });
+    }
+
+    Deployment {
+        metadata: meta(backend),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector(backend)), ..LabelSelector::default() },
+            // Surge first so a rollout never drops below the ready replica count.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(backend)), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    containers,
+                    volumes: Some(volumes),
+                    security_context: Some(restricted_pod_security_context()),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Backend's Service; it targets the user container when there is one.
+pub fn service_for(backend: &Backend) -> Service {
+    let target = if backend.spec.container.is_some() { "user-http" } else { "http" };
+    Service {
+        metadata: meta(backend),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(backend)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: i32::from(SERVICE_PORT),
+                target_port: Some(IntOrString::String(target.to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// A PodDisruptionBudget keeping all but one replica during voluntary disruptions, or `None`
+/// when there is at most one replica (a PDB would then block node drains forever).
+pub fn pdb_for(backend: &Backend) -> Option<PodDisruptionBudget> {
+    (backend.spec.replicas > 1).then(|| PodDisruptionBudget {
+        metadata: meta(backend),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector(backend)), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// In-cluster URL of a Backend's Service.
+pub fn backend_url(backend: &Backend) -> String {
+    format!("http://{}", backend_address(&backend.name_any(), &backend.namespace().unwrap_or_default()))
+}
+
+/// `host:port` of a Backend's Service.
+pub fn backend_address(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc:{SERVICE_PORT}")
+}
+
+/// Status from what the Deployment reports. `deployment` is `None` before it exists.
+pub fn status_for(backend: &Backend, deployment: Option<&Deployment>, now: Timestamp) -> BackendStatus {
+    let desired = backend.spec.replicas;
+    let generation = backend.meta().generation;
+    let dstatus = deployment.and_then(|d| d.status.clone()).unwrap_or_default();
+    // A Deployment that has not seen its latest spec reports stale counts.
+    let dep_current = deployment.is_some_and(|d| dstatus.observed_generation >= d.metadata.generation);
+    let ready = if dep_current { dstatus.ready_replicas.unwrap_or(0) } else { 0 };
+    let updated = if dep_current { dstatus.updated_replicas.unwrap_or(0) } else { 0 };
+    let total = dstatus.replicas.unwrap_or(0);
+    let deadline_exceeded = dstatus
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+
+    let rolled_out = dep_current && updated >= desired && total <= desired && ready >= desired;
+    let observed = if desired == 0 {
+        vec![
+            Observed::new(READY, false, reason::SCALED_TO_ZERO, "replicas is 0"),
+            Observed::new(PROGRESSING, !rolled_out, if rolled_out { reason::UP_TO_DATE } else { reason::ROLLING_OUT }, format!("{total} pods remain")),
+            Observed::new(DEGRADED, false, reason::SCALED_TO_ZERO, "scaled to zero on purpose"),
+        ]
+    } else {
+        let ready_msg = format!("{ready}/{desired} replicas ready");
+        vec![
+            if ready >= desired {
+                Observed::new(READY, true, reason::REPLICAS_READY, ready_msg.clone())
+            } else {
+                Observed::new(READY, false, reason::REPLICAS_NOT_READY, ready_msg.clone())
+            },
+            if rolled_out {
+                Observed::new(PROGRESSING, false, reason::UP_TO_DATE, ready_msg.clone())
+            } else {
+                Observed::new(PROGRESSING, true, reason::ROLLING_OUT, format!("{updated}/{desired} replicas updated, {ready} ready"))
+            },
+            if deadline_exceeded {
+                Observed::new(DEGRADED, true, reason::PROGRESS_DEADLINE_EXCEEDED, "the rollout exceeded its progress deadline; check the pods' events and logs")
+            } else if ready > 0 && ready < desired && rolled_out {
+                Observed::new(DEGRADED, true, reason::REPLICAS_NOT_READY, ready_msg)
+            } else {
+                Observed::new(DEGRADED, false, reason::REPLICAS_READY, "")
+            },
+        ]
+    };
+    let previous = backend.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    BackendStatus {
+        observed_generation: generation,
+        replicas: desired,
+        ready_replicas: ready,
+        replicas_summary: format!("{ready}/{desired}"),
+        url: Some(backend_url(backend)),
+        conditions: settle(previous, observed, generation, now),
+    }
+}
+
+/// Whether a Backend's status says it serves. The generation is not compared: during a spec
+/// change the old pods keep serving until the rollout replaces them.
+pub fn is_ready(backend: &Backend) -> bool {
+    backend
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == READY && c.status == "True"))
+}

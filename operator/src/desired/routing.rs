@@ -1,0 +1,245 @@
+//! The routing table for a namespace and each Endpoint's status, from Endpoints and Backends.
+//!
+//! Pure: the operator feeds it reflector stores and Service addresses; local mode feeds it
+//! manifests and the ports of the sidecars it started.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
+use serval_api::routing::{HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable, Upstream, WeightedBackend};
+use serval_api::{EffectiveTraffic, Endpoint, EndpointStatus};
+
+use crate::conditions::{Observed, settle};
+
+/// What the planner needs to know about one Backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// Whether the Backend is Ready (model loaded and warmed up on enough replicas).
+    pub ready: bool,
+    /// Where it is reached.
+    pub addresses: Vec<String>,
+}
+
+/// How one Endpoint fared in the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// The earlier Endpoint that owns the same route, if any; this one is then left out.
+    pub conflict_with: Option<String>,
+    /// Effective traffic per Backend in `traffic`.
+    pub traffic: Vec<EffectiveTraffic>,
+    /// Named Backends that do not exist.
+    pub missing: Vec<String>,
+    /// Named Backends that exist but are not Ready.
+    pub not_ready: Vec<String>,
+}
+
+/// A namespace's routing table plus one outcome per Endpoint name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The sealed routing table.
+    pub table: RoutingTable,
+    /// Outcome by Endpoint name.
+    pub outcomes: BTreeMap<String, Outcome>,
+}
+
+fn route_key(ep: &Endpoint) -> (Option<String>, String) {
+    let prefix = ep.spec.route.path_prefix.trim_end_matches('/');
+    (ep.spec.route.host.clone(), if prefix.is_empty() { "/".to_owned() } else { prefix.to_owned() })
+}
+
+/// Plans the routing table of one namespace.
+///
+/// Route conflicts go to the Endpoint created first (then by name), so the winner never flips
+/// when a later Endpoint appears. Backends that are missing or not Ready get weight 0, and
+/// match rules or mirrors pointing at them are dropped, so no traffic is sent their way.
+pub fn plan<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>, backends: &BTreeMap<String, BackendView>) -> Plan {
+    let mut eps: Vec<&Endpoint> = endpoints.into_iter().collect();
+    eps.sort_by(|a, b| {
+        (a.meta().creation_timestamp.as_ref(), a.name_any()).cmp(&(b.meta().creation_timestamp.as_ref(), b.name_any()))
+    });
+
+    let mut claimed: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
+    let mut routes = Vec::new();
+    let mut used = BTreeSet::new();
+    let mut outcomes = BTreeMap::new();
+    for ep in eps {
+        let name = ep.name_any();
+        let mut outcome = Outcome::default();
+        if let Some(owner) = claimed.get(&route_key(ep)) {
+            outcome.conflict_with = Some(owner.clone());
+            outcomes.insert(name, outcome);
+            continue;
+        }
+        claimed.insert(route_key(ep), name.clone());
+
+        let usable = |b: &str| backends.get(b).is_some_and(|v| v.ready);
+        let spec = &ep.spec;
+        let mut named: Vec<&str> = spec.traffic.iter().map(|t| t.backend.as_str()).collect();
+        named.extend(spec.mirror.iter().map(|m| m.backend.as_str()));
+        named.extend(spec.matches.iter().map(|m| m.backend.as_str()));
+        for b in named {
+            let list = match backends.get(b) {
+                None => &mut outcome.missing,
+                Some(v) if !v.ready => &mut outcome.not_ready,
+                Some(_) => continue,
+            };
+            if !list.iter().any(|x| x == b) {
+                list.push(b.to_owned());
+            }
+        }
+
+        let traffic: Vec<WeightedBackend> = spec
+            .traffic
+            .iter()
+            .map(|t| WeightedBackend { backend: t.backend.clone(), weight: if usable(&t.backend) { t.weight } else { 0 } })
+            .collect();
+        let total: u32 = traffic.iter().map(|t| t.weight).sum();
+        outcome.traffic = percentages(&traffic, total)
+            .into_iter()
+            .zip(&spec.traffic)
+            .map(|(percent, t)| EffectiveTraffic {
+                backend: t.backend.clone(),
+                weight: t.weight,
+                percent,
+                ready: usable(&t.backend),
+            })
+            .collect();
+
+        let route = Route {
+            endpoint: name.clone(),
+            path_prefix: spec.route.path_prefix.clone(),
+            host: spec.route.host.clone(),
+            mirror: spec
+                .mirror
+                .as_ref()
+                .filter(|m| usable(&m.backend) && m.percent > 0)
+                .map(|m| MirrorPolicy { backend: m.backend.clone(), percent: m.percent }),
+            matches: spec
+                .matches
+                .iter()
+                .filter(|m| usable(&m.backend))
+                .map(|m| HeaderMatch {
+                    header: m.header.name.to_ascii_lowercase(),
+                    value: m.header.value.clone(),
+                    backend: m.backend.clone(),
+                })
+                .collect(),
+            sticky_header: spec.sticky.as_ref().map(|s| s.header.to_ascii_lowercase()),
+            timeout_ms: u64::from(spec.timeout_millis),
+            retries: RetryPolicy { attempts: spec.retries.attempts, budget_percent: spec.retries.budget_percent },
+            traffic,
+        };
+        // Every backend the route names needs an upstream entry, usable or not.
+        used.extend(route.traffic.iter().map(|t| t.backend.clone()));
+        used.extend(route.mirror.iter().map(|m| m.backend.clone()));
+        used.extend(route.matches.iter().map(|m| m.backend.clone()));
+        routes.push(route);
+        outcomes.insert(name, outcome);
+    }
+
+    // Missing backends get an entry with no address: routes give them weight 0 anyway.
+    let table_backends = used
+        .into_iter()
+        .map(|b| {
+            let view = backends.get(&b);
+            let up = Upstream {
+                model: b.clone(),
+                addresses: view.map(|v| v.addresses.clone()).unwrap_or_default(),
+                ready: view.is_some_and(|v| v.ready),
+            };
+            (b, up)
+        })
+        .collect();
+    let table = RoutingTable {
+        api_version: serval_api::routing::ROUTING_TABLE_API_VERSION.to_owned(),
+        revision: String::new(),
+        routes,
+        backends: table_backends,
+    }
+    .seal();
+    Plan { table, outcomes }
+}
+
+/// Integer percentages summing to exactly 100 (largest remainder), or all 0 when `total` is 0.
+fn percentages(traffic: &[WeightedBackend], total: u32) -> Vec<u32> {
+    if total == 0 {
+        return vec![0; traffic.len()];
+    }
+    let mut out: Vec<u32> = traffic.iter().map(|t| t.weight * 100 / total).collect();
+    let mut remainders: Vec<(u32, usize)> =
+        traffic.iter().enumerate().map(|(i, t)| ((t.weight * 100) % total, i)).collect();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let short = 100 - out.iter().sum::<u32>();
+    for &(_, i) in remainders.iter().take(short as usize) {
+        out[i] += 1;
+    }
+    out
+}
+
+/// `backend=percent` pairs for the printer column.
+pub fn traffic_summary(traffic: &[EffectiveTraffic]) -> String {
+    traffic.iter().map(|t| format!("{}={}%", t.backend, t.percent)).collect::<Vec<_>>().join(",")
+}
+
+/// An Endpoint's status from its plan outcome and whether the namespace's router is ready.
+///
+/// The table revision is deliberately not part of it: it changes with every Endpoint of the
+/// namespace, and would make each change rewrite every Endpoint's status.
+pub fn status_for(
+    endpoint: &Endpoint,
+    outcome: &Outcome,
+    router_url: &str,
+    router_ready: bool,
+    now: Timestamp,
+) -> EndpointStatus {
+    let generation = endpoint.meta().generation;
+    let serving = outcome.traffic.iter().any(|t| t.percent > 0);
+    let observed = if let Some(owner) = &outcome.conflict_with {
+        let msg = format!(
+            "route {:?} is already claimed by Endpoint {owner:?}, created earlier; this Endpoint receives no traffic",
+            endpoint.spec.route.path_prefix
+        );
+        vec![
+            Observed::new(READY, false, reason::ROUTE_CONFLICT, msg.clone()),
+            Observed::new(PROGRESSING, false, reason::ROUTE_CONFLICT, "waiting for the route to be free"),
+            Observed::new(DEGRADED, true, reason::ROUTE_CONFLICT, msg),
+        ]
+    } else {
+        let (degraded_reason, degraded_msg) = if !outcome.missing.is_empty() {
+            (reason::BACKEND_NOT_FOUND, format!("Backend(s) {} not found; they receive no traffic", outcome.missing.join(", ")))
+        } else if !outcome.not_ready.is_empty() {
+            (reason::BACKEND_NOT_READY, format!("Backend(s) {} not Ready; they receive no traffic", outcome.not_ready.join(", ")))
+        } else {
+            (reason::BACKENDS_READY, String::new())
+        };
+        let ready = if !serving {
+            Observed::new(READY, false, reason::NO_READY_BACKEND, "no Backend with positive weight is Ready; requests are answered 503")
+        } else if !router_ready {
+            Observed::new(READY, false, reason::ROUTER_NOT_READY, "the namespace's serval-router is not ready yet")
+        } else {
+            Observed::new(READY, true, reason::BACKENDS_READY, format!("serving {}", traffic_summary(&outcome.traffic)))
+        };
+        let progressing = !router_ready || !outcome.not_ready.is_empty();
+        vec![
+            ready,
+            Observed::new(
+                PROGRESSING,
+                progressing,
+                if progressing { reason::ROLLING_OUT } else { reason::UP_TO_DATE },
+                if progressing { "waiting for the router and Backends to become ready" } else { "" },
+            ),
+            Observed::new(DEGRADED, degraded_reason != reason::BACKENDS_READY, degraded_reason, degraded_msg),
+        ]
+    };
+    let previous = endpoint.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let in_table = outcome.conflict_with.is_none();
+    EndpointStatus {
+        observed_generation: generation,
+        traffic_summary: traffic_summary(&outcome.traffic),
+        traffic: outcome.traffic.clone(),
+        url: in_table.then(|| format!("{router_url}{}", endpoint.spec.route.path_prefix)),
+        conditions: settle(previous, observed, generation, now),
+    }
+}

@@ -1,0 +1,17 @@
+//! The Serval operator: reconciles Backends into Deployments, Services and
+//! PodDisruptionBudgets, and Endpoints into per-namespace routing tables and routers.
+#![forbid(unsafe_code)]
+
+pub mod backend_controller;
+pub mod backoff;
+pub mod conditions;
+pub mod context;
+pub mod desired;
+pub mod endpoint_controller;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod run;
+pub mod streams;
+
+pub use error::{Error, Result};
