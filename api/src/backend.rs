@@ -12,7 +12,7 @@ pub const DEFAULT_REPLICAS: i32 = 1;
 /// Default rows per batch: large enough for MLPs and short transformers to benefit, and the
 /// sidecar's start-up calibration drops sizes that do not raise throughput.
 pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
-/// Default time a batch may wait to fill: 2 ms is small against network latency.
+/// Default batching latency budget: 2 ms is small against network latency.
 pub const DEFAULT_MAX_DELAY_MICROS: u32 = 2_000;
 /// Default queue bound: 32 full batches; beyond that a caller is better served by a 429 now.
 pub const DEFAULT_MAX_QUEUE: u32 = 1_024;
@@ -108,7 +108,10 @@ pub struct Batching {
     #[schemars(range(min = 1, max = 1024))]
     pub max_batch_size: u32,
 
-    /// Longest a request waits for a batch to fill while all workers are busy, in microseconds.
+    /// Latency budget of batching, in microseconds: at start-up the model server keeps a batch
+    /// size only if it raises throughput and one run of it takes at most this much longer than
+    /// a single row. Requests never wait on a timer: an idle worker takes what is queued at once,
+    /// and batches grow only while every worker is busy.
     #[serde(default = "default_max_delay_micros")]
     #[schemars(range(max = 1_000_000))]
     pub max_delay_micros: u32,
@@ -155,7 +158,9 @@ pub struct Preprocess {
 }
 
 /// Color mode an image is converted to before it becomes a tensor.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum ColorMode {
     /// One channel.
     #[default]
@@ -165,7 +170,9 @@ pub enum ColorMode {
 }
 
 /// Memory layout of the image tensor.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum TensorLayout {
     /// `[1, C, H, W]`, as most CNN exporters expect.
     #[default]
@@ -180,8 +187,8 @@ pub enum TensorLayout {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("size(self.mean) == 0 || size(self.mean) == (self.color == 'Rgb' ? 3 : 1)").message("preprocess.image.mean needs one value per channel (1 for Grayscale, 3 for Rgb)"),
-    validation = Rule::new("size(self.std) == 0 || size(self.std) == (self.color == 'Rgb' ? 3 : 1)").message("preprocess.image.std needs one value per channel (1 for Grayscale, 3 for Rgb)")
+    validation = Rule::new("!has(self.mean) || size(self.mean) == (self.color == 'Rgb' ? 3 : 1)").message("preprocess.image.mean needs one value per channel (1 for Grayscale, 3 for Rgb)"),
+    validation = Rule::new("!has(self.std) || size(self.std) == (self.color == 'Rgb' ? 3 : 1)").message("preprocess.image.std needs one value per channel (1 for Grayscale, 3 for Rgb)")
 )]
 pub struct ImagePreprocess {
     /// Width the image is resized to, in pixels.
@@ -221,7 +228,7 @@ fn default_scale() -> f64 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.topK) || size(self.labels) == 0 || self.topK <= size(self.labels)").message("postprocess.topK cannot exceed the number of labels")
+    validation = Rule::new("!has(self.topK) || !has(self.labels) || self.topK <= size(self.labels)").message("postprocess.topK cannot exceed the number of labels")
 )]
 pub struct Postprocess {
     /// Name of the output tensor to post-process. Defaults to the model's first output.
@@ -237,8 +244,7 @@ pub struct Postprocess {
     pub top_k: Option<u32>,
     /// Class names, index i naming class i.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("self.all(l, size(l) <= 128)").message("postprocess.labels entries must be at most 128 characters"))]
+    #[schemars(length(max = 4096), inner(length(max = 128)))]
     pub labels: Vec<String>,
 }
 
@@ -255,13 +261,11 @@ pub struct UserContainer {
     pub port: i32,
     /// Entrypoint override.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
-    #[x_kube(validation = Rule::new("self.all(s, size(s) <= 4096)").message("container.command entries must be at most 4096 characters"))]
+    #[schemars(length(max = 32), inner(length(max = 4096)))]
     pub command: Vec<String>,
     /// Arguments to the entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("self.all(s, size(s) <= 4096)").message("container.args entries must be at most 4096 characters"))]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub args: Vec<String>,
     /// Environment variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

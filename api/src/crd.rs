@@ -36,7 +36,179 @@ pub fn schema_of(crd: &CustomResourceDefinition) -> serde_json::Value {
 
 /// Evaluates every CEL rule of `crd` on a manifest (as JSON), the way the apiserver would on
 /// create. Returns the messages a user would see, `field: message`.
-pub fn validate_cel(crd: &CustomResourceDefinition, manifest: &serde_json::Value) -> Result<(), Vec<String>> {
+pub fn validate_cel(
+    crd: &CustomResourceDefinition,
+    manifest: &serde_json::Value,
+) -> Result<(), Vec<String>> {
     kube_cel::validate(&schema_of(crd), manifest, None)
         .map_err(|errs| errs.into_vec().into_iter().map(|e| e.to_string()).collect())
+}
+
+/// Checks a manifest against the structural parts of a CRD schema that matter for user input:
+/// types, required fields, numeric ranges, string lengths, list sizes and enums. Together with
+/// [`validate_cel`] this is what local mode enforces without an apiserver.
+pub fn validate_schema(
+    crd: &CustomResourceDefinition,
+    manifest: &serde_json::Value,
+) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    let schema = schema_of(crd);
+    if let Some(spec_schema) = schema.pointer("/properties/spec") {
+        match manifest.get("spec") {
+            Some(spec) => check(spec_schema, spec, "spec", &mut errors),
+            None => errors.push("spec: Required value".to_owned()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+fn check(
+    schema: &serde_json::Value,
+    value: &serde_json::Value,
+    path: &str,
+    errors: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    // `x-kubernetes-int-or-string` and untyped nodes (e.g. resource quantities) accept anything.
+    if schema.get("x-kubernetes-int-or-string").is_some() {
+        return;
+    }
+    let nullable = schema
+        .get("nullable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if value.is_null() && nullable {
+        return;
+    }
+    let ty = schema.get("type").and_then(Value::as_str);
+    let type_ok = match ty {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !type_ok {
+        errors.push(format!(
+            "{path}: Invalid value: must be of type {}",
+            ty.unwrap_or("?")
+        ));
+        return;
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        let list: Vec<String> = allowed.iter().map(|v| v.to_string()).collect();
+        errors.push(format!(
+            "{path}: Unsupported value: {value}: supported values: {}",
+            list.join(", ")
+        ));
+    }
+    if let Some(n) = value.as_f64() {
+        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+            && n < min
+        {
+            errors.push(format!(
+                "{path}: Invalid value: {value}: should be greater than or equal to {min}"
+            ));
+        }
+        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+            && n > max
+        {
+            errors.push(format!(
+                "{path}: Invalid value: {value}: should be less than or equal to {max}"
+            ));
+        }
+    }
+    if let Some(s) = value.as_str() {
+        let len = s.chars().count() as u64;
+        if schema
+            .get("maxLength")
+            .and_then(Value::as_u64)
+            .is_some_and(|m| len > m)
+        {
+            errors.push(format!(
+                "{path}: Too long: may not be longer than {}",
+                schema["maxLength"]
+            ));
+        }
+        if schema
+            .get("minLength")
+            .and_then(Value::as_u64)
+            .is_some_and(|m| len < m)
+        {
+            errors.push(format!(
+                "{path}: Invalid value: should be at least {} chars long",
+                schema["minLength"]
+            ));
+        }
+    }
+    if let Some(items) = value.as_array() {
+        if schema
+            .get("maxItems")
+            .and_then(Value::as_u64)
+            .is_some_and(|m| items.len() as u64 > m)
+        {
+            errors.push(format!(
+                "{path}: Too many: {}: must have at most {} items",
+                items.len(),
+                schema["maxItems"]
+            ));
+        }
+        if schema
+            .get("minItems")
+            .and_then(Value::as_u64)
+            .is_some_and(|m| (items.len() as u64) < m)
+        {
+            errors.push(format!(
+                "{path}: Invalid value: must have at least {} items",
+                schema["minItems"]
+            ));
+        }
+        if let Some(item_schema) = schema.get("items") {
+            for (i, item) in items.iter().enumerate() {
+                check(item_schema, item, &format!("{path}[{i}]"), errors);
+            }
+        }
+    }
+    if let Some(obj) = value.as_object() {
+        let props = schema.get("properties").and_then(Value::as_object);
+        for req in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if !obj.contains_key(req) {
+                errors.push(format!("{path}.{req}: Required value"));
+            }
+        }
+        if let Some(props) = props {
+            for (k, v) in obj {
+                match props.get(k) {
+                    Some(s) => check(s, v, &format!("{path}.{k}"), errors),
+                    None if schema.get("additionalProperties").is_none() => {
+                        errors.push(format!("{path}.{k}: unknown field"));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Both checks, schema first: the errors `kubectl apply` would print, `field: message`.
+pub fn validate(
+    crd: &CustomResourceDefinition,
+    manifest: &serde_json::Value,
+) -> Result<(), Vec<String>> {
+    validate_schema(crd, manifest)?;
+    validate_cel(crd, manifest)
 }

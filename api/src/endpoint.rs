@@ -162,7 +162,10 @@ pub struct Retries {
 
 impl Default for Retries {
     fn default() -> Self {
-        Self { attempts: DEFAULT_RETRY_ATTEMPTS, budget_percent: DEFAULT_RETRY_BUDGET_PERCENT }
+        Self {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+            budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+        }
     }
 }
 

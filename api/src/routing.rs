@@ -183,7 +183,9 @@ impl RoutingTable {
     /// Checks everything the router relies on.
     pub fn validate(&self) -> Result<(), RoutingTableError> {
         if self.api_version != ROUTING_TABLE_API_VERSION {
-            return Err(RoutingTableError::ApiVersion { found: self.api_version.clone() });
+            return Err(RoutingTableError::ApiVersion {
+                found: self.api_version.clone(),
+            });
         }
         for (name, up) in &self.backends {
             for addr in &up.addresses {
@@ -204,12 +206,18 @@ impl RoutingTable {
         let mut names = BTreeSet::new();
         let mut claims = BTreeSet::new();
         for r in &self.routes {
-            let err = |reason: String| RoutingTableError::Route { endpoint: r.endpoint.clone(), reason };
+            let err = |reason: String| RoutingTableError::Route {
+                endpoint: r.endpoint.clone(),
+                reason,
+            };
             if !names.insert(&r.endpoint) {
                 return Err(err("endpoint appears twice".to_owned()));
             }
             if !r.path_prefix.starts_with('/') {
-                return Err(err(format!("pathPrefix {:?} must start with '/'", r.path_prefix)));
+                return Err(err(format!(
+                    "pathPrefix {:?} must start with '/'",
+                    r.path_prefix
+                )));
             }
             if !claims.insert((r.host.as_deref(), r.path_prefix.trim_end_matches('/'))) {
                 return Err(err(format!("route {:?} is claimed twice", r.path_prefix)));
@@ -229,7 +237,10 @@ impl RoutingTable {
                 }
             }
             if let Some(t) = r.traffic.iter().find(|t| t.weight > 100) {
-                return Err(err(format!("weight {} of {:?} is over 100", t.weight, t.backend)));
+                return Err(err(format!(
+                    "weight {} of {:?} is over 100",
+                    t.weight, t.backend
+                )));
             }
             if let Some(m) = &r.mirror
                 && m.percent > 100
@@ -274,17 +285,29 @@ mod tests {
                 path_prefix: "/digits".to_owned(),
                 host: None,
                 traffic: vec![
-                    WeightedBackend { backend: "v1".to_owned(), weight: 90 },
-                    WeightedBackend { backend: "v2".to_owned(), weight: 10 },
+                    WeightedBackend {
+                        backend: "v1".to_owned(),
+                        weight: 90,
+                    },
+                    WeightedBackend {
+                        backend: "v2".to_owned(),
+                        weight: 10,
+                    },
                 ],
                 mirror: None,
                 matches: vec![],
                 sticky_header: None,
                 timeout_ms: 1000,
-                retries: RetryPolicy { attempts: 1, budget_percent: 20 },
+                retries: RetryPolicy {
+                    attempts: 1,
+                    budget_percent: 20,
+                },
             }],
-            backends: [("v1".to_owned(), up("v1", "127.0.0.1:9001")), ("v2".to_owned(), up("v2", "127.0.0.1:9002"))]
-                .into(),
+            backends: [
+                ("v1".to_owned(), up("v1", "127.0.0.1:9001")),
+                ("v2".to_owned(), up("v2", "127.0.0.1:9002")),
+            ]
+            .into(),
         }
         .seal()
     }
@@ -294,7 +317,11 @@ mod tests {
         let t = table();
         let parsed = RoutingTable::from_json(t.to_json().as_bytes()).unwrap();
         assert_eq!(parsed, t);
-        assert_eq!(t.clone().seal().revision, t.revision, "sealing is idempotent");
+        assert_eq!(
+            t.clone().seal().revision,
+            t.revision,
+            "sealing is idempotent"
+        );
         let mut changed = t.clone();
         changed.routes[0].traffic[0].weight = 50;
         assert_ne!(changed.seal().revision, t.revision);
@@ -303,16 +330,27 @@ mod tests {
     #[test]
     fn refuses_broken_tables() {
         let mut t = table();
-        t.routes[0].traffic.push(WeightedBackend { backend: "ghost".to_owned(), weight: 1 });
-        assert!(matches!(t.validate(), Err(RoutingTableError::Route { reason, .. }) if reason.contains("ghost")));
+        t.routes[0].traffic.push(WeightedBackend {
+            backend: "ghost".to_owned(),
+            weight: 1,
+        });
+        assert!(
+            matches!(t.validate(), Err(RoutingTableError::Route { reason, .. }) if reason.contains("ghost"))
+        );
 
         let mut t = table();
         t.backends.get_mut("v1").unwrap().addresses = vec!["nohost".to_owned()];
-        assert!(matches!(t.validate(), Err(RoutingTableError::Backend { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(RoutingTableError::Backend { .. })
+        ));
 
         let mut t = table();
         t.api_version = "v0".to_owned();
-        assert!(matches!(t.validate(), Err(RoutingTableError::ApiVersion { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(RoutingTableError::ApiVersion { .. })
+        ));
 
         let mut t = table();
         let mut dup = t.routes[0].clone();
@@ -320,6 +358,9 @@ mod tests {
         t.routes.push(dup);
         assert!(t.validate().is_err(), "two routes on one prefix");
 
-        assert!(matches!(RoutingTable::from_json(b"{"), Err(RoutingTableError::Parse(_))));
+        assert!(matches!(
+            RoutingTable::from_json(b"{"),
+            Err(RoutingTableError::Parse(_))
+        ));
     }
 }

@@ -35,7 +35,13 @@ pub mod flags {
 ///
 /// `model` is where this process finds the model: the spec's URI in a cluster, a resolved local
 /// path in local mode, or a mount path for `pvc://` models.
-pub fn sidecar_args(name: &str, spec: &BackendSpec, model: &str, host: &str, port: u16) -> Vec<String> {
+pub fn sidecar_args(
+    name: &str,
+    spec: &BackendSpec,
+    model: &str,
+    host: &str,
+    port: u16,
+) -> Vec<String> {
     let b = &spec.batching;
     let mut args = vec![
         flags::MODEL.to_owned(),

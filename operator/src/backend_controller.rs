@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
 use serval_api::Backend;
 
 use crate::backoff;
@@ -25,7 +25,8 @@ pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
 pub async fn reconcile(backend: Arc<Backend>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&backend, &ctx).await;
-    ctx.metrics.observe(NAME, started.elapsed(), result.as_ref().err());
+    ctx.metrics
+        .observe(NAME, started.elapsed(), result.as_ref().err());
     if result.is_ok() {
         ctx.failures.reset(&key(&backend));
     }
@@ -33,7 +34,9 @@ pub async fn reconcile(backend: Arc<Backend>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
-    let ns = backend.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = backend
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = backend.name_any();
     let client = ctx.client.clone();
     tracing::debug!(backend = %name, namespace = %ns, "reconciling");
@@ -43,7 +46,11 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
         &deployment_for(backend, &ctx.backend_defaults),
     )
     .await?;
-    apply(&Api::<Service>::namespaced(client.clone(), &ns), &service_for(backend)).await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &service_for(backend),
+    )
+    .await?;
 
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
     match pdb_for(backend) {
@@ -67,11 +74,19 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
 /// Retries a failed reconcile with capped exponential backoff.
 pub fn error_policy(backend: Arc<Backend>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.failures.fail(&key(&backend));
-    let delay = backoff::delay(failures, backoff::DEFAULT_BACKOFF_BASE, backoff::DEFAULT_BACKOFF_CAP);
+    let delay = backoff::delay(
+        failures,
+        backoff::DEFAULT_BACKOFF_BASE,
+        backoff::DEFAULT_BACKOFF_CAP,
+    );
     tracing::warn!(backend = %backend.name_any(), %error, failures, ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 fn key(backend: &Backend) -> String {
-    format!("{NAME}/{}/{}", backend.namespace().unwrap_or_default(), backend.name_any())
+    format!(
+        "{NAME}/{}/{}",
+        backend.namespace().unwrap_or_default(),
+        backend.name_any()
+    )
 }

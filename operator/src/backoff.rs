@@ -22,7 +22,10 @@ pub struct FailureCounts(Mutex<HashMap<String, u32>>);
 impl FailureCounts {
     /// Counts one more failure of `key` and returns the new count.
     pub fn fail(&self, key: &str) -> u32 {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = map.entry(key.to_owned()).or_insert(0);
         *n = n.saturating_add(1);
         *n
@@ -30,7 +33,10 @@ impl FailureCounts {
 
     /// Forgets `key` after a success.
     pub fn reset(&self, key: &str) {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 }
 

@@ -18,14 +18,29 @@ pub struct Observed {
 
 impl Observed {
     /// A condition observation.
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status, reason, message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
 /// Turns observations into conditions. `lastTransitionTime` is kept from `previous` unless the
 /// status flipped, so an unchanged state yields an identical list (and no status write).
-pub fn settle(previous: &[Condition], observed: Vec<Observed>, generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+pub fn settle(
+    previous: &[Condition],
+    observed: Vec<Observed>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     observed
         .into_iter()
         .map(|o| {
@@ -55,16 +70,31 @@ mod tests {
     fn transition_time_moves_only_when_status_flips() {
         let t0 = Timestamp::from_second(1_000).unwrap();
         let t1 = Timestamp::from_second(2_000).unwrap();
-        let first = settle(&[], vec![Observed::new("Ready", false, "ReplicasNotReady", "0/1")], Some(1), t0);
+        let first = settle(
+            &[],
+            vec![Observed::new("Ready", false, "ReplicasNotReady", "0/1")],
+            Some(1),
+            t0,
+        );
         assert_eq!(first[0].last_transition_time, Time(t0));
 
         // Same status, new message: time kept.
-        let again = settle(&first, vec![Observed::new("Ready", false, "ReplicasNotReady", "0/2")], Some(2), t1);
+        let again = settle(
+            &first,
+            vec![Observed::new("Ready", false, "ReplicasNotReady", "0/2")],
+            Some(2),
+            t1,
+        );
         assert_eq!(again[0].last_transition_time, Time(t0));
         assert_eq!(again[0].message, "0/2");
 
         // Flip: time moves.
-        let flipped = settle(&again, vec![Observed::new("Ready", true, "ReplicasReady", "2/2")], Some(2), t1);
+        let flipped = settle(
+            &again,
+            vec![Observed::new("Ready", true, "ReplicasReady", "2/2")],
+            Some(2),
+            t1,
+        );
         assert_eq!(flipped[0].last_transition_time, Time(t1));
         assert_eq!(flipped[0].status, "True");
     }

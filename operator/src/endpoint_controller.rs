@@ -7,18 +7,18 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serval_api::{Backend, Endpoint};
 
 use crate::backoff;
 use crate::context::{Context, apply, apply_status, now};
 use crate::desired::backend::{backend_address, is_ready};
 use crate::desired::router::{
-    configmap_for, deployment_for, owners, role_binding_for, role_for, router_ready, router_url, service_account_for,
-    service_for,
+    configmap_for, deployment_for, owners, role_binding_for, role_for, router_ready, router_url,
+    service_account_for, service_for,
 };
 use crate::desired::routing::{BackendView, plan};
 use crate::error::{Error, Result};
@@ -32,7 +32,8 @@ pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
 pub async fn reconcile(endpoint: Arc<Endpoint>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&endpoint, &ctx).await;
-    ctx.metrics.observe(NAME, started.elapsed(), result.as_ref().err());
+    ctx.metrics
+        .observe(NAME, started.elapsed(), result.as_ref().err());
     if result.is_ok() {
         ctx.failures.reset(&key(&endpoint));
     }
@@ -40,13 +41,19 @@ pub async fn reconcile(endpoint: Arc<Endpoint>, ctx: Arc<Context>) -> Result<Act
 }
 
 async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
-    let ns = endpoint.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = endpoint
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = endpoint.name_any();
     let client = ctx.client.clone();
     tracing::debug!(endpoint = %name, namespace = %ns, "reconciling");
 
-    let mut siblings: Vec<Arc<Endpoint>> =
-        ctx.endpoints.state().into_iter().filter(|e| e.namespace().as_deref() == Some(ns.as_str())).collect();
+    let mut siblings: Vec<Arc<Endpoint>> = ctx
+        .endpoints
+        .state()
+        .into_iter()
+        .filter(|e| e.namespace().as_deref() == Some(ns.as_str()))
+        .collect();
     if !siblings.iter().any(|e| e.name_any() == name) {
         siblings.push(Arc::new(endpoint.clone()));
     }
@@ -54,11 +61,31 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
     let plan = plan(siblings.iter().map(AsRef::as_ref), &views);
     let owners = owners(siblings.iter().map(AsRef::as_ref));
 
-    apply(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), &service_account_for(&ns, &owners)).await?;
-    apply(&Api::<Role>::namespaced(client.clone(), &ns), &role_for(&ns, &owners)).await?;
-    apply(&Api::<RoleBinding>::namespaced(client.clone(), &ns), &role_binding_for(&ns, &owners)).await?;
-    apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &configmap_for(&ns, &plan.table, &owners)).await?;
-    apply(&Api::<Service>::namespaced(client.clone(), &ns), &service_for(&ns, &owners)).await?;
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &service_account_for(&ns, &owners),
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        &role_for(&ns, &owners),
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &role_binding_for(&ns, &owners),
+    )
+    .await?;
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        &configmap_for(&ns, &plan.table, &owners),
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &service_for(&ns, &owners),
+    )
+    .await?;
     let router = apply(
         &Api::<Deployment>::namespaced(client.clone(), &ns),
         &deployment_for(&ns, &ctx.router_defaults, &owners),
@@ -66,8 +93,13 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
     .await?;
 
     let outcome = plan.outcomes.get(&name).cloned().unwrap_or_default();
-    let status =
-        crate::desired::routing::status_for(endpoint, &outcome, &router_url(&ns), router_ready(&router), now());
+    let status = crate::desired::routing::status_for(
+        endpoint,
+        &outcome,
+        &router_url(&ns),
+        router_ready(&router),
+        now(),
+    );
     if endpoint.status.as_ref() != Some(&status) {
         apply_status(&Api::<Endpoint>::namespaced(client, &ns), &name, &status).await?;
     }
@@ -81,7 +113,10 @@ pub fn backend_views(backends: &[Arc<Backend>], namespace: &str) -> BTreeMap<Str
         .filter(|b| b.namespace().as_deref() == Some(namespace))
         .map(|b| {
             let name = b.name_any();
-            let view = BackendView { ready: is_ready(b), addresses: vec![backend_address(&name, namespace)] };
+            let view = BackendView {
+                ready: is_ready(b),
+                addresses: vec![backend_address(&name, namespace)],
+            };
             (name, view)
         })
         .collect()
@@ -108,17 +143,29 @@ pub fn endpoints_using(backend: &Backend, endpoints: &[Arc<Endpoint>]) -> Vec<Ob
 /// route conflicts between siblings decide each one's status.
 pub fn siblings_of(endpoint: &Endpoint, endpoints: &[Arc<Endpoint>]) -> Vec<ObjectRef<Endpoint>> {
     let ns = endpoint.namespace();
-    endpoints.iter().filter(|e| e.namespace() == ns).map(|e| ObjectRef::from_obj(e.as_ref())).collect()
+    endpoints
+        .iter()
+        .filter(|e| e.namespace() == ns)
+        .map(|e| ObjectRef::from_obj(e.as_ref()))
+        .collect()
 }
 
 /// Retries a failed reconcile with capped exponential backoff.
 pub fn error_policy(endpoint: Arc<Endpoint>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.failures.fail(&key(&endpoint));
-    let delay = backoff::delay(failures, backoff::DEFAULT_BACKOFF_BASE, backoff::DEFAULT_BACKOFF_CAP);
+    let delay = backoff::delay(
+        failures,
+        backoff::DEFAULT_BACKOFF_BASE,
+        backoff::DEFAULT_BACKOFF_CAP,
+    );
     tracing::warn!(endpoint = %endpoint.name_any(), %error, failures, ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 fn key(endpoint: &Endpoint) -> String {
-    format!("{NAME}/{}/{}", endpoint.namespace().unwrap_or_default(), endpoint.name_any())
+    format!(
+        "{NAME}/{}/{}",
+        endpoint.namespace().unwrap_or_default(),
+        endpoint.name_any()
+    )
 }

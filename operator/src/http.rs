@@ -31,24 +31,51 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     resp
 }
 
-async fn handle(req: Request<Incoming>, registry: Arc<Registry>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_owned()),
+        "/readyz" if health.ready.load(Ordering::Relaxed) => {
+            respond(StatusCode::OK, "text/plain", "ok\n".to_owned())
+        }
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".to_owned(),
+        ),
         "/metrics" => {
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                Ok(()) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
-                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "application/json", serde_json::json!({"error": e.to_string()}).to_string()),
+                Ok(()) => respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "application/json",
+                    serde_json::json!({"error": e.to_string()}).to_string(),
+                ),
             }
         }
-        _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#.to_owned()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"error":"not found"}"#.to_owned(),
+        ),
     })
 }
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, health: Arc<Health>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
             _ = stop.cancelled() => return,

@@ -19,7 +19,11 @@ const DEFAULT_LEASE_SECONDS: u64 = 15;
 const DEFAULT_LEASE_GRACE_SECONDS: u64 = 5;
 
 #[derive(Parser, Debug)]
-#[command(name = "serval-operator", version, about = "Reconciles Serval Backends and Endpoints")]
+#[command(
+    name = "serval-operator",
+    version,
+    about = "Reconciles Serval Backends and Endpoints"
+)]
 struct Args {
     /// Model-server image for Backend pods.
     #[arg(long, env = "SERVAL_SIDECAR_IMAGE", default_value = concat!("serval-sidecar:", env!("CARGO_PKG_VERSION")))]
@@ -48,7 +52,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
     let args = Args::parse();
@@ -57,14 +62,23 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Metrics::register(&mut registry);
     let health = Arc::new(Health::default());
     let stop = CancellationToken::new();
-    let listener = TcpListener::bind(&args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let listener = TcpListener::bind(&args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz, /metrics");
-    let http = tokio::spawn(serve(listener, Arc::new(registry), health.clone(), stop.clone()));
+    let http = tokio::spawn(serve(
+        listener,
+        Arc::new(registry),
+        health.clone(),
+        stop.clone(),
+    ));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_handler(shutdown.clone()));
 
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.lease_namespace)
@@ -99,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
     let lost = CancellationToken::new();
     let controllers_stop = CancellationToken::new();
     {
-        let (lost, controllers_stop, shutdown) = (lost.clone(), controllers_stop.clone(), shutdown.clone());
+        let (lost, controllers_stop, shutdown) =
+            (lost.clone(), controllers_stop.clone(), shutdown.clone());
         let mut leader = leader.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -118,7 +133,10 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.watch_namespace,
     };
     let stopped = controllers_stop.clone();
-    run(client, settings, metrics.clone(), async move { stopped.cancelled().await }).await;
+    run(client, settings, metrics.clone(), async move {
+        stopped.cancelled().await
+    })
+    .await;
     metrics.leader.set(0);
     health.ready.store(false, Ordering::Relaxed);
 

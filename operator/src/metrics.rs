@@ -45,14 +45,28 @@ impl Metrics {
             reconciles: Family::default(),
             failures: Family::default(),
             // 1 ms .. ~16 s: an SSA round trip is milliseconds; a slow API server is seconds.
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 15))
+            }),
             leader: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("serval_operator");
         sub.register("reconciles", "Reconciles started", m.reconciles.clone());
-        sub.register("reconcile_failures", "Reconciles that failed, by reason", m.failures.clone());
-        sub.register("reconcile_duration_seconds", "Reconcile duration", m.duration.clone());
-        sub.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+        sub.register(
+            "reconcile_failures",
+            "Reconciles that failed, by reason",
+            m.failures.clone(),
+        );
+        sub.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            m.duration.clone(),
+        );
+        sub.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
         m
     }
 
@@ -60,9 +74,16 @@ impl Metrics {
     pub fn observe(&self, controller: &'static str, took: Duration, error: Option<&crate::Error>) {
         let labels = ControllerLabels { controller };
         self.reconciles.get_or_create(&labels).inc();
-        self.duration.get_or_create(&labels).observe(took.as_secs_f64());
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         if let Some(e) = error {
-            self.failures.get_or_create(&FailureLabels { controller, reason: e.metric_label() }).inc();
+            self.failures
+                .get_or_create(&FailureLabels {
+                    controller,
+                    reason: e.metric_label(),
+                })
+                .inc();
         }
     }
 }

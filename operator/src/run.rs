@@ -46,34 +46,50 @@ where
 }
 
 /// Runs both controllers until `shutdown` resolves, then lets in-flight reconciles finish.
-pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let ns = settings.namespace.as_deref();
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
     let (backend_store, backend_writer) = reflector::store::<Backend>();
-    let backend_events = reflector(backend_writer, watcher(api::<Backend>(&client, ns), watcher::Config::default()))
-        .default_backoff();
+    let backend_events = reflector(
+        backend_writer,
+        watcher(api::<Backend>(&client, ns), watcher::Config::default()),
+    )
+    .default_backoff();
     // Endpoints care about a Backend appearing, disappearing or flipping readiness.
     let (backend_all, backend_changed) = streams::split(backend_events, |b: &Backend| is_ready(b));
 
     let (endpoint_store, endpoint_writer) = reflector::store::<Endpoint>();
-    let endpoint_events =
-        reflector(endpoint_writer, watcher(api::<Endpoint>(&client, ns), watcher::Config::default()))
-            .default_backoff();
+    let endpoint_events = reflector(
+        endpoint_writer,
+        watcher(api::<Endpoint>(&client, ns), watcher::Config::default()),
+    )
+    .default_backoff();
     // Siblings care about spec changes, creation and deletion, not status writes.
-    let (endpoint_all, endpoint_changed) = streams::split(endpoint_events, |e: &Endpoint| e.meta().generation);
+    let (endpoint_all, endpoint_changed) =
+        streams::split(endpoint_events, |e: &Endpoint| e.meta().generation);
 
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics,
         backends: backend_store.clone(),
         endpoints: endpoint_store.clone(),
-        backend_defaults: BackendDefaults { sidecar_image: settings.sidecar_image.clone() },
-        router_defaults: RouterDefaults { router_image: settings.router_image.clone() },
+        backend_defaults: BackendDefaults {
+            sidecar_image: settings.sidecar_image.clone(),
+        },
+        router_defaults: RouterDefaults {
+            router_image: settings.router_image.clone(),
+        },
         failures: FailureCounts::default(),
     });
     let config = ControllerConfig::default().debounce(DEFAULT_DEBOUNCE);
-    let backend_children = watcher::Config::default().labels("app.kubernetes.io/name=serval-backend");
+    let backend_children =
+        watcher::Config::default().labels("app.kubernetes.io/name=serval-backend");
     let router_children = watcher::Config::default().labels("app.kubernetes.io/name=serval-router");
 
     let backends = Controller::for_stream(backend_all, backend_store)
@@ -82,7 +98,11 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
         .owns(api::<Service>(&client, ns), backend_children.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), backend_children)
         .graceful_shutdown_on(shutdown.clone())
-        .run(backend_controller::reconcile, backend_controller::error_policy, ctx.clone())
+        .run(
+            backend_controller::reconcile,
+            backend_controller::error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "backend controller event");
@@ -103,7 +123,11 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
         .owns(api::<Deployment>(&client, ns), router_children.clone())
         .owns(api::<Service>(&client, ns), router_children)
         .graceful_shutdown_on(shutdown)
-        .run(endpoint_controller::reconcile, endpoint_controller::error_policy, ctx)
+        .run(
+            endpoint_controller::reconcile,
+            endpoint_controller::error_policy,
+            ctx,
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "endpoint controller event");

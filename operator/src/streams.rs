@@ -69,7 +69,10 @@ where
             }
         }
     });
-    (UnboundedReceiverStream::new(all_rx), UnboundedReceiverStream::new(sig_rx))
+    (
+        UnboundedReceiverStream::new(all_rx),
+        UnboundedReceiverStream::new(sig_rx),
+    )
 }
 
 fn uid<K: kube::Resource>(obj: &K) -> String {

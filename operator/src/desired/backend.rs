@@ -2,10 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -18,7 +21,7 @@ use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
 use serval_api::sidecar::sidecar_args;
 use serval_api::{Backend, BackendStatus};
 
-use super::{MANAGED_BY, restricted_security_context, restricted_pod_security_context};
+use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context};
 use crate::conditions::{Observed, settle};
 
 /// Label that selects a Backend's pods.
@@ -46,9 +49,15 @@ pub struct BackendDefaults {
 pub fn labels(backend: &Backend) -> BTreeMap<String, String> {
     let name = backend.name_any();
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "serval-backend".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "serval-backend".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), name.clone()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
         (BACKEND_LABEL.to_owned(), name),
     ])
 }
@@ -130,9 +139,19 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
 
     let sidecar = Container {
         name: SIDECAR_CONTAINER.to_owned(),
-        image: Some(overrides.image.unwrap_or_else(|| defaults.sidecar_image.clone())),
+        image: Some(
+            overrides
+                .image
+                .unwrap_or_else(|| defaults.sidecar_image.clone()),
+        ),
         image_pull_policy: overrides.image_pull_policy,
-        args: Some(sidecar_args(&name, spec, &model_path, "0.0.0.0", SIDECAR_PORT)),
+        args: Some(sidecar_args(
+            &name,
+            spec,
+            &model_path,
+            "0.0.0.0",
+            SIDECAR_PORT,
+        )),
         env: Some(vec![EnvVar {
             name: "TMPDIR".to_owned(),
             value: Some("/tmp".to_owned()),
@@ -163,7 +182,11 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
             env: Some(
                 user.env
                     .iter()
-                    .map(|e| EnvVar { name: e.name.clone(), value: Some(e.value.clone()), ..EnvVar::default() })
+                    .map(|e| EnvVar {
+                        name: e.name.clone(),
+                        value: Some(e.value.clone()),
+                        ..EnvVar::default()
+                    })
                     .chain([EnvVar {
                         name: "SERVAL_MODEL_SERVER".to_owned(),
                         value: Some(format!("http://127.0.0.1:{SIDECAR_PORT}")),
@@ -192,7 +215,10 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
         metadata: meta(backend),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector(backend)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector(backend)),
+                ..LabelSelector::default()
+            },
             // Surge first so a rollout never drops below the ready replica count.
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".to_owned()),
@@ -202,7 +228,10 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(backend)), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(backend)),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     containers,
                     volumes: Some(volumes),
@@ -220,7 +249,11 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
 
 /// The Backend's Service; it targets the user container when there is one.
 pub fn service_for(backend: &Backend) -> Service {
-    let target = if backend.spec.container.is_some() { "user-http" } else { "http" };
+    let target = if backend.spec.container.is_some() {
+        "user-http"
+    } else {
+        "http"
+    };
     Service {
         metadata: meta(backend),
         spec: Some(ServiceSpec {
@@ -245,7 +278,10 @@ pub fn pdb_for(backend: &Backend) -> Option<PodDisruptionBudget> {
         metadata: meta(backend),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector(backend)), ..LabelSelector::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(backend)),
+                ..LabelSelector::default()
+            }),
             ..PodDisruptionBudgetSpec::default()
         }),
         status: None,
@@ -254,7 +290,13 @@ pub fn pdb_for(backend: &Backend) -> Option<PodDisruptionBudget> {
 
 /// In-cluster URL of a Backend's Service.
 pub fn backend_url(backend: &Backend) -> String {
-    format!("http://{}", backend_address(&backend.name_any(), &backend.namespace().unwrap_or_default()))
+    format!(
+        "http://{}",
+        backend_address(
+            &backend.name_any(),
+            &backend.namespace().unwrap_or_default()
+        )
+    )
 }
 
 /// `host:port` of a Backend's Service.
@@ -263,27 +305,56 @@ pub fn backend_address(name: &str, namespace: &str) -> String {
 }
 
 /// Status from what the Deployment reports. `deployment` is `None` before it exists.
-pub fn status_for(backend: &Backend, deployment: Option<&Deployment>, now: Timestamp) -> BackendStatus {
+pub fn status_for(
+    backend: &Backend,
+    deployment: Option<&Deployment>,
+    now: Timestamp,
+) -> BackendStatus {
     let desired = backend.spec.replicas;
     let generation = backend.meta().generation;
-    let dstatus = deployment.and_then(|d| d.status.clone()).unwrap_or_default();
+    let dstatus = deployment
+        .and_then(|d| d.status.clone())
+        .unwrap_or_default();
     // A Deployment that has not seen its latest spec reports stale counts.
-    let dep_current = deployment.is_some_and(|d| dstatus.observed_generation >= d.metadata.generation);
-    let ready = if dep_current { dstatus.ready_replicas.unwrap_or(0) } else { 0 };
-    let updated = if dep_current { dstatus.updated_replicas.unwrap_or(0) } else { 0 };
+    let dep_current =
+        deployment.is_some_and(|d| dstatus.observed_generation >= d.metadata.generation);
+    let ready = if dep_current {
+        dstatus.ready_replicas.unwrap_or(0)
+    } else {
+        0
+    };
+    let updated = if dep_current {
+        dstatus.updated_replicas.unwrap_or(0)
+    } else {
+        0
+    };
     let total = dstatus.replicas.unwrap_or(0);
-    let deadline_exceeded = dstatus
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let deadline_exceeded = dstatus.conditions.iter().flatten().any(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
 
     let rolled_out = dep_current && updated >= desired && total <= desired && ready >= desired;
     let observed = if desired == 0 {
         vec![
             Observed::new(READY, false, reason::SCALED_TO_ZERO, "replicas is 0"),
-            Observed::new(PROGRESSING, !rolled_out, if rolled_out { reason::UP_TO_DATE } else { reason::ROLLING_OUT }, format!("{total} pods remain")),
-            Observed::new(DEGRADED, false, reason::SCALED_TO_ZERO, "scaled to zero on purpose"),
+            Observed::new(
+                PROGRESSING,
+                !rolled_out,
+                if rolled_out {
+                    reason::UP_TO_DATE
+                } else {
+                    reason::ROLLING_OUT
+                },
+                format!("{total} pods remain"),
+            ),
+            Observed::new(
+                DEGRADED,
+                false,
+                reason::SCALED_TO_ZERO,
+                "scaled to zero on purpose",
+            ),
         ]
     } else {
         let ready_msg = format!("{ready}/{desired} replicas ready");
@@ -296,10 +367,20 @@ pub fn status_for(backend: &Backend, deployment: Option<&Deployment>, now: Times
             if rolled_out {
                 Observed::new(PROGRESSING, false, reason::UP_TO_DATE, ready_msg.clone())
             } else {
-                Observed::new(PROGRESSING, true, reason::ROLLING_OUT, format!("{updated}/{desired} replicas updated, {ready} ready"))
+                Observed::new(
+                    PROGRESSING,
+                    true,
+                    reason::ROLLING_OUT,
+                    format!("{updated}/{desired} replicas updated, {ready} ready"),
+                )
             },
             if deadline_exceeded {
-                Observed::new(DEGRADED, true, reason::PROGRESS_DEADLINE_EXCEEDED, "the rollout exceeded its progress deadline; check the pods' events and logs")
+                Observed::new(
+                    DEGRADED,
+                    true,
+                    reason::PROGRESS_DEADLINE_EXCEEDED,
+                    "the rollout exceeded its progress deadline; check the pods' events and logs",
+                )
             } else if ready > 0 && ready < desired && rolled_out {
                 Observed::new(DEGRADED, true, reason::REPLICAS_NOT_READY, ready_msg)
             } else {
@@ -307,7 +388,11 @@ pub fn status_for(backend: &Backend, deployment: Option<&Deployment>, now: Times
             },
         ]
     };
-    let previous = backend.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let previous = backend
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     BackendStatus {
         observed_generation: generation,
         replicas: desired,
@@ -321,8 +406,9 @@ pub fn status_for(backend: &Backend, deployment: Option<&Deployment>, now: Times
 /// Whether a Backend's status says it serves. The generation is not compared: during a spec
 /// change the old pods keep serving until the rollout replaces them.
 pub fn is_ready(backend: &Backend) -> bool {
-    backend
-        .status
-        .as_ref()
-        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == READY && c.status == "True"))
+    backend.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == READY && c.status == "True")
+    })
 }

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
-    ServicePort, ServiceSpec,
+    ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service,
+    ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
@@ -42,8 +42,14 @@ pub struct RouterDefaults {
 pub fn labels() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), ROUTER_NAME.to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "router".to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "router".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
     ])
 }
 
@@ -80,19 +86,32 @@ fn meta(name: &str, namespace: &str, owners: &[OwnerReference]) -> ObjectMeta {
 }
 
 /// The ConfigMap carrying the routing table.
-pub fn configmap_for(namespace: &str, table: &RoutingTable, owners: &[OwnerReference]) -> ConfigMap {
+pub fn configmap_for(
+    namespace: &str,
+    table: &RoutingTable,
+    owners: &[OwnerReference],
+) -> ConfigMap {
     let mut m = meta(ROUTING_CONFIGMAP, namespace, owners);
-    m.annotations = Some(BTreeMap::from([("serval.dev/routing-revision".to_owned(), table.revision.clone())]));
+    m.annotations = Some(BTreeMap::from([(
+        "serval.dev/routing-revision".to_owned(),
+        table.revision.clone(),
+    )]));
     ConfigMap {
         metadata: m,
-        data: Some(BTreeMap::from([(ROUTING_TABLE_KEY.to_owned(), table.to_json())])),
+        data: Some(BTreeMap::from([(
+            ROUTING_TABLE_KEY.to_owned(),
+            table.to_json(),
+        )])),
         ..ConfigMap::default()
     }
 }
 
 /// The router's ServiceAccount; its token only reads the routing ConfigMap.
 pub fn service_account_for(namespace: &str, owners: &[OwnerReference]) -> ServiceAccount {
-    ServiceAccount { metadata: meta(ROUTER_NAME, namespace, owners), ..ServiceAccount::default() }
+    ServiceAccount {
+        metadata: meta(ROUTER_NAME, namespace, owners),
+        ..ServiceAccount::default()
+    }
 }
 
 /// Read access to the routing ConfigMap alone, so a router can watch its table (a mounted
@@ -143,14 +162,24 @@ fn probe(path: &str) -> Probe {
 }
 
 /// The router Deployment.
-pub fn deployment_for(namespace: &str, defaults: &RouterDefaults, owners: &[OwnerReference]) -> Deployment {
+pub fn deployment_for(
+    namespace: &str,
+    defaults: &RouterDefaults,
+    owners: &[OwnerReference],
+) -> Deployment {
     Deployment {
         metadata: meta(ROUTER_NAME, namespace, owners),
         spec: Some(DeploymentSpec {
             replicas: Some(ROUTER_REPLICAS),
-            selector: LabelSelector { match_labels: Some(selector()), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector()),
+                ..LabelSelector::default()
+            },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels()), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     service_account_name: Some(ROUTER_NAME.to_owned()),
                     containers: vec![Container {
@@ -212,5 +241,8 @@ pub fn router_url(namespace: &str) -> String {
 
 /// Whether the router Deployment has a ready replica for its current spec.
 pub fn router_ready(deployment: &Deployment) -> bool {
-    deployment.status.as_ref().is_some_and(|s| s.ready_replicas.unwrap_or(0) > 0)
+    deployment
+        .status
+        .as_ref()
+        .is_some_and(|s| s.ready_replicas.unwrap_or(0) > 0)
 }

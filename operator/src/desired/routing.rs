@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
-use serval_api::routing::{HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable, Upstream, WeightedBackend};
+use serval_api::routing::{
+    HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable, Upstream, WeightedBackend,
+};
 use serval_api::{EffectiveTraffic, Endpoint, EndpointStatus};
 
 use crate::conditions::{Observed, settle};
@@ -46,7 +48,14 @@ pub struct Plan {
 
 fn route_key(ep: &Endpoint) -> (Option<String>, String) {
     let prefix = ep.spec.route.path_prefix.trim_end_matches('/');
-    (ep.spec.route.host.clone(), if prefix.is_empty() { "/".to_owned() } else { prefix.to_owned() })
+    (
+        ep.spec.route.host.clone(),
+        if prefix.is_empty() {
+            "/".to_owned()
+        } else {
+            prefix.to_owned()
+        },
+    )
 }
 
 /// Plans the routing table of one namespace.
@@ -54,10 +63,14 @@ fn route_key(ep: &Endpoint) -> (Option<String>, String) {
 /// Route conflicts go to the Endpoint created first (then by name), so the winner never flips
 /// when a later Endpoint appears. Backends that are missing or not Ready get weight 0, and
 /// match rules or mirrors pointing at them are dropped, so no traffic is sent their way.
-pub fn plan<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>, backends: &BTreeMap<String, BackendView>) -> Plan {
+pub fn plan<'a>(
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+    backends: &BTreeMap<String, BackendView>,
+) -> Plan {
     let mut eps: Vec<&Endpoint> = endpoints.into_iter().collect();
     eps.sort_by(|a, b| {
-        (a.meta().creation_timestamp.as_ref(), a.name_any()).cmp(&(b.meta().creation_timestamp.as_ref(), b.name_any()))
+        (a.meta().creation_timestamp.as_ref(), a.name_any())
+            .cmp(&(b.meta().creation_timestamp.as_ref(), b.name_any()))
     });
 
     let mut claimed: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
@@ -93,7 +106,10 @@ pub fn plan<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>, backends: &BT
         let traffic: Vec<WeightedBackend> = spec
             .traffic
             .iter()
-            .map(|t| WeightedBackend { backend: t.backend.clone(), weight: if usable(&t.backend) { t.weight } else { 0 } })
+            .map(|t| WeightedBackend {
+                backend: t.backend.clone(),
+                weight: if usable(&t.backend) { t.weight } else { 0 },
+            })
             .collect();
         let total: u32 = traffic.iter().map(|t| t.weight).sum();
         outcome.traffic = percentages(&traffic, total)
@@ -115,7 +131,10 @@ pub fn plan<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>, backends: &BT
                 .mirror
                 .as_ref()
                 .filter(|m| usable(&m.backend) && m.percent > 0)
-                .map(|m| MirrorPolicy { backend: m.backend.clone(), percent: m.percent }),
+                .map(|m| MirrorPolicy {
+                    backend: m.backend.clone(),
+                    percent: m.percent,
+                }),
             matches: spec
                 .matches
                 .iter()
@@ -128,7 +147,10 @@ pub fn plan<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>, backends: &BT
                 .collect(),
             sticky_header: spec.sticky.as_ref().map(|s| s.header.to_ascii_lowercase()),
             timeout_ms: u64::from(spec.timeout_millis),
-            retries: RetryPolicy { attempts: spec.retries.attempts, budget_percent: spec.retries.budget_percent },
+            retries: RetryPolicy {
+                attempts: spec.retries.attempts,
+                budget_percent: spec.retries.budget_percent,
+            },
             traffic,
         };
         // Every backend the route names needs an upstream entry, usable or not.
@@ -168,8 +190,11 @@ fn percentages(traffic: &[WeightedBackend], total: u32) -> Vec<u32> {
         return vec![0; traffic.len()];
     }
     let mut out: Vec<u32> = traffic.iter().map(|t| t.weight * 100 / total).collect();
-    let mut remainders: Vec<(u32, usize)> =
-        traffic.iter().enumerate().map(|(i, t)| ((t.weight * 100) % total, i)).collect();
+    let mut remainders: Vec<(u32, usize)> = traffic
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((t.weight * 100) % total, i))
+        .collect();
     remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let short = 100 - out.iter().sum::<u32>();
     for &(_, i) in remainders.iter().take(short as usize) {
@@ -180,7 +205,11 @@ fn percentages(traffic: &[WeightedBackend], total: u32) -> Vec<u32> {
 
 /// `backend=percent` pairs for the printer column.
 pub fn traffic_summary(traffic: &[EffectiveTraffic]) -> String {
-    traffic.iter().map(|t| format!("{}={}%", t.backend, t.percent)).collect::<Vec<_>>().join(",")
+    traffic
+        .iter()
+        .map(|t| format!("{}={}%", t.backend, t.percent))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// An Endpoint's status from its plan outcome and whether the namespace's router is ready.
@@ -203,23 +232,55 @@ pub fn status_for(
         );
         vec![
             Observed::new(READY, false, reason::ROUTE_CONFLICT, msg.clone()),
-            Observed::new(PROGRESSING, false, reason::ROUTE_CONFLICT, "waiting for the route to be free"),
+            Observed::new(
+                PROGRESSING,
+                false,
+                reason::ROUTE_CONFLICT,
+                "waiting for the route to be free",
+            ),
             Observed::new(DEGRADED, true, reason::ROUTE_CONFLICT, msg),
         ]
     } else {
         let (degraded_reason, degraded_msg) = if !outcome.missing.is_empty() {
-            (reason::BACKEND_NOT_FOUND, format!("Backend(s) {} not found; they receive no traffic", outcome.missing.join(", ")))
+            (
+                reason::BACKEND_NOT_FOUND,
+                format!(
+                    "Backend(s) {} not found; they receive no traffic",
+                    outcome.missing.join(", ")
+                ),
+            )
         } else if !outcome.not_ready.is_empty() {
-            (reason::BACKEND_NOT_READY, format!("Backend(s) {} not Ready; they receive no traffic", outcome.not_ready.join(", ")))
+            (
+                reason::BACKEND_NOT_READY,
+                format!(
+                    "Backend(s) {} not Ready; they receive no traffic",
+                    outcome.not_ready.join(", ")
+                ),
+            )
         } else {
             (reason::BACKENDS_READY, String::new())
         };
         let ready = if !serving {
-            Observed::new(READY, false, reason::NO_READY_BACKEND, "no Backend with positive weight is Ready; requests are answered 503")
+            Observed::new(
+                READY,
+                false,
+                reason::NO_READY_BACKEND,
+                "no Backend with positive weight is Ready; requests are answered 503",
+            )
         } else if !router_ready {
-            Observed::new(READY, false, reason::ROUTER_NOT_READY, "the namespace's serval-router is not ready yet")
+            Observed::new(
+                READY,
+                false,
+                reason::ROUTER_NOT_READY,
+                "the namespace's serval-router is not ready yet",
+            )
         } else {
-            Observed::new(READY, true, reason::BACKENDS_READY, format!("serving {}", traffic_summary(&outcome.traffic)))
+            Observed::new(
+                READY,
+                true,
+                reason::BACKENDS_READY,
+                format!("serving {}", traffic_summary(&outcome.traffic)),
+            )
         };
         let progressing = !router_ready || !outcome.not_ready.is_empty();
         vec![
@@ -227,13 +288,30 @@ pub fn status_for(
             Observed::new(
                 PROGRESSING,
                 progressing,
-                if progressing { reason::ROLLING_OUT } else { reason::UP_TO_DATE },
-                if progressing { "waiting for the router and Backends to become ready" } else { "" },
+                if progressing {
+                    reason::ROLLING_OUT
+                } else {
+                    reason::UP_TO_DATE
+                },
+                if progressing {
+                    "waiting for the router and Backends to become ready"
+                } else {
+                    ""
+                },
             ),
-            Observed::new(DEGRADED, degraded_reason != reason::BACKENDS_READY, degraded_reason, degraded_msg),
+            Observed::new(
+                DEGRADED,
+                degraded_reason != reason::BACKENDS_READY,
+                degraded_reason,
+                degraded_msg,
+            ),
         ]
     };
-    let previous = endpoint.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let previous = endpoint
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let in_table = outcome.conflict_with.is_none();
     EndpointStatus {
         observed_generation: generation,

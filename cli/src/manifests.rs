@@ -1,0 +1,217 @@
+//! Reading Backend and Endpoint manifests from files, validated as the apiserver would.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use kube::CustomResourceExt;
+use serde_json::Value;
+use serval_api::{Backend, Endpoint};
+
+/// The resources found, by name, with the file each came from.
+#[derive(Clone, Debug, Default)]
+pub struct Manifests {
+    /// Backends by name.
+    pub backends: BTreeMap<String, (Backend, PathBuf)>,
+    /// Endpoints by name.
+    pub endpoints: BTreeMap<String, (Endpoint, PathBuf)>,
+}
+
+/// The YAML files under `path` (itself, if a file), sorted, with their modification times.
+pub fn files(path: &Path) -> std::io::Result<Vec<(PathBuf, Option<SystemTime>)>> {
+    let mut out = Vec::new();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p);
+            }
+        }
+        out.sort();
+    } else {
+        std::fs::metadata(path)?;
+        out.push(path.to_path_buf());
+    }
+    Ok(out
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+            (p, m)
+        })
+        .collect())
+}
+
+/// Loads and validates every document. Errors name the file, the resource and the field.
+pub fn load(path: &Path) -> Result<Manifests, Vec<String>> {
+    let files = files(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let mut out = Manifests::default();
+    let mut errors = Vec::new();
+    for (file, _) in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{}: {e}", file.display()));
+                continue;
+            }
+        };
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let where_ = format!("{} (document {})", file.display(), i + 1);
+            let value: Value = match serde::Deserialize::deserialize(doc) {
+                Ok(Value::Null) => continue,
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(format!("{where_}: not valid YAML: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = add(&mut out, value, &file) {
+                errors.extend(e.into_iter().map(|m| format!("{where_}: {m}")));
+            }
+        }
+    }
+    if out.backends.is_empty() && out.endpoints.is_empty() && errors.is_empty() {
+        errors.push(format!("{}: no Backend or Endpoint found", path.display()));
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn add(out: &mut Manifests, value: Value, file: &Path) -> Result<(), Vec<String>> {
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if api_version != "serval.dev/v1alpha1" {
+        return Err(vec![format!(
+            "{kind} {name:?}: apiVersion {api_version:?} is not serval.dev/v1alpha1"
+        )]);
+    }
+    if name.is_empty() {
+        return Err(vec![format!("{kind}: metadata.name is required")]);
+    }
+    let prefix = |errs: Vec<String>| {
+        errs.into_iter()
+            .map(|e| format!("{kind} {name:?}: {e}"))
+            .collect::<Vec<_>>()
+    };
+    match kind.as_str() {
+        "Backend" => {
+            serval_api::crd::validate(&Backend::crd(), &value).map_err(prefix)?;
+            let b: Backend = typed(value).map_err(|e| prefix(vec![e]))?;
+            if out
+                .backends
+                .insert(name.clone(), (b, file.to_path_buf()))
+                .is_some()
+            {
+                return Err(prefix(vec!["defined twice".to_owned()]));
+            }
+        }
+        "Endpoint" => {
+            serval_api::crd::validate(&Endpoint::crd(), &value).map_err(prefix)?;
+            let e: Endpoint = typed(value).map_err(|e| prefix(vec![e]))?;
+            if out
+                .endpoints
+                .insert(name.clone(), (e, file.to_path_buf()))
+                .is_some()
+            {
+                return Err(prefix(vec!["defined twice".to_owned()]));
+            }
+        }
+        other => return Err(vec![format!("kind {other:?} is not Backend or Endpoint")]),
+    }
+    Ok(())
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+}
+
+/// Where a local sidecar reads a Backend's model: `file://` paths relative to the manifest's
+/// directory, `http(s)://` as is. `pvc://` exists only in a cluster.
+pub fn resolve_model(uri: &str, manifest: &Path) -> Result<String, String> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        let p = Path::new(path);
+        let full = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            manifest.parent().unwrap_or(Path::new(".")).join(p)
+        };
+        if !full.exists() {
+            return Err(format!(
+                "model file {} (from {uri}) does not exist",
+                full.display()
+            ));
+        }
+        return Ok(full.display().to_string());
+    }
+    if uri.starts_with("http://") || uri.starts_with("https://") {
+        return Ok(uri.to_owned());
+    }
+    Err(format!(
+        "model.uri {uri:?}: pvc:// models exist only in a cluster; use file:// or https:// in local mode"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn errors_name_file_resource_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "bad.yaml",
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits}\nspec:\n  route: {pathPrefix: /d}\n  traffic: [{backend: a, weight: 0}]\n---\napiVersion: serval.dev/v1alpha1\nkind: Backend\nmetadata: {name: b}\nspec:\n  model: {uri: file://m.onnx}\n  replicas: many\n",
+        );
+        let errors = load(dir.path()).unwrap_err();
+        let all = errors.join("\n");
+        assert!(
+            all.contains("bad.yaml (document 1): Endpoint \"digits\"")
+                && all.contains("traffic weights must sum to more than 0"),
+            "{all}"
+        );
+        assert!(
+            all.contains("bad.yaml (document 2): Backend \"b\": spec.replicas"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn loads_the_examples() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let m = load(&examples).unwrap();
+        assert_eq!(
+            m.backends.keys().collect::<Vec<_>>(),
+            ["digits-v1", "digits-v2"]
+        );
+        assert_eq!(m.endpoints.keys().collect::<Vec<_>>(), ["digits"]);
+        let (b, file) = &m.backends["digits-v1"];
+        let resolved = resolve_model(&b.spec.model.uri, file).unwrap();
+        assert!(resolved.ends_with("models/digits.onnx"), "{resolved}");
+        assert!(
+            resolve_model("pvc://claim/m.onnx", file)
+                .unwrap_err()
+                .contains("only in a cluster")
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! `serval local` end to end on loopback: the real CLI, sidecars and router as processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The sidecar and router binaries next to `serval`; built here if a partial build lacks them.
+fn ensure_binaries() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_serval"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if !dir.join("serval-sidecar").exists() || !dir.join("serval-router").exists() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "serval-sidecar",
+                "-p",
+                "serval-router",
+            ])
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "building serval-sidecar and serval-router failed"
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Processes whose command line mentions `needle` (our unique temp dir).
+fn processes_with(needle: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-f", needle]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+struct Local {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        for pid in processes_with(&self.dir.path().display().to_string()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn start(dir: tempfile::TempDir) -> Local {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serval"))
+        .args(["local", "-f"])
+        .arg(dir.path().join("examples"))
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Local { child, dir, port }
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn predict(
+    client: &reqwest::blocking::Client,
+    port: u16,
+    png: &[u8],
+) -> Option<(String, serde_json::Value)> {
+    let resp = client
+        .post(format!(
+            "http://127.0.0.1:{port}/digits/v1/models/digits:predict"
+        ))
+        .header("content-type", "image/png")
+        .body(png.to_vec())
+        .send()
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let backend = resp
+        .headers()
+        .get("serval-backend")?
+        .to_str()
+        .ok()?
+        .to_owned();
+    Some((backend, resp.json().ok()?))
+}
+
+fn split(
+    client: &reqwest::blocking::Client,
+    port: u16,
+    png: &[u8],
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let (backend, _) = predict(client, port, png).expect("request failed during the split");
+        *counts.entry(backend).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("examples")).unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    for f in ["digits-v1.yaml", "digits-v2.yaml", "digits-endpoint.yaml"] {
+        std::fs::copy(
+            repo().join("examples").join(f),
+            dir.path().join("examples").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        repo().join("models/digits.onnx"),
+        dir.path().join("models/digits.onnx"),
+    )
+    .unwrap();
+    let endpoint_file = dir.path().join("examples/digits-endpoint.yaml");
+    let needle = dir.path().display().to_string();
+    let png = std::fs::read(repo().join("models/digits/seven.png")).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let mut local = start(dir);
+    let port = local.port;
+
+    // 1. A real prediction through the router and the built-in pre/post-processing.
+    let (_, answer) = wait_until("the first prediction", Duration::from_secs(120), || {
+        predict(&client, port, &png)
+    });
+    let label = answer["predictions"][0]["label"]
+        .as_str()
+        .or(answer["label"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(label, "seven", "answer: {answer}");
+    // Both backends' replicas come up (1 + 2 sidecars).
+    let sidecars = format!("{needle}.*--name digits");
+    wait_until("three sidecars", Duration::from_secs(60), || {
+        (processes_with(&sidecars).len() == 3).then_some(())
+    });
+
+    // 2. Edit the weights to 0/100: the split moves with no restart and no failed request.
+    let edited = std::fs::read_to_string(&endpoint_file)
+        .unwrap()
+        .replace("weight: 90", "weight: 0")
+        .replace("weight: 10", "weight: 100");
+    std::fs::write(&endpoint_file, edited).unwrap();
+    wait_until("the new split", Duration::from_secs(10), || {
+        let c = split(&client, port, &png, 20);
+        (c.get("digits-v2") == Some(&20)).then_some(())
+    });
+    let settled = split(&client, port, &png, 100);
+    assert_eq!(settled.get("digits-v2"), Some(&100), "{settled:?}");
+
+    // 3. Kill a sidecar of digits-v2: it is replaced and requests keep succeeding meanwhile.
+    let victims = processes_with(&format!("{needle}.*--name digits-v2"));
+    assert_eq!(victims.len(), 2, "digits-v2 runs 2 replicas");
+    Command::new("kill")
+        .args(["-KILL", &victims[0].to_string()])
+        .status()
+        .unwrap();
+    wait_until("the replacement sidecar", Duration::from_secs(60), || {
+        let now = processes_with(&format!("{needle}.*--name digits-v2"));
+        (now.len() == 2 && !now.contains(&victims[0])).then_some(())
+    });
+    let after = split(&client, port, &png, 50);
+    assert_eq!(after.values().sum::<usize>(), 50);
+
+    // 4. SIGTERM stops everything: no orphan sidecar or router.
+    let router = format!("serval-local-{}", local.child.id());
+    assert_eq!(processes_with(&router).len(), 1, "one router");
+    Command::new("kill")
+        .args(["-TERM", &local.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_until("serval to exit", Duration::from_secs(30), || {
+        local.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "serval exited with {status}");
+    wait_until("no orphans", Duration::from_secs(10), || {
+        (processes_with(&needle).is_empty() && processes_with(&router).is_empty()).then_some(())
+    });
+}

@@ -1,0 +1,28 @@
+//! End-to-end harness: a real Kubernetes control plane on loopback.
+//!
+//! `e2e/cluster/build.sh` builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+//! (one `kube` dispatcher binary), kwok and helm from the Go module proxy into
+//! `$SERVAL_CACHE/cluster/<versions>/bin`. [`Cluster::start`] runs them on random loopback
+//! ports with fresh certificates, three fake kwok nodes and an admin kubeconfig. [`Operator`]
+//! runs the `serval-operator` binary against it.
+
+mod binaries;
+mod cluster;
+mod logs;
+mod operator;
+mod pki;
+mod process;
+mod wait;
+
+pub use binaries::{BIN_DIR_ENV, Binaries, build_script};
+pub use cluster::{
+    Cluster, DEFAULT_APISERVER_READY_TIMEOUT, DEFAULT_NAMESPACE_READY_TIMEOUT,
+    DEFAULT_NODES_READY_TIMEOUT, KEEP_DIR_ENV, LOG_TAIL_LINES, NODE_COUNT,
+};
+pub use operator::{
+    DEFAULT_OPERATOR_LOG_FILTER, DEFAULT_OPERATOR_START_TIMEOUT, DEFAULT_OPERATOR_STOP_GRACE,
+    OPERATOR_BIN_ENV, Operator, OperatorConfig, operator_binary,
+};
+pub use pki::Pki;
+pub use process::{DEFAULT_STOP_GRACE, processes_matching};
+pub use wait::{POLL_INTERVAL, wait_for, wait_for_async};

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Deterministically generate Serval's test and demo models.
+
+Usage:
+    python models/generate.py [--out models] [--mobilenet-out DIR]
+
+Writes into --out (committed, small):
+    digits.onnx        MLPClassifier 64->128->64->10 trained on scikit-learn's bundled 8x8
+                       digits; outputs `label` (int64 [N]) and `probabilities` (float [N,10]).
+    identity.onnx      y = x * 1 + 0 over float [N,4]; for batching-correctness tests.
+    gather.onnx        y = table[indices], int64 [N] -> float [N,4]; bad indices break the engine.
+    fixed1.onnx        y = x + 1 over float [1,4]: a graph with a fixed batch of one.
+    digits/<name>.png  8x8 grayscale digits from the data set, pixel = value * 15, so the
+                       built-in preprocess {"width":8,"height":8,"layout":"Flat","scale":1/15}
+                       recovers the data-set values (0..16) exactly.
+    digits/labels.json the ground-truth label of each PNG.
+
+With --mobilenet-out DIR, also writes DIR/mobilenetv2.onnx (~14 MB, not committed):
+MobileNetV2's architecture with deterministic random weights, input float [N,3,224,224].
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SEED = 0
+OPSET = 17
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits(out: str) -> None:
+    from PIL import Image
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    y = data.target
+    clf = MLPClassifier(hidden_layer_sizes=(128, 64), max_iter=300, random_state=SEED)
+    clf.fit(x, y)
+    model = to_onnx(
+        clf,
+        x[:1],
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    model.graph.name = "digits"
+    # skl2onnx stamps its own version and a random-free but tool-dependent doc; keep it stable.
+    model.producer_version = "serval"
+    with open(os.path.join(out, "digits.onnx"), "wb") as f:
+        f.write(model.SerializeToString())
+    print(f"digits.onnx: training accuracy {clf.score(x, y):.4f}")
+
+    pngs = os.path.join(out, "digits")
+    os.makedirs(pngs, exist_ok=True)
+    labels = {}
+    # The first example of each class, so the file names say what the model should answer.
+    for digit in range(10):
+        index = int(np.flatnonzero(y == digit)[0])
+        pixels = (data.images[index] * 15).astype(np.uint8)
+        name = f"{NAMES[digit]}.png"
+        Image.fromarray(pixels, mode="L").save(os.path.join(pngs, name), optimize=False)
+        labels[name] = {"label": NAMES[digit], "index": index,
+                        "predicted": NAMES[int(clf.predict(x[index:index + 1])[0])]}
+    with open(os.path.join(pngs, "labels.json"), "w") as f:
+        json.dump(labels, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def identity(out: str) -> None:
+    one = numpy_helper.from_array(np.ones([1], dtype=np.float32), "one")
+    zero = numpy_helper.from_array(np.zeros([1], dtype=np.float32), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "one"], ["scaled"]),
+         helper.make_node("Add", ["scaled", "zero"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[one, zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="serval")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "identity.onnx"))
+
+
+def gather(out: str) -> None:
+    """y = table[indices]: an out-of-range index makes tract fail or panic (engine-failure tests)."""
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "indices"], ["y"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("indices", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="serval")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "gather.onnx"))
+
+
+def fixed_batch(out: str) -> None:
+    """y = x + 1 over float [1,4]: a graph exported with a fixed batch of one."""
+    one = numpy_helper.from_array(np.ones([1], dtype=np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        "fixed1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="serval")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "fixed1.onnx"))
+
+
+class _Builder:
+    """Accumulates MobileNetV2 nodes and deterministic random initializers."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(SEED)
+        self.nodes = []
+        self.inits = []
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def conv(self, x: str, cin: int, cout: int, k: int, stride: int, groups: int, relu6: bool) -> str:
+        w = self.name("w")
+        b = self.name("b")
+        fan_in = cin // groups * k * k
+        self.inits.append(numpy_helper.from_array(
+            (self.rng.standard_normal((cout, cin // groups, k, k)) * np.sqrt(2.0 / fan_in))
+            .astype(np.float32), w))
+        self.inits.append(numpy_helper.from_array(np.zeros(cout, dtype=np.float32), b))
+        y = self.name("conv")
+        pad = k // 2
+        self.nodes.append(helper.make_node(
+            "Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride],
+            pads=[pad, pad, pad, pad], group=groups))
+        if not relu6:
+            return y
+        lo, hi = self.name("lo"), self.name("hi")
+        self.inits.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), lo))
+        self.inits.append(numpy_helper.from_array(np.array(6.0, dtype=np.float32), hi))
+        z = self.name("relu6")
+        self.nodes.append(helper.make_node("Clip", [y, lo, hi], [z]))
+        return z
+
+
+def mobilenetv2(out: str) -> None:
+    b = _Builder()
+    x = b.conv("input", 3, 32, 3, 2, 1, True)
+    cin = 32
+    # (expansion t, channels c, repeats n, first stride s), from the MobileNetV2 paper.
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden = cin * t
+            y = x if t == 1 else b.conv(x, cin, hidden, 1, 1, 1, True)
+            y = b.conv(y, hidden, hidden, 3, stride, hidden, True)
+            y = b.conv(y, hidden, c, 1, 1, 1, False)
+            if stride == 1 and cin == c:
+                added = b.name("add")
+                b.nodes.append(helper.make_node("Add", [x, y], [added]))
+                y = added
+            x, cin = y, c
+    x = b.conv(x, cin, 1280, 1, 1, 1, True)
+    pooled = b.name("pool")
+    b.nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
+    flat = b.name("flat")
+    b.nodes.append(helper.make_node("Flatten", [pooled], [flat], axis=1))
+    fc_w, fc_b = b.name("fc_w"), b.name("fc_b")
+    b.inits.append(numpy_helper.from_array(
+        (b.rng.standard_normal((1280, 1000)) * 0.01).astype(np.float32), fc_w))
+    b.inits.append(numpy_helper.from_array(np.zeros(1000, dtype=np.float32), fc_b))
+    b.nodes.append(helper.make_node("Gemm", [flat, fc_w, fc_b], ["logits"]))
+    graph = helper.make_graph(
+        b.nodes, "mobilenetv2",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="serval")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    os.makedirs(out, exist_ok=True)
+    onnx.save(model, os.path.join(out, "mobilenetv2.onnx"))
+
+
+def check(out: str) -> None:
+    """Cross-check the committed models with onnxruntime so a broken export fails here."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.path.join(out, "identity.onnx"))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert np.array_equal(sess.run(None, {"x": x})[0], x)
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    sess = ort.InferenceSession(os.path.join(out, "digits.onnx"))
+    labels, probs = sess.run(None, {"X": data.data[:16].astype(np.float32)})
+    assert probs.shape == (16, 10), probs.shape
+    print(f"onnxruntime digits labels[:16] = {labels.tolist()}")
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=here)
+    parser.add_argument("--mobilenet-out", default=None)
+    parser.add_argument("--skip-small", action="store_true",
+                        help="only write mobilenetv2 (the committed models stay untouched)")
+    args = parser.parse_args()
+    if not args.skip_small:
+        digits(args.out)
+        identity(args.out)
+        gather(args.out)
+        fixed_batch(args.out)
+        check(args.out)
+    if args.mobilenet_out:
+        mobilenetv2(args.mobilenet_out)
+
+
+if __name__ == "__main__":
+    main()

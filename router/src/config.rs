@@ -1,0 +1,193 @@
+//! Command line and environment configuration, with every timeout and capacity named.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser};
+
+/// Port the router listens on; the operator's router Service targets it.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Listen on every interface: the router is the namespace's entry point.
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+/// How often a table file is re-read; two stable reads are needed, so a change applies in
+/// at most 2 × this, well inside the 2 s promise.
+pub const DEFAULT_TABLE_POLL: Duration = Duration::from_millis(250);
+/// Connecting to a live pod on the cluster network takes well under this; a dead one must
+/// fail fast so the request can be retried elsewhere or answered 502.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle keep-alive connections are closed after this, shorter than typical server-side idle
+/// timeouts so the router never reuses a connection the sidecar is closing.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Idle connections kept per upstream address: enough for a burst on 2-8 cores without
+/// reconnecting, bounded so thousands of idle sockets cannot pile up.
+pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// Request bodies up to this size are buffered, which makes them retryable and mirrorable;
+/// larger or unsized ones stream through with neither. 4 MiB fits a batch of images.
+pub const DEFAULT_MAX_BUFFERED_BODY: usize = 4 << 20;
+/// Shadow requests in flight at once; past it a mirror copy is dropped (and counted), so a
+/// slow shadow cannot hold unbounded memory or sockets.
+pub const DEFAULT_MIRROR_CONCURRENCY: usize = 64;
+/// Responses larger than this are not compared (counted as `error`): comparison buffers them.
+pub const DEFAULT_MIRROR_COMPARE_LIMIT: usize = 1 << 20;
+/// Consecutive failures (connection errors or 5xx) after which an address is ejected.
+pub const DEFAULT_EJECT_AFTER_FAILURES: u32 = 5;
+/// How long an ejected address sits out before it is tried again.
+pub const DEFAULT_EJECTION_DURATION: Duration = Duration::from_secs(10);
+/// Window over which the retry budget counts requests and retries.
+pub const DEFAULT_RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Retries always allowed per window, so a quiet endpoint can still retry one failure.
+pub const DEFAULT_RETRY_MIN_PER_WINDOW: u32 = 10;
+/// After SIGTERM, readiness is down for this long before the listener closes, so Service
+/// endpoints stop sending new connections first.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// In-flight requests get this long to finish after the listener closes; below the default
+/// 30 s termination grace period together with the delay above.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Slow-loris guard: a client must send its request head within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `serval-router` flags; each can also be set from the environment.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "serval-router", version, about = "Serval routing proxy")]
+#[command(group(ArgGroup::new("source").required(true).args(["table", "configmap_namespace"])))]
+pub struct Config {
+    /// Routing-table JSON file, re-read on change (local mode). Write it by atomic rename.
+    #[arg(long, env = "SERVAL_ROUTER_TABLE")]
+    pub table: Option<PathBuf>,
+    /// Namespace whose `serval-routing` ConfigMap is watched through the Kubernetes API.
+    #[arg(long, env = "SERVAL_ROUTER_CONFIGMAP_NAMESPACE")]
+    pub configmap_namespace: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "SERVAL_ROUTER_HOST", default_value = DEFAULT_HOST)]
+    pub host: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "SERVAL_ROUTER_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Table file poll interval.
+    #[arg(long, env = "SERVAL_ROUTER_TABLE_POLL", value_parser = parse_duration,
+          default_value = "250ms")]
+    pub table_poll: Duration,
+    /// Upstream connect timeout.
+    #[arg(long, env = "SERVAL_ROUTER_CONNECT_TIMEOUT", value_parser = parse_duration,
+          default_value = "1s")]
+    pub connect_timeout: Duration,
+    /// Idle keep-alive timeout of upstream connections.
+    #[arg(long, env = "SERVAL_ROUTER_POOL_IDLE_TIMEOUT", value_parser = parse_duration,
+          default_value = "50s")]
+    pub pool_idle_timeout: Duration,
+    /// Idle upstream connections kept per address.
+    #[arg(long, env = "SERVAL_ROUTER_POOL_MAX_IDLE", default_value_t = DEFAULT_POOL_MAX_IDLE_PER_HOST)]
+    pub pool_max_idle_per_host: usize,
+    /// Largest request body buffered (and so retried and mirrored).
+    #[arg(long, env = "SERVAL_ROUTER_MAX_BUFFERED_BODY", default_value_t = DEFAULT_MAX_BUFFERED_BODY)]
+    pub max_buffered_body: usize,
+    /// Shadow requests in flight at once.
+    #[arg(long, env = "SERVAL_ROUTER_MIRROR_CONCURRENCY", default_value_t = DEFAULT_MIRROR_CONCURRENCY)]
+    pub mirror_concurrency: usize,
+    /// Largest response compared for mirror agreement.
+    #[arg(long, env = "SERVAL_ROUTER_MIRROR_COMPARE_LIMIT", default_value_t = DEFAULT_MIRROR_COMPARE_LIMIT)]
+    pub mirror_compare_limit: usize,
+    /// Consecutive failures that eject an upstream address.
+    #[arg(long, env = "SERVAL_ROUTER_EJECT_AFTER", default_value_t = DEFAULT_EJECT_AFTER_FAILURES)]
+    pub eject_after_failures: u32,
+    /// How long an ejected address sits out.
+    #[arg(long, env = "SERVAL_ROUTER_EJECTION_DURATION", value_parser = parse_duration,
+          default_value = "10s")]
+    pub ejection_duration: Duration,
+    /// Retry budget window.
+    #[arg(long, env = "SERVAL_ROUTER_RETRY_WINDOW", value_parser = parse_duration,
+          default_value = "10s")]
+    pub retry_budget_window: Duration,
+    /// Retries always allowed per window.
+    #[arg(long, env = "SERVAL_ROUTER_RETRY_MIN", default_value_t = DEFAULT_RETRY_MIN_PER_WINDOW)]
+    pub retry_min_per_window: u32,
+    /// Readiness-down delay before the listener closes on SIGTERM.
+    #[arg(long, env = "SERVAL_ROUTER_SHUTDOWN_DELAY", value_parser = parse_duration,
+          default_value = "5s")]
+    pub shutdown_delay: Duration,
+    /// Bound on draining in-flight requests on SIGTERM.
+    #[arg(long, env = "SERVAL_ROUTER_DRAIN_TIMEOUT", value_parser = parse_duration,
+          default_value = "20s")]
+    pub drain_timeout: Duration,
+    /// Runtime worker threads (0 = one per core). Fewer threads mean fewer cross-thread
+    /// wake-ups per proxied request; see the README's benchmark notes.
+    #[arg(long, env = "SERVAL_ROUTER_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+    /// Time a client has to send its request head.
+    #[arg(long, env = "SERVAL_ROUTER_HEADER_READ_TIMEOUT", value_parser = parse_duration,
+          default_value = "30s")]
+    pub header_read_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for everything, reading the table from `path`; used by tests and embedders.
+    pub fn for_table_file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            table: Some(path.into()),
+            configmap_namespace: None,
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            table_poll: DEFAULT_TABLE_POLL,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+            mirror_concurrency: DEFAULT_MIRROR_CONCURRENCY,
+            mirror_compare_limit: DEFAULT_MIRROR_COMPARE_LIMIT,
+            eject_after_failures: DEFAULT_EJECT_AFTER_FAILURES,
+            ejection_duration: DEFAULT_EJECTION_DURATION,
+            retry_budget_window: DEFAULT_RETRY_BUDGET_WINDOW,
+            retry_min_per_window: DEFAULT_RETRY_MIN_PER_WINDOW,
+            shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            worker_threads: 0,
+        }
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms or 2s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_defaults_agree() {
+        assert_eq!(parse_duration("250ms"), Ok(DEFAULT_TABLE_POLL));
+        assert_eq!(parse_duration("1s"), Ok(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2h").is_err());
+        let c = Config::try_parse_from(["serval-router", "--table", "/t.json"]).unwrap();
+        assert_eq!(c.table_poll, DEFAULT_TABLE_POLL);
+        assert_eq!(c.pool_idle_timeout, DEFAULT_POOL_IDLE_TIMEOUT);
+        assert_eq!(c.ejection_duration, DEFAULT_EJECTION_DURATION);
+        assert_eq!(c.retry_budget_window, DEFAULT_RETRY_BUDGET_WINDOW);
+        assert_eq!(c.shutdown_delay, DEFAULT_SHUTDOWN_DELAY);
+        assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(c.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(c.port, DEFAULT_PORT);
+        assert!(
+            Config::try_parse_from(["serval-router"]).is_err(),
+            "a source is required"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! Every way a proxied request can fail, and the one table that maps each to an HTTP status
+//! with a JSON body `{"error": "..."}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// Errors of the router crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No route claims the request's host and path.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// The route exists but no backend can take traffic (all weights zero, no addresses).
+    #[error("endpoint {0:?} has no ready backend")]
+    NoReadyBackend(String),
+    /// The per-route deadline passed before the upstream answered.
+    #[error("endpoint {endpoint:?} did not answer within {timeout_ms} ms")]
+    Timeout {
+        /// Endpoint name.
+        endpoint: String,
+        /// The route's timeout.
+        timeout_ms: u64,
+    },
+    /// No connection could be made to any tried upstream address.
+    #[error("backend {backend:?} is unreachable: {reason}")]
+    UpstreamUnreachable {
+        /// Backend name.
+        backend: String,
+        /// Last connection error.
+        reason: String,
+    },
+    /// The upstream connection broke mid-request or spoke bad HTTP.
+    #[error("backend {backend:?} failed: {reason}")]
+    UpstreamProtocol {
+        /// Backend name.
+        backend: String,
+        /// The transport error.
+        reason: String,
+    },
+    /// The client's request body could not be read.
+    #[error("reading the request body failed: {0}")]
+    RequestBody(String),
+    /// A request the router cannot forward (e.g. a path the URI grammar rejects).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A routing table was refused.
+    #[error(transparent)]
+    Table(#[from] serval_api::routing::RoutingTableError),
+    /// A routing table is valid JSON but the router cannot compile it.
+    #[error("routing table refused: {0}")]
+    TableCompile(String),
+    /// Reading the table source failed.
+    #[error("table source: {0}")]
+    Source(String),
+    /// The listener could not be bound.
+    #[error("cannot listen: {0}")]
+    Listen(#[source] std::io::Error),
+}
+
+/// Result alias for the router crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The status a client sees for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoRoute(_) => StatusCode::NOT_FOUND,
+            Error::NoReadyBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::RequestBody(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Table(_) | Error::TableCompile(_) | Error::Source(_) | Error::Listen(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The JSON error response for this error.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        json_error(self.status(), &self.to_string())
+    }
+}
+
+/// A JSON `{"error": message}` response.
+pub fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        assert_eq!(Error::NoRoute("/x".into()).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            Error::NoReadyBackend("e".into()).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let t = Error::Timeout {
+            endpoint: "e".into(),
+            timeout_ms: 1,
+        };
+        assert_eq!(t.status(), StatusCode::GATEWAY_TIMEOUT);
+        let u = Error::UpstreamUnreachable {
+            backend: "b".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(u.status(), StatusCode::BAD_GATEWAY);
+    }
+}

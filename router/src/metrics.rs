@@ -1,0 +1,230 @@
+//! Prometheus metrics, names prefixed `serval_router_`, labelled by `endpoint` and `backend`,
+//! sharing the sidecar's schema (`requests_total{code}`, `request_duration_seconds` with the
+//! same buckets).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `{endpoint, backend, code}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// Endpoint name (empty when no route matched).
+    pub endpoint: String,
+    /// Backend that answered (empty when none was chosen).
+    pub backend: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// `{endpoint, backend}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Backend name.
+    pub backend: String,
+}
+
+/// `{endpoint, backend, kind}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Backend name.
+    pub backend: String,
+    /// `connect`, `protocol`, `status_503`, `status_5xx` or `timeout`.
+    pub kind: &'static str,
+}
+
+/// `{backend, address}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    /// Backend name.
+    pub backend: String,
+    /// Upstream `host:port`.
+    pub address: String,
+}
+
+/// `{endpoint, backend, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Shadow backend name.
+    pub backend: String,
+    /// `agree`, `disagree`, `error` or `dropped`.
+    pub result: &'static str,
+}
+
+/// `{revision}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevisionLabels {
+    /// Routing-table revision.
+    pub revision: String,
+}
+
+/// `{endpoint}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // Same buckets as the sidecar (50 µs .. ~52 s) so the two can be subtracted.
+    Histogram::new(exponential_buckets(50e-6, 2.0, 21))
+}
+
+/// All router metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Proxied requests by endpoint, backend and status.
+    pub requests: Family<CodeLabels, Counter>,
+    /// Time to the upstream's response head (or to the error).
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Upstream failures by kind.
+    pub upstream_errors: Family<ErrorLabels, Counter>,
+    /// Retries sent.
+    pub retries: Family<RouteLabels, Counter>,
+    /// Retries refused because the budget was spent.
+    pub retry_budget_exhausted: Family<EndpointLabels, Counter>,
+    /// Address ejections.
+    pub ejections: Family<AddressLabels, Counter>,
+    /// Mirror outcomes.
+    pub mirror: Family<MirrorLabels, Counter>,
+    /// Requests no route claimed.
+    pub unmatched: Counter,
+    /// 1 for the revision being served.
+    pub table_info: Family<RevisionLabels, Gauge>,
+    /// Tables applied.
+    pub table_reloads: Counter,
+    /// Tables refused.
+    pub table_rejections: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("serval_router");
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            upstream_errors: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            ejections: Family::default(),
+            mirror: Family::default(),
+            unmatched: Counter::default(),
+            table_info: Family::default(),
+            table_reloads: Counter::default(),
+            table_rejections: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Proxied requests", m.requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to the upstream's response head",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures",
+            m.upstream_errors.clone(),
+        );
+        registry.register("retries", "Retries sent", m.retries.clone());
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries refused by the retry budget",
+            m.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "ejections",
+            "Upstream address ejections",
+            m.ejections.clone(),
+        );
+        registry.register("mirror_agreement", "Mirror outcomes", m.mirror.clone());
+        registry.register(
+            "unmatched_requests",
+            "Requests no route claimed",
+            m.unmatched.clone(),
+        );
+        registry.register(
+            "table_info",
+            "Routing table being served",
+            m.table_info.clone(),
+        );
+        registry.register(
+            "table_reloads",
+            "Routing tables applied",
+            m.table_reloads.clone(),
+        );
+        registry.register(
+            "table_rejections",
+            "Routing tables refused",
+            m.table_rejections.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Marks `revision` as the one served, dropping the previous one's series.
+    pub fn set_revision(&self, previous: Option<&str>, revision: &str) {
+        if let Some(p) = previous {
+            self.table_info.remove(&RevisionLabels {
+                revision: p.to_owned(),
+            });
+        }
+        self.table_info
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_owned(),
+            })
+            .set(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&CodeLabels {
+                endpoint: "e".into(),
+                backend: "b".into(),
+                code: 200,
+            })
+            .inc();
+        m.set_revision(None, "r1");
+        m.set_revision(Some("r1"), "r2");
+        m.table_rejections.inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "serval_router_requests_total{endpoint=\"e\",backend=\"b\",code=\"200\"} 1"
+            )
+        );
+        assert!(text.contains("serval_router_table_info{revision=\"r2\"} 1"));
+        assert!(!text.contains("revision=\"r1\""));
+        assert!(text.contains("serval_router_table_rejections_total 1"));
+    }
+}

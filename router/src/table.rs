@@ -1,0 +1,348 @@
+//! The routing table as the proxy uses it: compiled once per revision and swapped atomically,
+//! so every request reads one whole table (an `Arc` snapshot) from start to finish.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderMap;
+use http::header::HeaderName;
+use serval_api::routing::RoutingTable;
+
+use crate::errors::{Error, Result};
+use crate::matching::Matcher;
+use crate::metrics::Metrics;
+use crate::retry::RetryBudget;
+use crate::split::Split;
+use crate::upstream::{AddrState, BackendPool};
+
+/// Settings that shape compiled tables.
+#[derive(Debug, Clone, Copy)]
+pub struct TableSettings {
+    /// Retries always allowed per budget window.
+    pub retry_min_per_window: u32,
+    /// Retry budget window.
+    pub retry_budget_window: Duration,
+}
+
+/// One route, ready to serve.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Backends of the split, in the table's order.
+    pub backends: Vec<Arc<BackendPool>>,
+    /// The weighted split over `backends`.
+    pub split: Split,
+    /// Header rules, first match wins.
+    pub matches: Vec<(HeaderName, String, Arc<BackendPool>)>,
+    /// Header that pins a caller to a backend.
+    pub sticky: Option<HeaderName>,
+    /// Shadow backend and percentage.
+    pub mirror: Option<(Arc<BackendPool>, u32)>,
+    /// Deadline for the upstream's response head.
+    pub timeout: Duration,
+    /// Extra attempts allowed.
+    pub retry_attempts: u32,
+    /// Shared retry budget; survives reloads that keep the percentage.
+    pub budget: Arc<RetryBudget>,
+}
+
+impl CompiledRoute {
+    /// The backend for a request: a header rule, else the sticky hash, else the weighted split.
+    pub fn choose(&self, headers: &HeaderMap) -> Option<&Arc<BackendPool>> {
+        for (name, value, pool) in &self.matches {
+            if headers
+                .get(name)
+                .is_some_and(|v| v.as_bytes() == value.as_bytes())
+            {
+                return pool.is_usable().then_some(pool);
+            }
+        }
+        let sticky_key = self.sticky.as_ref().and_then(|h| headers.get(h));
+        let idx = match sticky_key {
+            Some(key) => self.split.pick_sticky(key.as_bytes()),
+            None => self.split.pick_weighted(rand::random()),
+        }?;
+        self.backends.get(idx)
+    }
+}
+
+/// A validated, compiled table.
+#[derive(Debug)]
+pub struct CompiledTable {
+    /// The document it came from.
+    pub table: RoutingTable,
+    /// Its revision (computed when the document carries none).
+    pub revision: String,
+    /// Route lookup.
+    pub matcher: Matcher,
+    /// Routes in table order.
+    pub routes: Vec<CompiledRoute>,
+    pools: HashMap<String, Arc<BackendPool>>,
+}
+
+impl CompiledTable {
+    /// Compiles `table`, carrying address health and retry budgets over from `previous`.
+    pub fn compile(
+        table: RoutingTable,
+        previous: Option<&CompiledTable>,
+        settings: TableSettings,
+    ) -> Result<Self> {
+        table.validate()?;
+        let mut pools = HashMap::new();
+        for (name, up) in &table.backends {
+            let old = previous.and_then(|p| p.pools.get(name));
+            let addrs = up
+                .addresses
+                .iter()
+                .map(|a| {
+                    old.and_then(|o| o.addrs.iter().find(|s| &s.address == a).cloned())
+                        .unwrap_or_else(|| Arc::new(AddrState::new(a)))
+                })
+                .collect();
+            pools.insert(
+                name.clone(),
+                Arc::new(BackendPool::new(name, &up.model, addrs)),
+            );
+        }
+        // Validation guarantees every referenced backend has an entry.
+        let pool = |name: &str, endpoint: &str| {
+            pools.get(name).cloned().ok_or_else(|| {
+                Error::TableCompile(format!("route {endpoint:?}: backend {name:?} missing"))
+            })
+        };
+        let header = |h: &str, endpoint: &str| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                Error::TableCompile(format!("route {endpoint:?}: {h:?} is not a header name"))
+            })
+        };
+        let mut routes = Vec::with_capacity(table.routes.len());
+        for r in &table.routes {
+            let e = r.endpoint.as_str();
+            let backends = r
+                .traffic
+                .iter()
+                .map(|t| pool(&t.backend, e))
+                .collect::<Result<Vec<_>>>()?;
+            let split = Split::new(
+                r.traffic
+                    .iter()
+                    .zip(&backends)
+                    .map(|(t, p)| (t.backend.as_str(), t.weight, p.is_usable())),
+            );
+            let matches = r
+                .matches
+                .iter()
+                .map(|m| Ok((header(&m.header, e)?, m.value.clone(), pool(&m.backend, e)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let sticky = r
+                .sticky_header
+                .as_deref()
+                .map(|h| header(h, e))
+                .transpose()?;
+            let mirror = match &r.mirror {
+                Some(m) if m.percent > 0 => Some((pool(&m.backend, e)?, m.percent)),
+                _ => None,
+            };
+            let percent = r.retries.budget_percent;
+            let budget = previous
+                .and_then(|p| p.routes.iter().find(|o| o.endpoint == r.endpoint))
+                .map(|o| o.budget.clone())
+                .filter(|b| b.percent() == percent)
+                .unwrap_or_else(|| {
+                    Arc::new(RetryBudget::new(
+                        percent,
+                        settings.retry_min_per_window,
+                        settings.retry_budget_window,
+                    ))
+                });
+            routes.push(CompiledRoute {
+                endpoint: r.endpoint.clone(),
+                backends,
+                split,
+                matches,
+                sticky,
+                mirror,
+                timeout: Duration::from_millis(r.timeout_ms),
+                retry_attempts: r.retries.attempts,
+                budget,
+            });
+        }
+        let matcher = Matcher::new(table.routes.iter().map(|r| {
+            (
+                r.endpoint.as_str(),
+                r.path_prefix.as_str(),
+                r.host.as_deref(),
+            )
+        }));
+        let revision = if table.revision.is_empty() {
+            table.clone().seal().revision
+        } else {
+            table.revision.clone()
+        };
+        Ok(Self {
+            table,
+            revision,
+            matcher,
+            routes,
+            pools,
+        })
+    }
+}
+
+/// What [`TableStore::apply_json`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Same content as the table being served.
+    Unchanged,
+    /// Swapped in this revision.
+    Swapped(String),
+}
+
+/// Holds the table being served.
+#[derive(Debug)]
+pub struct TableStore {
+    current: ArcSwapOption<CompiledTable>,
+    metrics: Arc<Metrics>,
+    settings: TableSettings,
+    // Serialises writers (file poller, kube watch) so compile-from-previous sees the latest.
+    apply_lock: Mutex<()>,
+}
+
+impl TableStore {
+    /// An empty store: not ready until a table is applied.
+    pub fn new(metrics: Arc<Metrics>, settings: TableSettings) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            metrics,
+            settings,
+            apply_lock: Mutex::new(()),
+        }
+    }
+
+    /// The table being served, if any. One load per request keeps the request on one table.
+    pub fn load(&self) -> Option<Arc<CompiledTable>> {
+        self.current.load_full()
+    }
+
+    /// Parses, validates and swaps in a table; on error the current one stays, and the refusal
+    /// is logged and counted.
+    pub fn apply_json(&self, bytes: &[u8]) -> Result<Applied> {
+        let res = self.try_apply(bytes);
+        if let Err(e) = &res {
+            self.metrics.table_rejections.inc();
+            let serving = self.load().map(|t| t.revision.clone()).unwrap_or_default();
+            tracing::error!(error = %e, serving = %serving, "routing table refused; keeping the current one");
+        }
+        res
+    }
+
+    /// Counts and logs a table refused before parsing (e.g. a ConfigMap without the key).
+    pub fn refuse(&self, reason: &str) {
+        self.metrics.table_rejections.inc();
+        tracing::error!(reason, "routing table refused; keeping the current one");
+    }
+
+    fn try_apply(&self, bytes: &[u8]) -> Result<Applied> {
+        let table = RoutingTable::from_json(bytes)?;
+        let _guard = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.load();
+        if previous.as_ref().is_some_and(|p| p.table == table) {
+            return Ok(Applied::Unchanged);
+        }
+        let compiled = CompiledTable::compile(table, previous.as_deref(), self.settings)?;
+        let revision = compiled.revision.clone();
+        self.current.store(Some(Arc::new(compiled)));
+        self.metrics.table_reloads.inc();
+        self.metrics
+            .set_revision(previous.as_ref().map(|p| p.revision.as_str()), &revision);
+        tracing::info!(%revision, "routing table applied");
+        Ok(Applied::Swapped(revision))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTINGS: TableSettings = TableSettings {
+        retry_min_per_window: 1,
+        retry_budget_window: Duration::from_secs(1),
+    };
+
+    fn json(w1: u32, w2: u32) -> String {
+        format!(
+            r#"{{"apiVersion":"serval.dev/routing/v1","routes":[{{"endpoint":"e","pathPrefix":"/e",
+            "traffic":[{{"backend":"a","weight":{w1}}},{{"backend":"b","weight":{w2}}}],
+            "matches":[{{"header":"x-canary","value":"1","backend":"b"}}],"stickyHeader":"x-user",
+            "timeoutMs":1000,"retries":{{"attempts":1,"budgetPercent":20}}}}],
+            "backends":{{"a":{{"model":"a","addresses":["127.0.0.1:1"],"ready":true}},
+                         "b":{{"model":"b","addresses":["127.0.0.1:2"],"ready":true}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn applies_keeps_state_and_refuses_bad_tables() {
+        let m = Arc::new(Metrics::new());
+        let store = TableStore::new(m.clone(), SETTINGS);
+        assert!(store.load().is_none());
+        assert!(matches!(
+            store.apply_json(json(100, 0).as_bytes()),
+            Ok(Applied::Swapped(_))
+        ));
+        assert_eq!(
+            store.apply_json(json(100, 0).as_bytes()).unwrap(),
+            Applied::Unchanged
+        );
+        let first = store.load().unwrap();
+        assert!(store.apply_json(b"{not json").is_err());
+        assert!(
+            store.apply_json(json(101, 0).as_bytes()).is_err(),
+            "weight over 100"
+        );
+        assert!(
+            store
+                .apply_json(json(1, 0).replace("x-user", "bad header").as_bytes())
+                .is_err()
+        );
+        assert_eq!(
+            store.load().unwrap().revision,
+            first.revision,
+            "old table stays"
+        );
+        assert!(
+            m.encode()
+                .contains("serval_router_table_rejections_total 3")
+        );
+        store.apply_json(json(50, 50).as_bytes()).unwrap();
+        let second = store.load().unwrap();
+        assert!(Arc::ptr_eq(
+            &first.routes[0].budget,
+            &second.routes[0].budget
+        ));
+        assert!(Arc::ptr_eq(
+            &first.routes[0].backends[0].addrs[0],
+            &second.routes[0].backends[0].addrs[0]
+        ));
+    }
+
+    #[test]
+    fn choose_by_match_sticky_and_split() {
+        let store = TableStore::new(Arc::new(Metrics::new()), SETTINGS);
+        store.apply_json(json(100, 0).as_bytes()).unwrap();
+        let t = store.load().unwrap();
+        let r = &t.routes[0];
+        let mut h = HeaderMap::new();
+        assert_eq!(r.choose(&h).unwrap().name, "a");
+        h.insert("x-user", "u1".parse().unwrap());
+        assert_eq!(
+            r.choose(&h).unwrap().name,
+            "a",
+            "sticky never picks weight 0"
+        );
+        h.insert("x-canary", "1".parse().unwrap());
+        assert_eq!(r.choose(&h).unwrap().name, "b", "header rule overrides");
+    }
+}

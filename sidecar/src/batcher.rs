@@ -1,0 +1,427 @@
+//! The batcher: a bounded row queue in front of a pool of inference worker threads.
+//!
+//! Workers pull. An idle worker takes whatever is queued at once, so a lone request never waits
+//! for a timer; while every worker is busy, rows accumulate and the next free worker takes a
+//! full batch. A batch is sized to a planned batch size (see [`Engine::dispatch_size`]), taking
+//! rows across requests and splitting large requests; each caller collects exactly its rows.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tract_onnx::prelude::{IntoTValue, TValue, Tensor};
+
+use crate::engine::{Engine, EngineError};
+use crate::errors::{RequestError, RequestResult};
+use crate::metrics::Metrics;
+
+/// The rows of one request that one batch computed: its first row and the outputs.
+type Piece = RequestResult<(usize, Vec<Tensor>)>;
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherLimits {
+    /// Most rows per batch (further bounded by the largest plan).
+    pub max_batch: usize,
+    /// Most rows queued.
+    pub max_queue: usize,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+/// One request in the queue.
+struct Job {
+    inputs: Vec<Arc<Tensor>>,
+    rows: usize,
+    /// Shapes past the batch axis: only jobs with equal keys share a batch.
+    key: Vec<Vec<usize>>,
+    deadline: Instant,
+    enqueued: Instant,
+    tx: mpsc::UnboundedSender<Piece>,
+}
+
+struct Pending {
+    job: Arc<Job>,
+    next_row: usize,
+}
+
+impl Pending {
+    fn remaining(&self) -> usize {
+        self.job.rows - self.next_row
+    }
+}
+
+struct Slice {
+    job: Arc<Job>,
+    start: usize,
+    len: usize,
+}
+
+struct State {
+    queue: VecDeque<Pending>,
+    queued_rows: usize,
+    paused: bool,
+    closed: bool,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    limits: BatcherLimits,
+    state: Mutex<State>,
+    work: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker never panics while holding the lock (inference runs outside it); if one
+        // did, the queue is still consistent, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Handle to the queue and its workers.
+pub struct Batcher {
+    shared: Arc<Shared>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A submitted request's claim on its results.
+pub struct Ticket {
+    rx: mpsc::UnboundedReceiver<Piece>,
+    rows: usize,
+    deadline: Instant,
+    budget: Duration,
+}
+
+impl Batcher {
+    /// Starts `limits.workers` worker threads over `engine`.
+    pub fn start(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        limits: BatcherLimits,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            engine,
+            metrics,
+            limits,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued_rows: 0,
+                paused: false,
+                closed: false,
+            }),
+            work: Condvar::new(),
+        });
+        let mut workers = Vec::with_capacity(limits.workers);
+        for i in 0..limits.workers {
+            let shared = shared.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("serval-worker-{i}"))
+                    .spawn(move || worker_loop(&shared))?,
+            );
+        }
+        Ok(Self {
+            shared,
+            workers: Mutex::new(workers),
+        })
+    }
+
+    /// Queues a request, or rejects it at once: 422 if it does not fit the model, 413 if it
+    /// can never fit the queue, 429 if the queue is full now, 503 when draining.
+    pub fn submit(&self, inputs: Vec<Tensor>, deadline: Instant) -> RequestResult<Ticket> {
+        let rows = self
+            .shared
+            .engine
+            .check_inputs(&inputs)
+            .map_err(|e| RequestError::Unprocessable(e.to_string()))?;
+        let bound = self.shared.limits.max_queue;
+        if rows > bound {
+            return Err(RequestError::TooLarge(format!(
+                "request has {rows} rows, more than the queue bound of {bound}"
+            )));
+        }
+        let key = inputs.iter().map(|t| t.shape()[1..].to_vec()).collect();
+        let inputs = inputs.into_iter().map(Arc::new).collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let job = Arc::new(Job {
+            inputs,
+            rows,
+            key,
+            deadline,
+            enqueued: now,
+            tx,
+        });
+        {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return Err(RequestError::Draining);
+            }
+            if st.queued_rows + rows > bound {
+                return Err(RequestError::QueueFull {
+                    queued: st.queued_rows,
+                    bound,
+                });
+            }
+            st.queue.push_back(Pending { job, next_row: 0 });
+            st.queued_rows += rows;
+            self.shared.metrics.set_queue_depth(st.queued_rows);
+        }
+        self.shared.work.notify_one();
+        Ok(Ticket {
+            rx,
+            rows,
+            deadline,
+            budget: deadline.saturating_duration_since(now),
+        })
+    }
+
+    /// Rows waiting now.
+    pub fn queued_rows(&self) -> usize {
+        self.shared.lock().queued_rows
+    }
+
+    /// Holds (true) or resumes (false) dispatch; queued requests keep their place. For
+    /// maintenance and for tests that need a full queue without racing the workers.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.lock().paused = paused;
+        self.shared.work.notify_all();
+    }
+
+    /// Stops taking requests; workers finish the queue, then exit.
+    pub fn close(&self) {
+        let mut st = self.shared.lock();
+        st.closed = true;
+        st.paused = false;
+        drop(st);
+        self.shared.work.notify_all();
+    }
+
+    /// Waits for the workers to exit (after [`Batcher::close`]). Blocking.
+    pub fn join(&self) {
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            if h.join().is_err() {
+                tracing::error!("an inference worker panicked outside the engine");
+            }
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Ticket {
+    /// Waits for every row, or until the deadline (504).
+    pub async fn wait(mut self) -> RequestResult<Vec<Tensor>> {
+        let mut pieces: Vec<(usize, Vec<Tensor>)> = Vec::new();
+        let mut got = 0;
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        while got < self.rows {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Err(_) => return Err(RequestError::DeadlineExceeded(self.budget)),
+                Ok(None) => {
+                    return Err(RequestError::Inference(
+                        "request dropped by the batcher".into(),
+                    ));
+                }
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok((start, outputs)))) => {
+                    got += outputs
+                        .first()
+                        .map_or(0, |t| t.shape().first().copied().unwrap_or(0));
+                    pieces.push((start, outputs));
+                }
+            }
+        }
+        if pieces.len() == 1 {
+            return Ok(pieces.pop().map(|(_, o)| o).unwrap_or_default());
+        }
+        pieces.sort_by_key(|(start, _)| *start);
+        let outputs = pieces.first().map_or(0, |(_, o)| o.len());
+        (0..outputs)
+            .map(|i| {
+                let parts: Vec<&Tensor> = pieces.iter().map(|(_, o)| &o[i]).collect();
+                Tensor::stack_tensors(0, &parts).map_err(|e| RequestError::Inference(e.to_string()))
+            })
+            .collect()
+    }
+}
+
+fn worker_loop(shared: &Shared) {
+    loop {
+        let batch = {
+            let mut st = shared.lock();
+            loop {
+                prune(shared, &mut st);
+                if !st.paused && st.queued_rows > 0 {
+                    break;
+                }
+                if st.closed && st.queued_rows == 0 {
+                    return;
+                }
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            let batch = take_batch(shared, &mut st);
+            shared.metrics.set_queue_depth(st.queued_rows);
+            if st.queued_rows > 0 {
+                // More work than this batch: let another idle worker start on it now.
+                shared.work.notify_one();
+            }
+            batch
+        };
+        if !batch.is_empty() {
+            run_batch(shared, batch);
+        }
+    }
+}
+
+/// Drops requests whose caller went away or whose deadline passed, before any inference.
+fn prune(shared: &Shared, st: &mut State) {
+    let now = Instant::now();
+    let mut dropped = 0;
+    st.queue.retain(|p| {
+        let gone = p.job.tx.is_closed();
+        let late = p.job.deadline <= now;
+        if gone || late {
+            dropped += p.remaining();
+            if gone {
+                shared.metrics.reject("cancelled");
+            } else {
+                let budget = p.job.deadline.saturating_duration_since(p.job.enqueued);
+                let _ = p.job.tx.send(Err(RequestError::DeadlineExceeded(budget)));
+            }
+            false
+        } else {
+            true
+        }
+    });
+    st.queued_rows -= dropped;
+}
+
+/// Takes the rows of the next batch from the queue front, across requests with the head's
+/// row shape, splitting the last request taken if needed.
+fn take_batch(shared: &Shared, st: &mut State) -> Vec<Slice> {
+    let Some(head) = st.queue.front() else {
+        return Vec::new();
+    };
+    let key = head.job.key.clone();
+    let compatible: usize = st
+        .queue
+        .iter()
+        .filter(|p| p.job.key == key)
+        .map(Pending::remaining)
+        .sum();
+    let limit = compatible.min(shared.limits.max_batch);
+    let take = shared.engine.dispatch_size(limit).min(limit);
+    let mut slices = Vec::new();
+    let mut taken = 0;
+    let now = Instant::now();
+    for p in st.queue.iter_mut().filter(|p| p.job.key == key) {
+        if taken == take {
+            break;
+        }
+        let len = p.remaining().min(take - taken);
+        if p.next_row == 0 {
+            shared
+                .metrics
+                .queue_wait(now.saturating_duration_since(p.job.enqueued));
+        }
+        slices.push(Slice {
+            job: p.job.clone(),
+            start: p.next_row,
+            len,
+        });
+        p.next_row += len;
+        taken += len;
+    }
+    st.queue.retain(|p| p.remaining() > 0);
+    st.queued_rows -= taken;
+    slices
+}
+
+fn run_batch(shared: &Shared, slices: Vec<Slice>) {
+    let rows: usize = slices.iter().map(|s| s.len).sum();
+    let started = Instant::now();
+    let result = assemble(&slices).and_then(|inputs| shared.engine.infer_values(inputs));
+    shared.metrics.batch(rows, started.elapsed());
+    match result {
+        Ok(outputs) => {
+            if let [only] = slices.as_slice() {
+                // A closed channel means the caller left; nothing to do.
+                let _ = only.job.tx.send(Ok((only.start, outputs)));
+                return;
+            }
+            let mut offset = 0;
+            for s in &slices {
+                let piece = outputs
+                    .iter()
+                    .map(|t| t.slice(0, offset, offset + s.len))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| RequestError::Inference(e.to_string()));
+                let _ = s.job.tx.send(piece.map(|p| (s.start, p)));
+                offset += s.len;
+            }
+        }
+        Err(e) if slices.len() > 1 => {
+            // One request's bad input (e.g. an out-of-range index) must not fail its batch
+            // neighbours: rerun each request's rows alone so only the culprit gets the error.
+            tracing::warn!(error = %e, rows, requests = slices.len(), "batch failed; retrying its requests one by one");
+            for s in slices {
+                run_batch(shared, vec![s]);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, rows, "batch failed");
+            shared.metrics.reject("inference");
+            for s in &slices {
+                let _ = s.job.tx.send(Err(RequestError::Inference(e.to_string())));
+            }
+        }
+    }
+}
+
+/// Concatenates the slices' rows into one tensor per input.
+fn assemble(slices: &[Slice]) -> Result<Vec<TValue>, EngineError> {
+    if let [only] = slices
+        && only.start == 0
+        && only.len == only.job.rows
+    {
+        return Ok(only
+            .job
+            .inputs
+            .iter()
+            .map(|t| TValue::from_const(t.clone()))
+            .collect());
+    }
+    let inputs = slices.first().map_or(0, |s| s.job.inputs.len());
+    (0..inputs)
+        .map(|i| {
+            // Whole requests are borrowed; only split ones are copied before stacking.
+            let parts = slices
+                .iter()
+                .map(|s| {
+                    let t: &Tensor = &s.job.inputs[i];
+                    if s.start == 0 && s.len == s.job.rows {
+                        Ok(Cow::Borrowed(t))
+                    } else {
+                        t.slice(0, s.start, s.start + s.len).map(Cow::Owned)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EngineError::Run(e.to_string()))?;
+            Tensor::stack_tensors(0, &parts)
+                .map(IntoTValue::into_tvalue)
+                .map_err(|e| EngineError::Run(e.to_string()))
+        })
+        .collect()
+}

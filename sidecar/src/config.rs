@@ -1,0 +1,328 @@
+//! Command line and environment of `serval-sidecar`.
+//!
+//! The flag names are the contract in [`serval_api::sidecar::flags`]: the operator and local mode
+//! render a Backend into exactly these. Every flag also reads a `SERVAL_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use serval_api::{Postprocess, Preprocess};
+
+use crate::errors::{StartupError, StartupResult};
+
+/// Default listen address: all interfaces, as a pod's container port needs.
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+/// Default port: the one the operator's Service targets.
+pub const DEFAULT_PORT: u16 = serval_api::backend::SIDECAR_PORT;
+/// Default rows per batch; calibration drops sizes that do not pay.
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = serval_api::backend::DEFAULT_MAX_BATCH_SIZE;
+/// Default batch fill wait while workers are busy, microseconds.
+pub const DEFAULT_MAX_DELAY_MICROS: u32 = serval_api::backend::DEFAULT_MAX_DELAY_MICROS;
+/// Default queue bound in rows.
+pub const DEFAULT_MAX_QUEUE: u32 = serval_api::backend::DEFAULT_MAX_QUEUE;
+/// Default deadline of a request without a `serval-deadline-ms` header: 30 s matches common
+/// client and proxy timeouts, so work nobody waits for anymore is dropped.
+pub const DEFAULT_DEADLINE_MS: u64 = 30_000;
+/// Largest accepted request body: 64 MiB holds a batch of full-size images, and bounds memory.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Longest a graceful shutdown waits for in-flight requests: below Kubernetes' default 30 s
+/// termination grace period, so the process exits on its own before SIGKILL.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 25;
+/// Least time the listener keeps answering 503 after a shutdown signal: clients and routers
+/// that have not yet seen readiness drop get a clean, retryable answer instead of a refused
+/// or reset connection.
+pub const DEFAULT_DRAIN_DELAY_MILLIS: u64 = 1_000;
+/// Time spent timing each candidate batch size at start-up: long enough for a stable median
+/// on small models, short enough that start-up stays within seconds.
+pub const DEFAULT_CALIBRATION_MILLIS: u64 = 200;
+/// Header a caller sets to bound its own wait, in milliseconds.
+pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
+
+/// `serval-sidecar`: serve one ONNX model over the Open Inference Protocol and KServe V1.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "serval-sidecar", version, about)]
+pub struct Args {
+    /// Model location: a path, `file://`, `http://` or `https://` URI.
+    #[arg(long, env = "SERVAL_MODEL")]
+    pub model: String,
+    /// Expected SHA-256 of the model file (64 hex characters); a mismatch is never served.
+    #[arg(long, env = "SERVAL_SHA256")]
+    pub sha256: Option<String>,
+    /// Model name in the protocol paths. Defaults to the model file's stem.
+    #[arg(long, env = "SERVAL_NAME")]
+    pub name: Option<String>,
+    /// Listen address.
+    #[arg(long, env = "SERVAL_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    /// Listen port (0 picks a free one).
+    #[arg(long, env = "SERVAL_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Most rows per inference call; larger requests are split. 1 disables batching.
+    #[arg(long, env = "SERVAL_MAX_BATCH_SIZE", default_value_t = DEFAULT_MAX_BATCH_SIZE)]
+    pub max_batch_size: u32,
+    /// Most extra latency batching may add to a request, microseconds: a batch size is kept
+    /// only if one run of it takes at most this much longer than a run of one row.
+    #[arg(long, env = "SERVAL_MAX_DELAY_MICROS", default_value_t = DEFAULT_MAX_DELAY_MICROS)]
+    pub max_delay_micros: u32,
+    /// Most rows waiting; beyond it requests get 429 at once.
+    #[arg(long, env = "SERVAL_MAX_QUEUE", default_value_t = DEFAULT_MAX_QUEUE)]
+    pub max_queue: u32,
+    /// Inference worker threads. Defaults to one per CPU core.
+    #[arg(long, env = "SERVAL_WORKERS")]
+    pub workers: Option<u32>,
+    /// Built-in pre-processing, JSON of `serval_api::Preprocess`.
+    #[arg(long, env = "SERVAL_PREPROCESS")]
+    pub preprocess: Option<String>,
+    /// Built-in post-processing, JSON of `serval_api::Postprocess`.
+    #[arg(long, env = "SERVAL_POSTPROCESS")]
+    pub postprocess: Option<String>,
+    /// Deadline of requests without a `serval-deadline-ms` header, milliseconds.
+    #[arg(long, env = "SERVAL_DEFAULT_DEADLINE_MS", default_value_t = DEFAULT_DEADLINE_MS)]
+    pub default_deadline_ms: u64,
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "SERVAL_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Longest graceful shutdown, seconds.
+    #[arg(long, env = "SERVAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
+    pub shutdown_timeout_secs: u64,
+    /// Least time to keep answering (503) after a shutdown signal, milliseconds.
+    #[arg(long, env = "SERVAL_DRAIN_DELAY_MILLIS", default_value_t = DEFAULT_DRAIN_DELAY_MILLIS)]
+    pub drain_delay_millis: u64,
+    /// Time batch sizes at start-up and keep only those that pay (false: keep every
+    /// power of two up to the max).
+    #[arg(long, env = "SERVAL_CALIBRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub calibrate: bool,
+    /// Time spent on each candidate batch size during calibration, milliseconds.
+    #[arg(long, env = "SERVAL_CALIBRATION_MILLIS", default_value_t = DEFAULT_CALIBRATION_MILLIS)]
+    pub calibration_millis: u64,
+}
+
+/// Validated settings of one sidecar.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Model location as given.
+    pub model: String,
+    /// Expected SHA-256, lowercase hex.
+    pub sha256: Option<String>,
+    /// Served model name.
+    pub name: String,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Most rows per batch.
+    pub max_batch_size: usize,
+    /// Extra latency batching may add.
+    pub max_delay: Duration,
+    /// Queue bound in rows.
+    pub max_queue: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Built-in pre-processing.
+    pub preprocess: Option<Preprocess>,
+    /// Built-in post-processing.
+    pub postprocess: Option<Postprocess>,
+    /// Deadline when the request has none.
+    pub default_deadline: Duration,
+    /// Body size bound.
+    pub max_body_bytes: usize,
+    /// Graceful shutdown bound.
+    pub shutdown_timeout: Duration,
+    /// Least time answering 503 after a shutdown signal.
+    pub drain_delay: Duration,
+    /// Whether to time batch sizes at start-up.
+    pub calibrate: bool,
+    /// Time per calibrated batch size.
+    pub calibration_time: Duration,
+}
+
+impl Config {
+    /// Settings with defaults for `model`, listening on 127.0.0.1 with an OS-chosen port.
+    pub fn for_model(model: impl Into<String>) -> Self {
+        let model = model.into();
+        Self {
+            name: default_name(&model),
+            model,
+            sha256: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE as usize,
+            max_delay: Duration::from_micros(DEFAULT_MAX_DELAY_MICROS.into()),
+            max_queue: DEFAULT_MAX_QUEUE as usize,
+            workers: default_workers(),
+            preprocess: None,
+            postprocess: None,
+            default_deadline: Duration::from_millis(DEFAULT_DEADLINE_MS),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_timeout: Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MILLIS),
+            calibrate: true,
+            calibration_time: Duration::from_millis(DEFAULT_CALIBRATION_MILLIS),
+        }
+    }
+
+    /// Checks and converts parsed arguments.
+    pub fn from_args(args: Args) -> StartupResult<Self> {
+        let bad = |m: String| StartupError::Config(m);
+        let listen: SocketAddr = format!("{}:{}", bracket_v6(&args.host), args.port)
+            .parse()
+            .map_err(|e| bad(format!("--host {:?}: {e}", args.host)))?;
+        let sha256 = match args.sha256 {
+            Some(s) if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Some(s.to_ascii_lowercase())
+            }
+            Some(s) => {
+                return Err(bad(format!(
+                    "--sha256 must be 64 hex characters, got {s:?}"
+                )));
+            }
+            None => None,
+        };
+        let preprocess = match args.preprocess.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(json) => Some(
+                serde_json::from_str::<Preprocess>(json)
+                    .map_err(|e| bad(format!("--preprocess: {e}")))?,
+            ),
+            None => None,
+        };
+        let postprocess = match args.postprocess.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(json) => Some(
+                serde_json::from_str::<Postprocess>(json)
+                    .map_err(|e| bad(format!("--postprocess: {e}")))?,
+            ),
+            None => None,
+        };
+        let cfg = Self {
+            name: args.name.unwrap_or_else(|| default_name(&args.model)),
+            model: args.model,
+            sha256,
+            listen,
+            max_batch_size: args.max_batch_size as usize,
+            max_delay: Duration::from_micros(args.max_delay_micros.into()),
+            max_queue: args.max_queue as usize,
+            workers: args.workers.map_or_else(default_workers, |w| w as usize),
+            preprocess,
+            postprocess,
+            default_deadline: Duration::from_millis(args.default_deadline_ms),
+            max_body_bytes: args.max_body_bytes,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            drain_delay: Duration::from_millis(args.drain_delay_millis),
+            calibrate: args.calibrate,
+            calibration_time: Duration::from_millis(args.calibration_millis),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks, shared by the CLI and library callers.
+    pub fn validate(&self) -> StartupResult<()> {
+        let bad = |m: &str| Err(StartupError::Config(m.to_owned()));
+        if self.name.is_empty() || self.name.contains('/') {
+            return bad("--name must be non-empty and contain no '/'");
+        }
+        if self.max_batch_size == 0 {
+            return bad("--max-batch-size must be at least 1");
+        }
+        if self.max_queue < self.max_batch_size {
+            return bad("--max-queue must be at least --max-batch-size");
+        }
+        if self.workers == 0 {
+            return bad("--workers must be at least 1");
+        }
+        if let Some(img) = self.preprocess.as_ref().and_then(|p| p.image.as_ref()) {
+            let channels = match img.color {
+                serval_api::ColorMode::Grayscale => 1,
+                serval_api::ColorMode::Rgb => 3,
+            };
+            if img.width == 0 || img.height == 0 {
+                return bad("--preprocess: width and height must be positive");
+            }
+            if !(img.mean.is_empty() || img.mean.len() == channels)
+                || !(img.std.is_empty() || img.std.len() == channels)
+            {
+                return bad("--preprocess: mean and std need one value per channel");
+            }
+            if img.std.iter().any(|s| *s <= 0.0) {
+                return bad("--preprocess: std values must be positive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One worker per core: one tract run uses one thread.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The file stem of the model location, e.g. `digits` for `https://host/m/digits.onnx`.
+fn default_name(model: &str) -> String {
+    let last = model.rsplit('/').next().unwrap_or(model);
+    let last = last.split(['?', '#']).next().unwrap_or(last);
+    let stem = last.strip_suffix(".onnx").unwrap_or(last);
+    if stem.is_empty() {
+        "model".to_owned()
+    } else {
+        stem.to_owned()
+    }
+}
+
+fn bracket_v6(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> StartupResult<Config> {
+        let mut argv = vec!["serval-sidecar", "--model", "file:///m/digits.onnx"];
+        argv.extend_from_slice(extra);
+        Config::from_args(
+            Args::try_parse_from(argv).map_err(|e| StartupError::Config(e.to_string()))?,
+        )
+    }
+
+    #[test]
+    fn accepts_the_operator_rendered_flags() {
+        let spec: serval_api::BackendSpec = serde_json::from_value(serde_json::json!({
+            "model": {"uri": "file:///m/digits.onnx", "sha256": "AB".repeat(32)},
+            "batching": {"maxBatchSize": 8, "maxDelayMicros": 500, "maxQueue": 64, "workers": 3},
+            "preprocess": {"image": {"width": 8, "height": 8, "layout": "Flat", "scale": 0.0666}},
+            "postprocess": {"output": "probabilities", "topK": 3, "labels": ["a", "b", "c"]}
+        }))
+        .expect("spec");
+        let mut argv = vec!["serval-sidecar".to_owned()];
+        argv.extend(serval_api::sidecar::sidecar_args(
+            "digits",
+            &spec,
+            "/m/d.onnx",
+            "::1",
+            9000,
+        ));
+        let cfg = Config::from_args(Args::try_parse_from(argv).expect("parse")).expect("valid");
+        assert_eq!(cfg.name, "digits");
+        assert_eq!(cfg.max_batch_size, 8);
+        assert_eq!(cfg.max_queue, 64);
+        assert_eq!(cfg.workers, 3);
+        assert_eq!(cfg.max_delay, Duration::from_micros(500));
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(cfg.postprocess.and_then(|p| p.top_k), Some(3));
+        assert!(cfg.preprocess.and_then(|p| p.image).is_some());
+    }
+
+    #[test]
+    fn defaults_and_rejections() {
+        let cfg = parse(&[]).expect("defaults");
+        assert_eq!(cfg.name, "digits");
+        assert_eq!(cfg.listen.port(), DEFAULT_PORT);
+        assert!(parse(&["--sha256", "xyz"]).is_err());
+        assert!(parse(&["--max-batch-size", "0"]).is_err());
+        assert!(parse(&["--max-batch-size", "64", "--max-queue", "8"]).is_err());
+        assert!(parse(&["--preprocess", "{not json"]).is_err());
+        assert!(parse(&["--calibrate", "false"]).is_ok_and(|c| !c.calibrate));
+    }
+}

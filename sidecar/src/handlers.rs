@@ -1,0 +1,389 @@
+//! HTTP routes: Open Inference Protocol v2, KServe V1, built-in image pre/post-processing,
+//! health and metrics. Every failure goes through [`RequestError::into_response`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::config::DEADLINE_HEADER;
+use crate::errors::{RequestError, RequestResult};
+use crate::preprocess;
+use crate::protocol::{v1, v2};
+use crate::state::{AppState, LoadedModel};
+
+/// Response header naming the model that answered.
+pub const MODEL_HEADER: &str = "serval-model";
+
+type Resp = Response<Full<Bytes>>;
+
+/// A parsed request target.
+#[derive(Debug, PartialEq)]
+enum Route {
+    Live,
+    Ready,
+    ServerMetadata,
+    Metrics,
+    ModelMetadata,
+    ModelReady,
+    Infer,
+    V1Status,
+    Predict,
+    UnknownModel(String),
+    NotFound,
+}
+
+impl Route {
+    fn parse(path: &str, model: &str) -> Self {
+        let path = path.trim_end_matches('/');
+        match path {
+            "/v2/health/live" => return Self::Live,
+            "/v2/health/ready" => return Self::Ready,
+            "/v2" => return Self::ServerMetadata,
+            "/metrics" => return Self::Metrics,
+            _ => {}
+        }
+        if let Some(rest) = path.strip_prefix("/v2/models/") {
+            let mut parts = rest.split('/');
+            let name = parts.next().unwrap_or_default();
+            let mut tail: Vec<&str> = parts.collect();
+            // Only one version exists; any version names it.
+            if tail.len() >= 2 && tail[0] == "versions" {
+                tail.drain(..2);
+            }
+            let route = match tail.as_slice() {
+                [] => Self::ModelMetadata,
+                ["ready"] => Self::ModelReady,
+                ["infer"] => Self::Infer,
+                _ => return Self::NotFound,
+            };
+            return if name == model {
+                route
+            } else {
+                Self::UnknownModel(name.to_owned())
+            };
+        }
+        if let Some(rest) = path.strip_prefix("/v1/models/") {
+            let (name, route) = match rest.strip_suffix(":predict") {
+                Some(name) => (name, Self::Predict),
+                None => (rest, Self::V1Status),
+            };
+            if name.contains('/') {
+                return Self::NotFound;
+            }
+            return if name == model {
+                route
+            } else {
+                Self::UnknownModel(name.to_owned())
+            };
+        }
+        Self::NotFound
+    }
+
+    fn method(&self) -> Option<Method> {
+        match self {
+            Self::Infer | Self::Predict => Some(Method::POST),
+            Self::UnknownModel(_) | Self::NotFound => None,
+            _ => Some(Method::GET),
+        }
+    }
+
+    fn is_inference(&self) -> bool {
+        matches!(self, Self::Infer | Self::Predict)
+    }
+
+    fn is_probe(&self) -> bool {
+        matches!(
+            self,
+            Self::Live | Self::Ready | Self::ModelReady | Self::V1Status | Self::Metrics
+        )
+    }
+}
+
+/// Serves one request. Never fails: errors become JSON answers.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let started = Instant::now();
+    let route = Route::parse(req.uri().path(), &state.config.name);
+    let result = match route.method() {
+        Some(m) if m != req.method() && !(m == Method::GET && req.method() == Method::HEAD) => {
+            Err(RequestError::MethodNotAllowed)
+        }
+        _ => dispatch(&state, &route, req).await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if !route.is_probe() {
+                state.metrics.reject(e.rejection_reason());
+            }
+            if e.status().is_server_error()
+                && !matches!(e, RequestError::NotReady | RequestError::Draining)
+            {
+                tracing::warn!(error = %e, "request failed");
+            }
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&state.config.name) {
+        resp.headers_mut().insert(MODEL_HEADER, v);
+    }
+    if route.is_inference() {
+        state
+            .metrics
+            .request(resp.status().as_u16(), started.elapsed());
+    }
+    Ok(resp)
+}
+
+async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> RequestResult<Resp> {
+    match route {
+        Route::Live => Ok(json_response(StatusCode::OK, &json!({ "live": true }))),
+        Route::Ready | Route::ModelReady => {
+            if state.is_ready() {
+                Ok(json_response(StatusCode::OK, &json!({ "ready": true })))
+            } else {
+                Err(RequestError::NotReady)
+            }
+        }
+        Route::V1Status => Ok(json_response(
+            StatusCode::OK,
+            &json!({ "name": state.config.name, "ready": state.is_ready() }),
+        )),
+        Route::ServerMetadata => Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "name": "serval-sidecar",
+                "version": env!("CARGO_PKG_VERSION"),
+                "extensions": ["binary_tensor_data"],
+            }),
+        )),
+        Route::Metrics => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        Route::ModelMetadata => {
+            let model = state.model().ok_or(RequestError::NotReady)?;
+            let meta = v2::ModelMetadata {
+                name: state.config.name.clone(),
+                versions: vec![v2::MODEL_VERSION.to_owned()],
+                platform: "onnx_tract".to_owned(),
+                inputs: model
+                    .engine
+                    .inputs()
+                    .iter()
+                    .map(v2::TensorMetadata::of)
+                    .collect(),
+                outputs: model
+                    .engine
+                    .outputs()
+                    .iter()
+                    .map(v2::TensorMetadata::of)
+                    .collect(),
+            };
+            let v =
+                serde_json::to_value(meta).map_err(|e| RequestError::Inference(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        Route::Infer => infer(state, req, Protocol::V2).await,
+        Route::Predict => infer(state, req, Protocol::V1).await,
+        Route::UnknownModel(name) => Err(RequestError::NotFound(format!(
+            "model {name:?} not found; this server serves {:?}",
+            state.config.name
+        ))),
+        Route::NotFound => Err(RequestError::NotFound(format!(
+            "no route for {}",
+            req.uri().path()
+        ))),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    V1,
+    V2,
+}
+
+async fn infer(
+    state: &AppState,
+    req: Request<Incoming>,
+    protocol: Protocol,
+) -> RequestResult<Resp> {
+    let (_inflight, model) = state.admit()?;
+    let deadline = deadline(req.headers(), state.config.default_deadline)?;
+    let is_image = header_str(req.headers(), header::CONTENT_TYPE.as_str())?
+        .is_some_and(|c| c.trim().to_ascii_lowercase().starts_with("image/"));
+    let header_length = header_str(req.headers(), v2::HEADER_LENGTH)?.map(str::to_owned);
+    let body = read_body(req, state.config.max_body_bytes).await?;
+    if is_image {
+        return image(state, &model, &body, deadline).await;
+    }
+    let engine = &model.engine;
+    match protocol {
+        Protocol::V2 => {
+            let (json, binary) = v2::split_body(&body, header_length.as_deref())?;
+            let decoded = v2::decode(&json, binary, engine.inputs(), engine.outputs())?;
+            let outputs = model
+                .batcher
+                .submit(decoded.inputs, deadline)?
+                .wait()
+                .await?;
+            let enc = v2::encode(
+                &state.config.name,
+                decoded.id.as_deref(),
+                engine.outputs(),
+                &outputs,
+                &decoded.outputs,
+            )?;
+            let mut r = Response::new(Full::new(Bytes::from(enc.body)));
+            let headers = r.headers_mut();
+            match enc.header_length {
+                Some(n) => {
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    headers.insert(v2::HEADER_LENGTH, HeaderValue::from(n));
+                }
+                None => {
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                }
+            }
+            Ok(r)
+        }
+        Protocol::V1 => {
+            let inputs = v1::decode(&body, engine.inputs())?;
+            let outputs = model.batcher.submit(inputs, deadline)?.wait().await?;
+            let value = match &model.postprocess {
+                Some(post) => json!({ "predictions": post.apply(&outputs)? }),
+                None => v1::encode(engine.outputs(), &outputs)?,
+            };
+            Ok(json_response(StatusCode::OK, &value))
+        }
+    }
+}
+
+/// An image body: pre-process into one row, infer, answer the post-processed result.
+async fn image(
+    state: &AppState,
+    model: &LoadedModel,
+    body: &[u8],
+    deadline: Instant,
+) -> RequestResult<Resp> {
+    let cfg = state
+        .config
+        .preprocess
+        .as_ref()
+        .and_then(|p| p.image.as_ref())
+        .ok_or_else(|| {
+            RequestError::UnsupportedMediaType(
+                "this model has no image pre-processing configured".into(),
+            )
+        })?;
+    let dt = model
+        .engine
+        .inputs()
+        .first()
+        .map(|s| s.datum_type)
+        .ok_or_else(|| RequestError::Inference("model has no input".into()))?;
+    let tensor = preprocess::image_to_tensor(cfg, body, dt)?;
+    let outputs = model.batcher.submit(vec![tensor], deadline)?.wait().await?;
+    let value = match &model.postprocess {
+        Some(post) => post
+            .apply(&outputs)?
+            .into_iter()
+            .next()
+            .unwrap_or(Value::Null),
+        None => v1::encode(model.engine.outputs(), &outputs)?,
+    };
+    Ok(json_response(StatusCode::OK, &value))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> RequestResult<Option<&'a str>> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| RequestError::Malformed(format!("header {name} is not text")))
+        })
+        .transpose()
+}
+
+/// The request's deadline: `serval-deadline-ms` if present, else the default.
+fn deadline(headers: &HeaderMap, default: Duration) -> RequestResult<Instant> {
+    let budget = match header_str(headers, DEADLINE_HEADER)? {
+        None => default,
+        Some(v) => Duration::from_millis(v.trim().parse().map_err(|_| {
+            RequestError::Malformed(format!("{DEADLINE_HEADER} must be milliseconds, got {v:?}"))
+        })?),
+    };
+    Ok(Instant::now() + budget)
+}
+
+/// Reads the body up to `limit` bytes: 413 from `Content-Length` before reading, or as soon as
+/// a chunked body passes the limit.
+async fn read_body(req: Request<Incoming>, limit: usize) -> RequestResult<Bytes> {
+    let too_large = || RequestError::TooLarge(format!("request body exceeds {limit} bytes"));
+    if let Some(len) = header_str(req.headers(), header::CONTENT_LENGTH.as_str())? {
+        let len: u64 = len
+            .parse()
+            .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?;
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(RequestError::Malformed(format!("cannot read body: {e}"))),
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let p = |s| Route::parse(s, "digits");
+        assert_eq!(p("/v2/models/digits/infer"), Route::Infer);
+        assert_eq!(p("/v2/models/digits/versions/1/infer"), Route::Infer);
+        assert_eq!(p("/v2/models/digits/versions/1"), Route::ModelMetadata);
+        assert_eq!(p("/v2/models/digits/ready"), Route::ModelReady);
+        assert_eq!(
+            p("/v2/models/other/infer"),
+            Route::UnknownModel("other".into())
+        );
+        assert_eq!(p("/v1/models/digits:predict"), Route::Predict);
+        assert_eq!(p("/v1/models/digits"), Route::V1Status);
+        assert_eq!(p("/v2/"), Route::ServerMetadata);
+        assert_eq!(p("/v2/models/digits/explain"), Route::NotFound);
+        assert_eq!(p("/nope"), Route::NotFound);
+    }
+}

@@ -1,0 +1,188 @@
+//! The listener, connections, and the lifecycle of one sidecar: bind at once (liveness works
+//! during a long download), load in the background (readiness follows), drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::errors::{StartupError, StartupResult};
+use crate::handlers;
+use crate::state::{AppState, LoadedModel};
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+pub const DEFAULT_ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Least time given to open connections to close after the drain, even when the drain used
+/// the whole shutdown budget: enough to flush the last responses.
+pub const DEFAULT_CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Outcome of the model load.
+#[derive(Debug, Clone)]
+pub enum LoadStatus {
+    /// Still fetching or compiling.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Failed; the model is never served.
+    Failed(Arc<StartupError>),
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    status: watch::Receiver<LoadStatus>,
+    task: JoinHandle<()>,
+}
+
+impl Sidecar {
+    /// Binds `config.listen`, starts serving, and starts loading the model.
+    pub async fn start(config: Config) -> StartupResult<Self> {
+        config.validate()?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: config.listen.to_string(),
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        tracing::info!(%addr, model = %config.name, "listening");
+        let state = Arc::new(AppState::new(config));
+        let (status_tx, status) = watch::channel(LoadStatus::Loading);
+        let loader = state.clone();
+        tokio::spawn(async move {
+            let outcome = match loader.load().await {
+                Ok(()) => LoadStatus::Ready,
+                Err(e) => {
+                    tracing::error!(error = %e, "model load failed; it will not be served");
+                    LoadStatus::Failed(Arc::new(e))
+                }
+            };
+            let _ = status_tx.send(outcome);
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, state.clone(), shutdown_rx));
+        Ok(Self {
+            addr,
+            state,
+            shutdown,
+            status,
+            task,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the model is ready, or returns why it never will be.
+    pub async fn ready(&self) -> Result<(), Arc<StartupError>> {
+        let mut status = self.status.clone();
+        loop {
+            match &*status.borrow_and_update() {
+                LoadStatus::Ready => return Ok(()),
+                LoadStatus::Failed(e) => return Err(e.clone()),
+                LoadStatus::Loading => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(Arc::new(StartupError::Engine(
+                    "model loader stopped".into(),
+                )));
+            }
+        }
+    }
+
+    /// The loaded model, for in-process callers (benchmarks, tests).
+    pub fn model(&self) -> Option<Arc<LoadedModel>> {
+        self.state.model().cloned()
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Starts a graceful shutdown: readiness drops, new requests get 503, in-flight ones finish.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits for the server to stop (after [`Sidecar::shutdown`]).
+    pub async fn wait(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "server task failed");
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let timeout = state.config.shutdown_timeout;
+    let min_drain = state.config.drain_delay;
+    let drain_state = state.clone();
+    // Keep accepting while draining, so late requests get a clean 503 instead of a refused
+    // connection, until everything admitted has been answered.
+    let drained = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        tracing::info!("shutdown requested: draining");
+        let started = Instant::now();
+        let complete = drain_state.drain(min_drain, timeout).await;
+        (started, complete)
+    };
+    tokio::pin!(drained);
+    let (drain_started, _) = loop {
+        tokio::select! {
+            done = &mut drained => break done,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(DEFAULT_ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let svc = service_fn(move |req| handlers::handle(state.clone(), req));
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    };
+    drop(listener);
+    if let Some(model) = state.model().cloned() {
+        model.batcher.close();
+        let _ = tokio::task::spawn_blocking(move || model.batcher.join()).await;
+    }
+    let left = timeout
+        .saturating_sub(drain_started.elapsed())
+        .max(DEFAULT_CONNECTION_CLOSE_GRACE);
+    if tokio::time::timeout(left, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the shutdown bound; closing them");
+    }
+    tracing::info!("stopped");
+}

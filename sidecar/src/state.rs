@@ -1,0 +1,202 @@
+//! Shared server state: the configuration, the loaded model (once ready), readiness, draining
+//! and the in-flight count that graceful shutdown waits on.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::batcher::{Batcher, BatcherLimits};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::errors::{RequestError, RequestResult, StartupError, StartupResult};
+use crate::metrics::Metrics;
+use crate::model_source;
+use crate::postprocess::Postprocessor;
+use crate::preprocess;
+
+/// How often a draining server checks whether in-flight requests are done: short against a
+/// request's latency, long enough to cost nothing.
+pub const DEFAULT_DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    /// The compiled model.
+    pub engine: Arc<Engine>,
+    /// Its queue and workers.
+    pub batcher: Batcher,
+    /// Built-in post-processing, if configured.
+    pub postprocess: Option<Postprocessor>,
+}
+
+/// State shared by every connection.
+pub struct AppState {
+    /// Settings.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    model: OnceLock<Arc<LoadedModel>>,
+    draining: AtomicBool,
+    inflight: AtomicUsize,
+}
+
+/// Marks one inference request in flight until dropped (also when the caller goes away).
+pub struct InflightGuard<'a> {
+    state: &'a AppState,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.state.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.state.metrics.add_inflight(-1);
+    }
+}
+
+impl AppState {
+    /// Fresh state for `config`, not ready yet.
+    pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new(&config.name));
+        Self {
+            config,
+            metrics,
+            model: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// The model, if loaded.
+    pub fn model(&self) -> Option<&Arc<LoadedModel>> {
+        self.model.get()
+    }
+
+    /// Inference requests being handled now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Ready: loaded, warmed up, batcher running, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.model.get().is_some() && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Admits one inference request: counts it in flight first, then checks readiness, so a
+    /// drain that saw zero in flight can never miss a request admitted after it.
+    pub fn admit(&self) -> RequestResult<(InflightGuard<'_>, Arc<LoadedModel>)> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.metrics.add_inflight(1);
+        let guard = InflightGuard { state: self };
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(RequestError::Draining);
+        }
+        let model = self.model.get().cloned().ok_or(RequestError::NotReady)?;
+        Ok((guard, model))
+    }
+
+    /// Loads, verifies, compiles, calibrates and warms up the model, then starts the batcher.
+    pub async fn load(&self) -> StartupResult<()> {
+        let started = Instant::now();
+        let cfg = self.config.clone();
+        let bytes = model_source::fetch(&cfg.model, cfg.sha256.as_deref()).await?;
+        let engine = tokio::task::spawn_blocking(move || {
+            let mut engine = Engine::load(&bytes)?;
+            engine.prepare(
+                cfg.max_batch_size,
+                cfg.calibrate,
+                cfg.max_delay,
+                cfg.calibration_time,
+            )?;
+            Ok::<_, StartupError>(engine)
+        })
+        .await
+        .map_err(|e| StartupError::Engine(format!("model compilation panicked: {e}")))??;
+        for p in engine.curve() {
+            self.metrics
+                .calibration_point(p.batch_size, p.rows_per_second, p.kept);
+        }
+        if let Some(img) = self
+            .config
+            .preprocess
+            .as_ref()
+            .and_then(|p| p.image.as_ref())
+        {
+            let [input] = engine.inputs() else {
+                return Err(StartupError::Config(format!(
+                    "image pre-processing needs a model with one input, this one has {}",
+                    engine.inputs().len()
+                )));
+            };
+            // Refuse at start-up a config every image request would fail with.
+            let shape = preprocess::tensor_shape(img);
+            let fits = input.shape.len() == shape.len()
+                && input
+                    .shape
+                    .iter()
+                    .zip(&shape)
+                    .skip(1)
+                    .all(|(s, d)| s.is_none_or(|s| s == *d));
+            if !fits {
+                return Err(StartupError::Config(format!(
+                    "image pre-processing makes tensors of shape {shape:?}, the model input {:?} is {}",
+                    input.name,
+                    crate::engine::shape_string(&input.shape)
+                )));
+            }
+        }
+        let postprocess = self
+            .config
+            .postprocess
+            .clone()
+            .map(|p| Postprocessor::new(p, engine.outputs()))
+            .transpose()?;
+        let engine = Arc::new(engine);
+        let limits = BatcherLimits {
+            max_batch: self
+                .config
+                .max_batch_size
+                .min(engine.max_plan_size())
+                .max(1),
+            max_queue: self.config.max_queue,
+            workers: self.config.workers,
+        };
+        let batcher = Batcher::start(engine.clone(), self.metrics.clone(), limits)
+            .map_err(|e| StartupError::Engine(format!("cannot start workers: {e}")))?;
+        let elapsed = started.elapsed();
+        self.metrics.set_model_load(elapsed);
+        tracing::info!(
+            model = %self.config.name,
+            inputs = ?engine.inputs(),
+            outputs = ?engine.outputs(),
+            batch_sizes = ?engine.batch_sizes(),
+            workers = limits.workers,
+            load_ms = elapsed.as_millis() as u64,
+            "model ready"
+        );
+        let _ = self.model.set(Arc::new(LoadedModel {
+            engine,
+            batcher,
+            postprocess,
+        }));
+        self.metrics.set_ready(self.is_ready());
+        Ok(())
+    }
+
+    /// Stops admitting requests and waits (up to `timeout`) for those in flight, and at least
+    /// `min` so late clients get a 503. Returns whether everything finished in time.
+    pub async fn drain(&self, min: Duration, timeout: Duration) -> bool {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.set_ready(false);
+        let started = Instant::now();
+        let until = started + timeout;
+        while self.inflight.load(Ordering::SeqCst) > 0 || started.elapsed() < min.min(timeout) {
+            if Instant::now() >= until {
+                tracing::warn!(
+                    inflight = self.inflight.load(Ordering::SeqCst),
+                    "shutdown timeout with requests in flight"
+                );
+                return false;
+            }
+            tokio::time::sleep(DEFAULT_DRAIN_POLL).await;
+        }
+        true
+    }
+}

@@ -1,0 +1,412 @@
+//! Loopback tests of the HTTP API against a real in-process server: protocol answers equal the
+//! engine's own outputs, a digit PNG is classified, and bad inputs get 4xx JSON answers.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use serval_sidecar::Engine;
+use tract_onnx::prelude::Tensor;
+
+/// The 8x8 digit values of the PNG `name`, recovered exactly as the documented preprocess does.
+fn digit_row(name: &str) -> Vec<f32> {
+    let img = image::load_from_memory(&digit_png(name))
+        .expect("png")
+        .to_luma8();
+    img.pixels().map(|p| f32::from(p.0[0]) / 15.0).collect()
+}
+
+async fn reference_engine(path: &str, max_batch: usize) -> Engine {
+    let bytes = std::fs::read(path).expect("model");
+    let mut e = Engine::load(&bytes).expect("load");
+    e.prepare(
+        max_batch,
+        false,
+        std::time::Duration::ZERO,
+        std::time::Duration::ZERO,
+    )
+    .expect("prepare");
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn v2_json_binary_and_v1_equal_the_engine_outputs() {
+    let cfg = digits_config();
+    let engine = reference_engine(&cfg.model, cfg.max_batch_size).await;
+    let s = start(cfg).await;
+    let c = client();
+    let url = format!("{}/v2/models/digits/infer", base(&s));
+    let names = ["zero", "three", "seven", "nine"];
+    let rows: Vec<f32> = names.iter().flat_map(|n| digit_row(n)).collect();
+    let input = Tensor::from_shape(&[4, 64], &rows).expect("tensor");
+    let direct = engine.infer(vec![input]).expect("direct");
+    let labels: Vec<i64> = direct[0]
+        .to_plain_array_view::<i64>()
+        .expect("i64")
+        .iter()
+        .copied()
+        .collect();
+    let probs: Vec<f32> = direct[1]
+        .to_plain_array_view::<f32>()
+        .expect("f32")
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(
+        labels,
+        vec![0, 3, 7, 9],
+        "the model itself classifies the committed digits"
+    );
+
+    // JSON tensors.
+    let body = json!({"id": "r1", "inputs": [{"name": "X", "shape": [4, 64], "datatype": "FP32", "data": rows}]});
+    let a = send(c.post(&url).json_body(&body)).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(a.headers["serval-model"], "digits");
+    assert_eq!(a.json["id"], "r1");
+    assert_eq!(a.json["model_name"], "digits");
+    assert_eq!(a.json["outputs"][0]["name"], "label");
+    assert_eq!(a.json["outputs"][0]["datatype"], "INT64");
+    assert_eq!(a.json["outputs"][0]["data"], json!(labels));
+    assert_eq!(a.json["outputs"][1]["name"], "probabilities");
+    assert_eq!(a.json["outputs"][1]["shape"], json!([4, 10]));
+    assert_eq!(output_f32(&a.json, 1), probs);
+
+    // Binary tensors, as tritonclient sends them, with one output as binary and one as JSON.
+    let head = json!({
+        "inputs": [{"name": "X", "shape": [4, 64], "datatype": "FP32", "parameters": {"binary_data_size": 4 * 64 * 4}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}, {"name": "label"}]
+    })
+    .to_string();
+    let mut raw = head.as_bytes().to_vec();
+    rows.iter()
+        .for_each(|v| raw.extend_from_slice(&v.to_le_bytes()));
+    let a = send(
+        c.post(&url)
+            .header("Inference-Header-Content-Length", head.len().to_string())
+            .header("Content-Type", "application/octet-stream")
+            .body(raw),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let n: usize = a.headers["inference-header-content-length"]
+        .to_str()
+        .expect("str")
+        .parse()
+        .expect("n");
+    let head: Value = serde_json::from_slice(&a.bytes[..n]).expect("json head");
+    assert_eq!(
+        head["outputs"][0]["parameters"]["binary_data_size"],
+        4 * 10 * 4
+    );
+    assert_eq!(head["outputs"][1]["data"], json!(labels));
+    let got: Vec<f32> = a.bytes[n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(got, probs);
+
+    // KServe V1 with post-processing.
+    let instances: Vec<Vec<f32>> = names.iter().map(|n| digit_row(n)).collect();
+    let a = send(
+        c.post(format!("{}/v1/models/digits:predict", base(&s)))
+            .json_body(&json!({"instances": instances})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    let predicted: Vec<&str> = a.json["predictions"]
+        .as_array()
+        .expect("predictions")
+        .iter()
+        .map(|p| p["label"].as_str().expect("label"))
+        .collect();
+    assert_eq!(predicted, names);
+    assert_eq!(
+        a.json["predictions"][2]["topK"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let score = a.json["predictions"][2]["score"].as_f64().expect("score") as f32;
+    assert!((score - probs[2 * 10 + 7]).abs() < 1e-6);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_png_of_each_digit_gets_its_label() {
+    let s = start(digits_config()).await;
+    let c = client();
+    let labels: Value = serde_json::from_slice(
+        &std::fs::read(models_dir().join("digits/labels.json")).expect("labels"),
+    )
+    .expect("json");
+    for name in [
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ] {
+        let a = send(
+            c.post(format!("{}/v1/models/digits:predict", base(&s)))
+                .header("Content-Type", "image/png")
+                .body(digit_png(name)),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        assert_eq!(
+            a.json["label"],
+            labels[format!("{name}.png")]["label"],
+            "{}",
+            a.json
+        );
+        assert!(a.json["score"].as_f64().expect("score") > 0.5);
+        assert_eq!(a.json["topK"][0]["label"], a.json["label"]);
+    }
+    // The V2 route takes images too.
+    let a = send(
+        c.post(format!("{}/v2/models/digits/infer", base(&s)))
+            .header("Content-Type", "image/png")
+            .body(digit_png("seven")),
+    )
+    .await;
+    assert_eq!(a.json["label"], "seven");
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_metadata_and_metrics() {
+    let s = start(identity_config()).await;
+    let c = client();
+    let b = base(&s);
+    assert_eq!(send(c.get(format!("{b}/v2/health/live"))).await.status, 200);
+    assert_eq!(
+        send(c.get(format!("{b}/v2/health/ready"))).await.status,
+        200
+    );
+    assert_eq!(
+        send(c.get(format!("{b}/v2/models/identity/ready")))
+            .await
+            .status,
+        200
+    );
+    let a = send(c.get(format!("{b}/v2"))).await;
+    assert_eq!(a.json["extensions"], json!(["binary_tensor_data"]));
+    let a = send(c.get(format!("{b}/v2/models/identity"))).await;
+    assert_eq!(
+        a.json,
+        json!({"name": "identity", "versions": ["1"], "platform": "onnx_tract",
+               "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]})
+    );
+    let a = send(
+        c.post(format!("{b}/v2/models/identity/infer"))
+            .json_body(&identity_request(&[[1.0, 2.0, 3.0, 4.0]])),
+    )
+    .await;
+    assert_eq!(output_f32(&a.json, 0), vec![1.0, 2.0, 3.0, 4.0]);
+    let text =
+        String::from_utf8(send(c.get(format!("{b}/metrics"))).await.bytes.to_vec()).expect("utf8");
+    for name in [
+        "serval_requests_total{model=\"identity\",code=\"200\"} 1",
+        "serval_request_duration_seconds_count{model=\"identity\"} 1",
+        "serval_queue_wait_seconds_count{model=\"identity\"} 1",
+        "serval_inference_seconds_count{model=\"identity\"} 1",
+        "serval_batch_size_count{model=\"identity\"} 1",
+        "serval_queue_depth{model=\"identity\"} 0",
+        "serval_inflight{model=\"identity\"} 0",
+        "serval_model_load_seconds{model=\"identity\"}",
+        "serval_ready{model=\"identity\"} 1",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_inputs_get_4xx_json_and_the_server_stays_healthy() {
+    let mut cfg = identity_config();
+    cfg.max_body_bytes = 64 * 1024;
+    cfg.max_queue = 16;
+    let s = start(cfg).await;
+    let c = client();
+    let b = base(&s);
+    let infer = format!("{b}/v2/models/identity/infer");
+    let predict = format!("{b}/v1/models/identity:predict");
+    let x = |shape: Value, dt: &str, data: Value| json!({"inputs": [{"name": "x", "shape": shape, "datatype": dt, "data": data}]});
+    let ok_row = json!([1, 2, 3, 4]);
+    let big_chunks = || {
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..10)
+            .map(|_| Ok(bytes::Bytes::from(vec![b' '; 16 * 1024])))
+            .collect();
+        reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+    };
+    let binary_head = |size: usize| {
+        json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": size}}]})
+            .to_string()
+    };
+    let cases: Vec<(&str, u16, reqwest::RequestBuilder)> = vec![
+        ("invalid JSON", 400, c.post(&infer).body("{")),
+        ("empty body", 400, c.post(&infer).body("")),
+        ("JSON array", 400, c.post(&infer).body("[]")),
+        ("no inputs field", 400, c.post(&infer).json_body(&json!({"outputs": []}))),
+        ("unknown datatype", 400, c.post(&infer).json_body(&x(json!([1, 4]), "FP8", ok_row.clone()))),
+        ("wrong datatype", 422, c.post(&infer).json_body(&x(json!([1, 4]), "INT64", ok_row.clone()))),
+        ("wrong width", 422, c.post(&infer).json_body(&x(json!([1, 3]), "FP32", json!([1, 2, 3])))),
+        ("wrong rank", 422, c.post(&infer).json_body(&x(json!([4]), "FP32", ok_row.clone()))),
+        ("zero rows", 422, c.post(&infer).json_body(&x(json!([0, 4]), "FP32", json!([])))),
+        ("data count mismatch", 400, c.post(&infer).json_body(&x(json!([1, 4]), "FP32", json!([1, 2, 3])))),
+        ("data not numbers", 400, c.post(&infer).json_body(&x(json!([1, 4]), "FP32", json!(["a", "b", "c", "d"])))),
+        ("negative dimension", 400, c.post(&infer).json_body(&x(json!([-1, 4]), "FP32", ok_row.clone()))),
+        ("unknown input", 422, c.post(&infer).json_body(&json!({"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": ok_row}]}))),
+        ("missing input", 422, c.post(&infer).json_body(&json!({"inputs": []}))),
+        ("duplicate input", 400, c.post(&infer).json_body(&json!({"inputs": [
+            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ok_row},
+            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ok_row}]}))),
+        ("no data", 400, c.post(&infer).json_body(&json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}))),
+        ("unknown output", 422, c.post(&infer).json_body(&json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ok_row}], "outputs": [{"name": "nope"}]}))),
+        ("header length not a number", 400, c.post(&infer).header("Inference-Header-Content-Length", "ten").body("{}")),
+        ("header length past the body", 400, c.post(&infer).header("Inference-Header-Content-Length", "999").body("{}")),
+        ("binary size past the body", 400, {
+            let h = binary_head(16);
+            c.post(&infer).header("Inference-Header-Content-Length", h.len().to_string()).body(format!("{h}1234"))
+        }),
+        ("binary size not a multiple", 400, {
+            let h = binary_head(15);
+            c.post(&infer).header("Inference-Header-Content-Length", h.len().to_string()).body(format!("{h}{}", "x".repeat(15)))
+        }),
+        ("stray binary bytes", 400, {
+            let h = binary_head(16);
+            c.post(&infer).header("Inference-Header-Content-Length", h.len().to_string()).body(format!("{h}{}", "x".repeat(20)))
+        }),
+        ("unknown model", 404, c.post(format!("{b}/v2/models/other/infer")).json_body(&x(json!([1, 4]), "FP32", ok_row.clone()))),
+        ("unknown route", 404, c.get(format!("{b}/v3/anything"))),
+        ("GET on infer", 405, c.get(&infer)),
+        ("POST on health", 405, c.post(format!("{b}/v2/health/live"))),
+        ("V1 without instances", 400, c.post(&predict).json_body(&json!({"inputs": []}))),
+        ("V1 empty instances", 400, c.post(&predict).json_body(&json!({"instances": []}))),
+        ("V1 ragged instances", 400, c.post(&predict).json_body(&json!({"instances": [[1, 2, 3, 4], [1, 2]]}))),
+        ("V1 wrong width", 422, c.post(&predict).json_body(&json!({"instances": [[1, 2]]}))),
+        ("V1 unknown model", 404, c.post(format!("{b}/v1/models/other:predict")).json_body(&json!({"instances": [[1, 2, 3, 4]]}))),
+        ("more rows than the queue", 413, c.post(&infer).json_body(&identity_request(&[[0.0; 4]; 17]))),
+        ("Content-Length too large", 413, c.post(&infer).body(vec![b' '; 100 * 1024])),
+        ("chunked body too large", 413, c.post(&infer).body(big_chunks())),
+        ("image without preprocess", 415, c.post(&predict).header("Content-Type", "image/png").body(digit_png("seven"))),
+        ("bad deadline header", 400, c.post(&infer).header("serval-deadline-ms", "soon").json_body(&x(json!([1, 4]), "FP32", ok_row.clone()))),
+    ];
+    assert!(cases.len() >= 25);
+    let mut failures = Vec::new();
+    for (what, want, req) in cases {
+        let a = send(req).await;
+        let has_error = a
+            .json
+            .get("error")
+            .and_then(Value::as_str)
+            .is_some_and(|e| !e.is_empty());
+        if a.status != want || !has_error {
+            failures.push(format!(
+                "{what}: got {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.bytes)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "unexpected answers:\n{}",
+        failures.join("\n")
+    );
+    assert_eq!(
+        send(c.get(format!("{b}/v2/health/ready"))).await.status,
+        200
+    );
+    let a = send(
+        c.post(&infer)
+            .json_body(&identity_request(&[[5.0, 6.0, 7.0, 8.0]])),
+    )
+    .await;
+    assert_eq!(output_f32(&a.json, 0), vec![5.0, 6.0, 7.0, 8.0]);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_failure_answers_500_and_the_server_keeps_serving() {
+    let mut cfg = identity_config();
+    cfg.model = model("gather.onnx");
+    cfg.name = "gather".into();
+    let s = start(cfg).await;
+    let c = client();
+    let url = format!("{}/v2/models/gather/infer", base(&s));
+    let req = |idx: Vec<i64>| json!({"inputs": [{"name": "indices", "shape": [idx.len()], "datatype": "INT64", "data": idx}]});
+    let a = send(c.post(&url).json_body(&req(vec![1, 2]))).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(
+        output_f32(&a.json, 0),
+        vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    );
+    // Out of range: tract errors or panics; either way that batch fails alone.
+    for _ in 0..2 * serval_sidecar::config::default_workers() {
+        let a = send(c.post(&url).json_body(&req(vec![1_000_000, 3]))).await;
+        assert_eq!(a.status, 500, "{}", a.json);
+        assert!(
+            a.json["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("inference failed"))
+        );
+    }
+    let a = send(c.post(&url).json_body(&req(vec![9]))).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(output_f32(&a.json, 0), vec![36.0, 37.0, 38.0, 39.0]);
+    // In one batch with a bad request, the good neighbours still get their rows.
+    let batcher = &s.model().expect("model").batcher;
+    batcher.set_paused(true);
+    let tasks: Vec<_> = [vec![0i64], vec![5_000_000], vec![2, 1]]
+        .into_iter()
+        .map(|idx| {
+            let (c, url, body) = (c.clone(), url.clone(), req(idx));
+            tokio::spawn(async move { send(c.post(&url).json_body(&body)).await })
+        })
+        .collect();
+    wait_until("4 rows queued", || batcher.queued_rows() == 4).await;
+    batcher.set_paused(false);
+    let answers: Vec<Answer> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    assert_eq!(
+        (answers[0].status, answers[1].status, answers[2].status),
+        (200, 500, 200)
+    );
+    assert_eq!(output_f32(&answers[0].json, 0), vec![0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(
+        output_f32(&answers[2].json, 0),
+        vec![8.0, 9.0, 10.0, 11.0, 4.0, 5.0, 6.0, 7.0]
+    );
+    assert_eq!(
+        send(c.get(format!("{}/v2/health/ready", base(&s))))
+            .await
+            .status,
+        200
+    );
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fixed_batch_one_model_serves_requests_of_many_rows() {
+    let mut cfg = identity_config();
+    cfg.model = model("fixed1.onnx");
+    cfg.name = "fixed1".into();
+    cfg.calibrate = true;
+    let s = start(cfg).await;
+    let engine = s.model().expect("model").engine.clone();
+    assert_eq!(engine.fixed_batch(), Some(1));
+    assert_eq!(engine.batch_sizes(), vec![1]);
+    let url = format!("{}/v2/models/fixed1/infer", base(&s));
+    let rows: Vec<[f32; 4]> = (0..5).map(|i| [i as f32; 4]).collect();
+    let a = send(client().post(&url).json_body(&identity_request(&rows))).await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    let want: Vec<f32> = rows.iter().flatten().map(|v| v + 1.0).collect();
+    assert_eq!(output_f32(&a.json, 0), want);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}

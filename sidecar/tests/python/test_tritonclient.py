@@ -1,0 +1,69 @@
+"""The real tritonclient (HTTP) against a running serval-sidecar serving models/digits.onnx.
+
+Run by `cargo test -p serval-sidecar --test process tritonclient`, which starts the binary and
+sets SERVAL_URL (host:port) and SERVAL_MODEL (the .onnx path, used for an onnxruntime reference).
+"""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+from sklearn.datasets import load_digits
+
+URL = os.environ.get("SERVAL_URL")
+MODEL_PATH = os.environ.get("SERVAL_MODEL")
+NAME = "digits"
+
+if not URL or not MODEL_PATH:
+    pytest.fail("SERVAL_URL and SERVAL_MODEL must be set (run through cargo test)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def client():
+    return httpclient.InferenceServerClient(url=URL)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    x = load_digits().data[:37].astype(np.float32)
+    labels, probs = ort.InferenceSession(MODEL_PATH).run(None, {"X": x})
+    return x, labels, probs
+
+
+def test_health_and_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(NAME)
+    server = client.get_server_metadata()
+    assert "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata(NAME)
+    assert meta["name"] == NAME
+    assert meta["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}]
+    assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities"]
+
+
+@pytest.mark.parametrize("binary_in", [False, True])
+@pytest.mark.parametrize("binary_out", [False, True])
+def test_infer_matches_onnxruntime(client, batch, binary_in, binary_out):
+    x, labels, probs = batch
+    inp = httpclient.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    outputs = [
+        httpclient.InferRequestedOutput("label", binary_data=binary_out),
+        httpclient.InferRequestedOutput("probabilities", binary_data=binary_out),
+    ]
+    result = client.infer(NAME, [inp], outputs=outputs, request_id="42")
+    assert result.get_response()["id"] == "42"
+    np.testing.assert_array_equal(result.as_numpy("label"), labels)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_model_is_an_error(client, batch):
+    x, _, _ = batch
+    inp = httpclient.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(Exception) as err:
+        client.infer("nope", [inp])
+    assert "not found" in str(err.value)
