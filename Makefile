@@ -19,8 +19,11 @@ help:
 	@echo "make e2e      only the end-to-end suite against a real control plane"
 	@echo "make crds     regenerate crds/ from the Rust types"
 	@echo "make lint     cargo fmt --check and clippy -D warnings"
+	@echo "make images   OCI image archives of operator, sidecar and router (no Docker needed)"
+	@echo "make bench    benchmarks (router vs direct vs nginx)"
 
 include e2e/cluster.mk
+include charts/chart.mk
 
 ## Build
 
@@ -35,7 +38,7 @@ crds:
 # Local mode on examples/: once the models are ready, a real digit PNG and an Open Inference
 # Protocol request go through the router; then it prints what to try next. Ctrl-C stops it.
 run:
-	$(CARGO) build --release -p serval-cli -p serval-sidecar -p serval-router
+	$(CARGO) build --release --workspace --bins
 	$(RELEASE)/serval local -f examples/ --demo models/digits/seven.png
 
 ## Prerequisites: everything a fresh machine lacks, installed or failing loudly.
@@ -59,8 +62,11 @@ fmt:
 
 # Every tier: unit, mock-API reconcile, loopback integration, and e2e against the real
 # control plane. Nothing is skipped; a missing prerequisite is installed or fails loudly.
+# The binaries are built once with the workspace's feature set and handed to the e2e tests.
 test: prereqs lint
-	PATH="$(VENV)/bin:$$PATH" $(CARGO) test --release --workspace
+	$(CARGO) build --release --workspace --bins
+	SERVAL_OPERATOR_BIN=$(RELEASE)/serval-operator PATH="$(VENV)/bin:$$PATH" \
+		$(CARGO) test --release --workspace
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
@@ -69,5 +75,5 @@ bench: bench-router
 # Router vs calling the upstream directly vs nginx with the same 90/10 split.
 bench-router:
 	@test -x /usr/sbin/nginx || command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx; }
-	$(CARGO) build --release -p serval-router --bins
+	$(CARGO) build --release --workspace --bins
 	$(RELEASE)/bench-router

@@ -138,7 +138,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             );
             last_progress = Instant::now();
         }
-        if !sup.announced && sup.all_ready() {
+        if !sup.announced && sup.all_ready() && sup.router_serves().await {
             sup.announced = true;
             sup.announce();
             if let Some(image) = sup.opts.demo.clone() {
@@ -437,6 +437,24 @@ impl Supervisor {
                 .count();
             ready >= usize::try_from(b.spec.replicas).unwrap_or(0)
         })
+    }
+
+    /// Every Endpoint answers ready through the router, i.e. the router has loaded a table
+    /// with ready backends. Until then the demo would race the router's table reload.
+    async fn router_serves(&self) -> bool {
+        for name in self.manifests.endpoints.keys() {
+            let url = format!("http://{}/v2/models/{name}/ready", self.opts.listen);
+            let ok = crate::demo::http_client()
+                .get(&url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if !ok {
+                return false;
+            }
+        }
+        true
     }
 
     fn progress(&self) -> String {

@@ -292,7 +292,34 @@ fn locate_or_build() -> anyhow::Result<PathBuf> {
     if !bin.is_file() {
         bail!("`{shown}` succeeded but {} is missing", bin.display());
     }
-    Ok(bin)
+    snapshot(&bin, &profile_dir.join("serval-e2e"))
+}
+
+/// A private copy of `bin` for this test process: another build in the same target directory
+/// (e.g. a workspace build with other features) may replace the binary while tests run.
+/// Copies left by processes that are gone are removed.
+fn snapshot(bin: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    const PREFIX: &str = "serval-operator-";
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let stale = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let copy = dir.join(format!("{PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_file(&copy);
+    // Cargo replaces outputs rather than rewriting them, so a hard link is a stable snapshot.
+    if std::fs::hard_link(bin, &copy).is_err() {
+        std::fs::copy(bin, &copy)
+            .with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+    }
+    Ok(copy)
 }
 
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
