@@ -9,7 +9,7 @@ export SERVAL_CACHE CARGO_TARGET_DIR
 CARGO ?= cargo
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router
+.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router bench-sidecar
 
 all: build
 
@@ -47,6 +47,8 @@ prereqs: venv cluster
 	@command -v kubectl >/dev/null || { echo "kubectl is required for the e2e tests: install it (e.g. apt-get install kubernetes-client)" >&2; exit 1; }
 	@command -v go >/dev/null || { echo "Go is required to build the test control plane" >&2; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+	@command -v skopeo >/dev/null || { apt-get update -qq && apt-get install -y -qq skopeo; } || { echo "installing skopeo failed: the image tests need it" >&2; exit 1; }
+	@command -v setpriv >/dev/null && command -v pgrep >/dev/null || { echo "setpriv (util-linux) and pgrep (procps) are required by the e2e harness" >&2; exit 1; }
 
 venv:
 	$(MAKE) -C models venv VENV=$(VENV)
@@ -70,7 +72,13 @@ test: prereqs lint
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
-bench: bench-router
+bench: bench-sidecar bench-router
+
+# Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
+# MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).
+bench-sidecar: venv
+	$(MAKE) -C models mobilenet VENV=$(VENV)
+	$(CARGO) run --release -p serval-sidecar --example bench
 
 # Router vs calling the upstream directly vs nginx with the same 90/10 split.
 bench-router:
