@@ -204,7 +204,55 @@ fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
     let after = split(&client, port, &png, 50);
     assert_eq!(after.values().sum::<usize>(), 50);
 
-    // 4. SIGTERM stops everything: no orphan sidecar or router.
+    // 4. Change digits-v2's spec: its replicas are replaced one at a time while a client keeps
+    //    calling it (it has 100% of the traffic), and not one request fails.
+    let before = processes_with(&format!("{needle}.*--name digits-v2"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (stop, client, png) = (stop.clone(), client.clone(), png.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client
+                    .post(format!(
+                        "http://127.0.0.1:{port}/digits/v1/models/digits:predict"
+                    ))
+                    .header("content-type", "image/png")
+                    .body(png.clone())
+                    .send()
+                {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let v2_file = local.dir.path().join("examples/digits-v2.yaml");
+    let edited = std::fs::read_to_string(&v2_file)
+        .unwrap()
+        .replace("maxBatchSize: 32", "maxBatchSize: 16");
+    std::fs::write(&v2_file, edited).unwrap();
+    wait_until(
+        "digits-v2 to be fully replaced",
+        Duration::from_secs(90),
+        || {
+            let now = processes_with(&format!("{needle}.*--name digits-v2.*--max-batch-size 16"));
+            let old_gone = processes_with(&format!("{needle}.*--name digits-v2"))
+                .iter()
+                .all(|p| !before.contains(p));
+            (now.len() == 2 && old_gone).then_some(())
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = caller.join().unwrap();
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} succeeded, failures during the rollout: {failed:?}"
+    );
+
+    // 5. SIGTERM stops everything: no orphan sidecar or router.
     let router = format!("serval-local-{}", local.child.id());
     assert_eq!(processes_with(&router).len(), 1, "one router");
     Command::new("kill")

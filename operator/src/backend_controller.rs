@@ -57,8 +57,10 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
         Some(pdb) => {
             apply(&pdbs, &pdb).await?;
         }
-        // The last written status says whether a PDB may exist, which saves a call per reconcile.
-        None if backend.status.as_ref().is_some_and(|s| s.replicas > 1) => {
+        // A PDB may exist unless the last status, written for this very generation, had at most
+        // one replica. That saves a call per steady-state reconcile, and still removes a PDB
+        // applied just before a crash (the status is then missing or of an older generation).
+        None if pdb_may_exist(backend) => {
             delete_if_present(&pdbs, &name).await?;
         }
         None => {}
@@ -69,6 +71,13 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
         apply_status(&Api::<Backend>::namespaced(client, &ns), &name, &status).await?;
     }
     Ok(Action::requeue(DEFAULT_RESYNC))
+}
+
+fn pdb_may_exist(backend: &Backend) -> bool {
+    backend
+        .status
+        .as_ref()
+        .is_none_or(|s| s.replicas > 1 || s.observed_generation != backend.metadata.generation)
 }
 
 /// Retries a failed reconcile with capped exponential backoff.

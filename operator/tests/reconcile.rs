@@ -219,7 +219,14 @@ async fn backend_create_applies_deployment_and_service_then_status() {
         .apply("/api/v1/namespaces/team/services/digits-v1")
         .await;
     assert_eq!(svc["spec"]["selector"]["serval.dev/backend"], "digits-v1");
-    // One replica: no PodDisruptionBudget, and nothing to delete.
+    // One replica: no PodDisruptionBudget. With no status yet, one may linger from a crash.
+    h.server
+        .expect(
+            Method::DELETE,
+            "/apis/policy/v1/namespaces/team/poddisruptionbudgets/digits-v1",
+            |_| json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
     let status = h
         .server
         .expect(
