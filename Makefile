@@ -30,8 +30,11 @@ include charts/chart.mk
 build:
 	$(CARGO) build --release --workspace --bins
 
+# Regenerates crds/ from the Rust types and keeps the chart's copy identical.
 crds:
-	$(CARGO) run --release -q -p serval-operator --bin crdgen -- --out-dir crds
+	$(CARGO) build --release --workspace --bins
+	$(RELEASE)/crdgen --out-dir crds
+	$(MAKE) chart-crds
 
 ## The demo
 

@@ -37,6 +37,43 @@ pub struct Context {
     pub router_defaults: RouterDefaults,
     /// Consecutive failures per object, for backoff.
     pub failures: FailureCounts,
+    /// Fingerprint of the namespace-level router objects last applied per namespace, and when.
+    pub namespace_applied: NamespaceApplied,
+}
+
+/// Remembers what was applied per namespace, so N Endpoints sharing one routing table do not
+/// each re-send identical objects carrying N owner references (quadratic in N).
+#[derive(Default)]
+pub struct NamespaceApplied(
+    std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
+);
+
+/// Re-apply unchanged namespace objects at least this often, to repair drift (e.g. a deleted
+/// ConfigMap) that no content change would trigger.
+pub const DEFAULT_REAPPLY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl NamespaceApplied {
+    /// Whether `fingerprint` was applied in `namespace` within [`DEFAULT_REAPPLY_AFTER`].
+    pub fn is_fresh(&self, namespace: &str, fingerprint: u64) -> bool {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(namespace)
+            .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < DEFAULT_REAPPLY_AFTER)
+    }
+
+    /// Records a successful apply.
+    pub fn record(&self, namespace: &str, fingerprint: u64) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(
+            namespace.to_owned(),
+            (fingerprint, std::time::Instant::now()),
+        );
+    }
 }
 
 /// Now, at the one-second precision the API server stores, so a status read back compares equal.

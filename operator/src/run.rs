@@ -86,6 +86,7 @@ pub async fn run(
             router_image: settings.router_image.clone(),
         },
         failures: FailureCounts::default(),
+        namespace_applied: Default::default(),
     });
     let config = ControllerConfig::default().debounce(DEFAULT_DEBOUNCE);
     let backend_children =

@@ -96,6 +96,7 @@ fn harness() -> Harness {
             router_image: "serval-router:test".to_owned(),
         },
         failures: FailureCounts::default(),
+        namespace_applied: Default::default(),
     });
     Harness {
         ctx,
@@ -649,5 +650,43 @@ async fn router_not_ready_keeps_endpoint_unready() {
     let status = expect_endpoint_status(&mut h.server, &ep).await;
     assert_eq!(condition(&status, "Ready")["reason"], "RouterNotReady");
     assert_eq!(condition(&status, "Progressing")["status"], "True");
+    done(task).await;
+}
+
+#[tokio::test]
+async fn unchanged_namespace_objects_are_read_not_rewritten() {
+    let mut h = harness();
+    h.backends
+        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
+    let ep = endpoint("digits", &[("v1", 100)], 100);
+    h.endpoints
+        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
+    let task = tokio::spawn(endpoint_controller::reconcile(
+        Arc::new(ep.clone()),
+        h.ctx.clone(),
+    ));
+    let (_, dep) = expect_router_objects(&mut h.server, true).await;
+    let status = expect_endpoint_status(&mut h.server, &ep).await;
+    done(task).await;
+
+    // Same table, same owners, status already stored: one read for the router's readiness,
+    // no write at all (with N Endpoints sharing the table, writes would otherwise grow as N²).
+    let mut stored = ep.clone();
+    stored.status = Some(serde_json::from_value(status).unwrap());
+    let task = tokio::spawn(endpoint_controller::reconcile(
+        Arc::new(stored),
+        h.ctx.clone(),
+    ));
+    h.server
+        .expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/team/deployments/serval-router",
+            |_| {
+                let mut d = dep.clone();
+                d["status"] = json!({"readyReplicas": 2, "replicas": 2});
+                d
+            },
+        )
+        .await;
     done(task).await;
 }
