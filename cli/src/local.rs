@@ -400,6 +400,9 @@ impl Supervisor {
             &self.opts.listen.ip().to_string(),
             "--port",
             &self.opts.listen.port().to_string(),
+            // No load balancer has to notice readiness dropping here: drain at once on stop.
+            "--shutdown-delay",
+            "0s",
         ]);
         spawn(cmd, "router".to_owned())
     }
