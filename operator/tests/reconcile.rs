@@ -80,6 +80,29 @@ struct Harness {
     endpoints: Writer<Endpoint>,
 }
 
+impl Harness {
+    /// Puts a Backend in the store the Endpoint reconcile reads, as its reflector would.
+    fn add_backend(&mut self, b: Backend) {
+        self.backends.apply_watcher_event(&watcher::Event::Apply(b));
+    }
+
+    /// Puts an Endpoint in the store, as its reflector would.
+    fn add_endpoint(&mut self, e: &Endpoint) {
+        self.endpoints
+            .apply_watcher_event(&watcher::Event::Apply(e.clone()));
+    }
+
+    fn reconcile_endpoint(
+        &self,
+        e: &Endpoint,
+    ) -> JoinHandle<serval_operator::Result<kube::runtime::controller::Action>> {
+        tokio::spawn(endpoint_controller::reconcile(
+            Arc::new(e.clone()),
+            self.ctx.clone(),
+        ))
+    }
+}
+
 fn harness() -> Harness {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let (backend_store, backends) = reflector::store();
@@ -433,15 +456,11 @@ async fn endpoint_with_ready_backends_gets_the_declared_split() {
         with_ready(backend("v1", 1), true),
         with_ready(backend("v2", 1), true),
     ] {
-        h.backends.apply_watcher_event(&watcher::Event::Apply(b));
+        h.add_backend(b);
     }
     let ep = endpoint("digits", &[("v1", 90), ("v2", 10)], 100);
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
     let (table, dep) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(
         weights(&table, "digits"),
@@ -461,12 +480,8 @@ async fn endpoint_with_ready_backends_gets_the_declared_split() {
     changed.spec.traffic[1].weight = 50;
     changed.meta_mut().generation = Some(2);
     changed.status = Some(serde_json::from_value(status).unwrap());
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(changed.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(changed.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&changed);
+    let task = h.reconcile_endpoint(&changed);
     let (table, _) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(
         weights(&table, "digits"),
@@ -481,15 +496,10 @@ async fn endpoint_with_ready_backends_gets_the_declared_split() {
 #[tokio::test]
 async fn missing_backend_gets_no_traffic_and_a_condition() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
+    h.add_backend(with_ready(backend("v1", 1), true));
     let ep = endpoint("digits", &[("v1", 90), ("v2", 10)], 100);
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
     let (table, _) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(
         weights(&table, "digits"),
@@ -515,31 +525,21 @@ async fn missing_backend_gets_no_traffic_and_a_condition() {
 #[tokio::test]
 async fn backend_becoming_ready_receives_its_weight() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v2", 1), false)));
+    h.add_backend(with_ready(backend("v1", 1), true));
+    h.add_backend(with_ready(backend("v2", 1), false));
     let ep = endpoint("digits", &[("v1", 90), ("v2", 10)], 100);
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
     let (table, _) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(weights(&table, "digits")[1], ("v2".to_owned(), 0));
     let status = expect_endpoint_status(&mut h.server, &ep).await;
     assert_eq!(condition(&status, "Degraded")["reason"], "BackendNotReady");
     done(task).await;
 
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v2", 1), true)));
+    h.add_backend(with_ready(backend("v2", 1), true));
     let mut ep2 = ep.clone();
     ep2.status = Some(serde_json::from_value(status).unwrap());
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep2.clone()),
-        h.ctx.clone(),
-    ));
+    let task = h.reconcile_endpoint(&ep2);
     let (table, _) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(weights(&table, "digits")[1], ("v2".to_owned(), 10));
     let status = expect_endpoint_status(&mut h.server, &ep2).await;
@@ -550,18 +550,13 @@ async fn backend_becoming_ready_receives_its_weight() {
 #[tokio::test]
 async fn later_endpoint_on_a_claimed_route_is_left_out() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
+    h.add_backend(with_ready(backend("v1", 1), true));
     let first = endpoint("digits", &[("v1", 100)], 100);
     let later = endpoint("digits-copy", &[("v1", 100)], 200);
     for e in [&first, &later] {
-        h.endpoints
-            .apply_watcher_event(&watcher::Event::Apply(e.clone()));
+        h.add_endpoint(e);
     }
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(later.clone()),
-        h.ctx.clone(),
-    ));
+    let task = h.reconcile_endpoint(&later);
     let (table, dep) = expect_router_objects(&mut h.server, true).await;
     assert!(table.route("digits").is_some() && table.route("digits-copy").is_none());
     assert_eq!(
@@ -582,26 +577,20 @@ async fn later_endpoint_on_a_claimed_route_is_left_out() {
 #[tokio::test]
 async fn deleting_an_endpoint_or_backend_rewrites_the_table_for_the_rest() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v2", 1), true)));
+    h.add_backend(with_ready(backend("v1", 1), true));
+    h.add_backend(with_ready(backend("v2", 1), true));
     let a = endpoint("a", &[("v1", 100)], 100);
     let mut b = endpoint("b", &[("v2", 100)], 200);
     b.spec.route.path_prefix = "/other".to_owned();
     for e in [&a, &b] {
-        h.endpoints
-            .apply_watcher_event(&watcher::Event::Apply(e.clone()));
+        h.add_endpoint(e);
     }
     // b is deleted: the reconcile of its sibling a drops b's route and ownership.
     h.endpoints
         .apply_watcher_event(&watcher::Event::Delete(b.clone()));
     let refs = endpoint_controller::siblings_of(&b, &h.ctx.endpoints.state());
     assert_eq!(refs.len(), 1, "b's deletion triggers a");
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(a.clone()),
-        h.ctx.clone(),
-    ));
+    let task = h.reconcile_endpoint(&a);
     let (table, dep) = expect_router_objects(&mut h.server, true).await;
     assert!(table.route("b").is_none() && table.route("a").is_some());
     assert!(!table.backends.contains_key("v2"));
@@ -618,10 +607,7 @@ async fn deleting_an_endpoint_or_backend_rewrites_the_table_for_the_rest() {
         .apply_watcher_event(&watcher::Event::Delete(v1.clone()));
     let triggered = endpoint_controller::endpoints_using(&v1, &h.ctx.endpoints.state());
     assert_eq!(triggered.len(), 1);
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(a.clone()),
-        h.ctx.clone(),
-    ));
+    let task = h.reconcile_endpoint(&a);
     let (table, _) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(weights(&table, "a"), [("v1".to_owned(), 0)]);
     let status = expect_endpoint_status(&mut h.server, &a).await;
@@ -637,15 +623,10 @@ async fn deleting_an_endpoint_or_backend_rewrites_the_table_for_the_rest() {
 #[tokio::test]
 async fn router_not_ready_keeps_endpoint_unready() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
+    h.add_backend(with_ready(backend("v1", 1), true));
     let ep = endpoint("digits", &[("v1", 100)], 100);
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
     expect_router_objects(&mut h.server, false).await;
     let status = expect_endpoint_status(&mut h.server, &ep).await;
     assert_eq!(condition(&status, "Ready")["reason"], "RouterNotReady");
@@ -656,15 +637,10 @@ async fn router_not_ready_keeps_endpoint_unready() {
 #[tokio::test]
 async fn unchanged_namespace_objects_are_read_not_rewritten() {
     let mut h = harness();
-    h.backends
-        .apply_watcher_event(&watcher::Event::Apply(with_ready(backend("v1", 1), true)));
+    h.add_backend(with_ready(backend("v1", 1), true));
     let ep = endpoint("digits", &[("v1", 100)], 100);
-    h.endpoints
-        .apply_watcher_event(&watcher::Event::Apply(ep.clone()));
-    let task = tokio::spawn(endpoint_controller::reconcile(
-        Arc::new(ep.clone()),
-        h.ctx.clone(),
-    ));
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
     let (_, dep) = expect_router_objects(&mut h.server, true).await;
     let status = expect_endpoint_status(&mut h.server, &ep).await;
     done(task).await;
