@@ -20,10 +20,12 @@ help:
 	@echo "make crds     regenerate crds/ from the Rust types"
 	@echo "make lint     cargo fmt --check and clippy -D warnings"
 	@echo "make images   OCI image archives of operator, sidecar and router (no Docker needed)"
-	@echo "make bench    benchmarks (router vs direct vs nginx)"
+	@echo "make bench    every benchmark: sidecar vs raw engine, router vs nginx, Serval vs Ray Serve,"
+	@echo "              KServe, Flask + onnxruntime (results in bench/results/)"
 
 include e2e/cluster.mk
 include charts/chart.mk
+include bench/bench.mk
 
 ## Build
 
@@ -75,7 +77,7 @@ test: prereqs lint
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
-bench: bench-sidecar bench-router
+bench: bench-sidecar bench-router bench-compare
 
 # Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
 # MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).

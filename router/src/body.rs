@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 
+use crate::pool::Lease;
 use crate::upstream::{BoxError, InflightGuard};
 
 /// Router response body.
@@ -17,6 +18,7 @@ use crate::upstream::{BoxError, InflightGuard};
 pub struct ProxyBody {
     kind: Kind,
     guard: Option<InflightGuard>,
+    lease: Option<Lease>,
     tee: Option<Tee>,
 }
 
@@ -76,19 +78,24 @@ impl ProxyBody {
         Self {
             kind: Kind::Full(Some(bytes)),
             guard: None,
+            lease: None,
             tee: None,
         }
     }
 
-    /// The upstream's streamed body.
-    pub fn upstream(body: Incoming, guard: InflightGuard, tee: Option<Tee>) -> Self {
+    /// The upstream's streamed body; its connection goes back to the pool when it ends.
+    pub fn upstream(body: Incoming, guard: InflightGuard, lease: Lease, tee: Option<Tee>) -> Self {
         let mut this = Self {
             kind: Kind::Upstream(body),
             guard: Some(guard),
+            lease: Some(lease),
             tee,
         };
         if this.is_end_stream() {
             this.guard = None;
+            if let Some(l) = this.lease.take() {
+                l.release();
+            }
             if let Some(t) = this.tee.as_mut() {
                 t.finish(true);
             }
@@ -124,6 +131,10 @@ impl Body for ProxyBody {
                 };
                 if let Some(ok) = ended {
                     this.guard = None;
+                    // Only a body read to its end leaves the connection reusable.
+                    if let Some(l) = this.lease.take().filter(|_| ok) {
+                        l.release();
+                    }
                     if let Some(tee) = this.tee.as_mut() {
                         tee.finish(ok);
                     }

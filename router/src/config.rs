@@ -76,7 +76,7 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_POOL_IDLE_TIMEOUT", value_parser = parse_duration,
           default_value = "50s")]
     pub pool_idle_timeout: Duration,
-    /// Idle upstream connections kept per address.
+    /// Idle upstream connections kept per address, by each shard.
     #[arg(long, env = "SERVAL_ROUTER_POOL_MAX_IDLE", default_value_t = DEFAULT_POOL_MAX_IDLE_PER_HOST)]
     pub pool_max_idle_per_host: usize,
     /// Largest request body buffered (and so retried and mirrored).
@@ -110,8 +110,8 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_DRAIN_TIMEOUT", value_parser = parse_duration,
           default_value = "20s")]
     pub drain_timeout: Duration,
-    /// Runtime worker threads (0 = one per core). Fewer threads mean fewer cross-thread
-    /// wake-ups per proxied request; see the README's benchmark notes.
+    /// Shards: threads with their own single-threaded runtime and upstream pool, each serving
+    /// the connections dealt to it (0 = one per core).
     #[arg(long, env = "SERVAL_ROUTER_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// Time a client has to send its request head.

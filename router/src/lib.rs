@@ -3,7 +3,8 @@
 //! A request is matched to an Endpoint's route ([`matching`]), a backend is chosen by header
 //! rule, sticky hash or weighted split ([`split`], [`table`]), optionally copied to a shadow
 //! ([`mirror`], [`agreement`]), and forwarded to one of the backend's addresses ([`upstream`])
-//! under the route's deadline and retry budget ([`retry`], [`proxy`]).
+//! under the route's deadline and retry budget ([`retry`], [`proxy`]) over the shard's
+//! keep-alive connections ([`pool`]).
 
 pub mod agreement;
 pub mod body;
@@ -12,6 +13,7 @@ pub mod errors;
 pub mod matching;
 pub mod metrics;
 pub mod mirror;
+pub mod pool;
 pub mod proxy;
 pub mod retry;
 pub mod server;

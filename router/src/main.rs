@@ -11,11 +11,12 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
-        rt.worker_threads(config.worker_threads);
-    }
-    rt.enable_all().build()?.block_on(async move {
+    // The main thread runs the acceptor, the table source and shard 0; the router starts one
+    // more single-threaded runtime per further shard (see `Router::serve`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
         let router = Router::bind(config).await?;
         router.serve(server::shutdown_signal()).await;
         Ok(())

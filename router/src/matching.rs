@@ -24,9 +24,20 @@ pub enum UpstreamPath {
 impl UpstreamPath {
     /// The path and query for a backend serving `model`.
     pub fn render(&self, model: &str, query: Option<&str>) -> String {
+        let q = query.map_or(0, |q| q.len() + 1);
         let mut out = match self {
-            UpstreamPath::Verbatim(p) => p.clone(),
-            UpstreamPath::Model { before, after } => format!("{before}{model}{after}"),
+            UpstreamPath::Verbatim(p) => {
+                let mut out = String::with_capacity(p.len() + q);
+                out.push_str(p);
+                out
+            }
+            UpstreamPath::Model { before, after } => {
+                let mut out = String::with_capacity(before.len() + model.len() + after.len() + q);
+                out.push_str(before);
+                out.push_str(model);
+                out.push_str(after);
+                out
+            }
         };
         if let Some(q) = query {
             out.push('?');

@@ -48,19 +48,20 @@ pub struct Mirror {
 pub const SHADOW_HEADER: &str = "serval-shadow";
 
 impl Mirror {
-    /// A mirror with at most `concurrency` shadows in flight.
+    /// A mirror with at most as many shadows in flight as `permits` holds; the permits are
+    /// shared by every shard, so the bound is the process's.
     pub fn new(
         client: HttpClient,
         metrics: Arc<Metrics>,
         outlier: OutlierPolicy,
-        concurrency: usize,
+        permits: Arc<Semaphore>,
         compare_limit: usize,
     ) -> Self {
         Self {
             client,
             metrics,
             outlier,
-            permits: Arc::new(Semaphore::new(concurrency)),
+            permits,
             compare_limit,
         }
     }
@@ -112,23 +113,28 @@ impl Mirror {
 
     async fn send(&self, copy: &ShadowCopy) -> Option<Bytes> {
         let (idx, _inflight) = copy.pool.pick(&[])?;
-        let address = &copy.pool.addrs[idx].address;
+        let path = http::uri::PathAndQuery::try_from(copy.path.as_str()).ok()?;
         let mut req = upstream_request(
             &copy.method,
-            address,
-            &copy.path,
+            &copy.pool.addrs[idx],
+            &path,
             &copy.headers,
             full_body(copy.body.clone()),
         )
         .ok()?;
         req.headers_mut()
             .insert(SHADOW_HEADER, http::HeaderValue::from_static("1"));
-        match self.client.request(req).await {
-            Ok(resp) if resp.status().is_success() => {
+        match self.client.request(&copy.pool.addrs[idx], req).await {
+            Ok((resp, lease)) if resp.status().is_success() => {
                 copy.pool.record_success(idx);
-                collect_limited(resp.into_body(), self.compare_limit).await
+                let body = collect_limited(resp.into_body(), self.compare_limit).await;
+                // A body read whole leaves the connection reusable.
+                if body.is_some() {
+                    lease.release();
+                }
+                body
             }
-            Ok(resp) => {
+            Ok((resp, _lease)) => {
                 if resp.status().is_server_error() {
                     copy.pool.record_failure(idx, self.outlier, &self.metrics);
                 }

@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
+use tokio::sync::Semaphore;
 
 use crate::body::{ProxyBody, Tee};
 use crate::config::Config;
@@ -16,11 +18,15 @@ use crate::errors::{Error, Result, json_error};
 use crate::matching::{Target, host_of};
 use crate::metrics::{CodeLabels, EndpointLabels, ErrorLabels, Metrics, RouteLabels};
 use crate::mirror::{Mirror, ShadowCopy};
+use crate::pool::Lease;
 use crate::table::{CompiledRoute, TableStore};
-use crate::upstream::{BackendPool, HttpClient, OutlierPolicy, UpstreamBody, http_client};
+use crate::upstream::{
+    AddrState, BackendPool, HttpClient, OutlierPolicy, UpstreamBody, http_client,
+};
 
 /// Names the backend that answered, on every routed response.
 pub const BACKEND_HEADER: &str = "serval-backend";
+const BACKEND_HEADER_NAME: HeaderName = HeaderName::from_static(BACKEND_HEADER);
 
 /// The proxy: shared by every connection.
 #[derive(Debug)]
@@ -34,8 +40,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy serving whatever table `store` holds.
-    pub fn new(config: &Config, store: Arc<TableStore>, metrics: Arc<Metrics>) -> Self {
+    /// A proxy serving whatever table `store` holds, with its own upstream connections;
+    /// `mirror_permits` bounds shadow requests in flight across every proxy sharing it.
+    pub fn new(
+        config: &Config,
+        store: Arc<TableStore>,
+        metrics: Arc<Metrics>,
+        mirror_permits: Arc<Semaphore>,
+    ) -> Self {
         let client = http_client(
             config.connect_timeout,
             config.pool_idle_timeout,
@@ -49,7 +61,7 @@ impl Proxy {
             client.clone(),
             metrics.clone(),
             outlier,
-            config.mirror_concurrency,
+            mirror_permits,
             config.mirror_compare_limit,
         );
         Self {
@@ -60,6 +72,11 @@ impl Proxy {
             max_buffered_body: config.max_buffered_body,
             mirror,
         }
+    }
+
+    /// This proxy's upstream connections.
+    pub fn client(&self) -> &HttpClient {
+        &self.client
     }
 
     /// Routes and forwards one request; never fails, errors become JSON responses.
@@ -83,14 +100,15 @@ impl Proxy {
             })
             .map(host_of);
         let found = table.matcher.find(host.as_deref(), req.uri().path());
-        let Some((target, route)) =
-            found.and_then(|t| Some((t.clone(), table.routes.get(t.route)?)))
-        else {
+        let Some((target, route)) = found.and_then(|t| {
+            let route = table.routes.get(t.route)?;
+            Some((t, route))
+        }) else {
             self.metrics.unmatched.inc();
             return Error::NoRoute(req.uri().path().to_owned()).into_response();
         };
         let Some(pool) = route.choose(req.headers()).cloned() else {
-            self.count(route, "", StatusCode::SERVICE_UNAVAILABLE, start);
+            self.count(route, None, StatusCode::SERVICE_UNAVAILABLE, start);
             return Error::NoReadyBackend(route.endpoint.clone()).into_response();
         };
         let forwarded =
@@ -108,23 +126,39 @@ impl Proxy {
                 .into_response()
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&pool.name) {
-            resp.headers_mut().insert(BACKEND_HEADER, v);
+        if let Some(v) = &pool.header_value {
+            resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
         }
-        self.count(route, &pool.name, resp.status(), start);
+        self.count(route, Some(&pool), resp.status(), start);
         resp
     }
 
-    fn count(&self, route: &CompiledRoute, backend: &str, code: StatusCode, start: Instant) {
+    fn count(
+        &self,
+        route: &CompiledRoute,
+        pool: Option<&BackendPool>,
+        code: StatusCode,
+        start: Instant,
+    ) {
+        let elapsed = start.elapsed().as_secs_f64();
+        // The series resolved at table load, when the backend is one of the route's.
+        if let Some(stats) = pool.and_then(|p| route.stats_for(p)) {
+            stats.duration.observe(elapsed);
+            if code == StatusCode::OK {
+                stats.ok.inc();
+                return;
+            }
+        } else {
+            self.metrics
+                .request_duration
+                .get_or_create(&RouteLabels {
+                    endpoint: route.endpoint.clone(),
+                    backend: pool.map(|p| p.name.clone()).unwrap_or_default(),
+                })
+                .observe(elapsed);
+        }
         let endpoint = route.endpoint.clone();
-        let backend = backend.to_owned();
-        self.metrics
-            .request_duration
-            .get_or_create(&RouteLabels {
-                endpoint: endpoint.clone(),
-                backend: backend.clone(),
-            })
-            .observe(start.elapsed().as_secs_f64());
+        let backend = pool.map(|p| p.name.clone()).unwrap_or_default();
         self.metrics
             .requests
             .get_or_create(&CodeLabels {
@@ -182,7 +216,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>> {
         let (parts, body) = req.into_parts();
         let query = parts.uri.query();
-        let path = target.path.render(&pool.model, query);
+        let rendered = target.path.render(&pool.model, query);
+        let path = PathAndQuery::try_from(rendered)
+            .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
         // Sized bodies under the cap are buffered so they can be retried and mirrored; the
         // rest stream through once.
         let bounded = body
@@ -220,10 +256,11 @@ impl Proxy {
                 // Unreachable: a streamed body is never retried.
                 (None, None) => return Err(Error::RequestBody("body already sent".to_owned())),
             };
-            let address = &pool.addrs[idx].address;
-            let upstream = upstream_request(&parts.method, address, &path, &parts.headers, body)?;
-            match self.client.request(upstream).await {
-                Ok(resp) => {
+            let addr = &pool.addrs[idx];
+            let address = &addr.address;
+            let upstream = upstream_request(&parts.method, addr, &path, &parts.headers, body)?;
+            match self.client.request(addr, upstream).await {
+                Ok((resp, lease)) => {
                     let status = resp.status();
                     if status.is_server_error() {
                         pool.record_failure(idx, self.outlier, &self.metrics);
@@ -247,7 +284,7 @@ impl Proxy {
                     } else {
                         None
                     };
-                    return Ok(into_proxy_response(resp, inflight, tee));
+                    return Ok(into_proxy_response(resp, inflight, lease, tee));
                 }
                 Err(e) => {
                     pool.record_failure(idx, self.outlier, &self.metrics);
@@ -317,6 +354,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names is cheaper than a hashed
+    // removal per name. Any listed header needs a Connection header, which this pass sees.
+    if !headers
+        .keys()
+        .any(|n| n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     // Headers the Connection header lists are hop-by-hop too.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -331,24 +376,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
-/// The request sent to `address`: same method and headers (minus hop-by-hop and Host, which
-/// the client sets for the upstream), the rewritten path.
+/// The request sent to `addr`: same method and headers (minus hop-by-hop), Host naming the
+/// upstream, the rewritten path in origin form (the pool connects to `addr` itself).
 pub fn upstream_request(
     method: &Method,
-    address: &str,
-    path_and_query: &str,
+    addr: &AddrState,
+    path_and_query: &PathAndQuery,
     headers: &HeaderMap,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>> {
-    let uri: Uri = format!("http://{address}{path_and_query}")
-        .parse()
-        .map_err(|e| Error::BadRequest(format!("{path_and_query:?}: {e}")))?;
+    let host = addr.host_header.clone().ok_or_else(|| {
+        Error::BadRequest(format!("upstream {:?} is not a host:port", addr.address))
+    })?;
+    let uri = Uri::from(path_and_query.clone());
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     let mut h = headers.clone();
     strip_hop_by_hop(&mut h);
-    h.remove(header::HOST);
+    h.insert(header::HOST, host);
     *req.headers_mut() = h;
     Ok(req)
 }
@@ -356,11 +402,12 @@ pub fn upstream_request(
 fn into_proxy_response(
     resp: Response<Incoming>,
     inflight: crate::upstream::InflightGuard,
+    lease: Lease,
     tee: Option<Tee>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ProxyBody::upstream(body, inflight, tee))
+    Response::from_parts(parts, ProxyBody::upstream(body, inflight, lease, tee))
 }
 
 /// An error with its causes, e.g. "client error (Connect): tcp connect error: refused".

@@ -17,6 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
@@ -37,6 +39,12 @@ pub const METRICS_PATH: &str = "/-/metrics";
 /// Pause after a failed accept (usually out of file descriptors) instead of spinning.
 const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Floor on how often idle upstream connections are swept, whatever the idle timeout.
+const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Connections waiting for a shard before it has started: accepts are never lost.
+const SHARD_QUEUE: usize = 1024;
+
 /// What every connection shares.
 #[derive(Debug)]
 pub struct State {
@@ -44,7 +52,8 @@ pub struct State {
     pub store: Arc<TableStore>,
     /// Router metrics.
     pub metrics: Arc<Metrics>,
-    proxy: Proxy,
+    /// Shadow requests in flight, bounded across every shard.
+    mirror_permits: Arc<Semaphore>,
     draining: AtomicBool,
 }
 
@@ -53,6 +62,14 @@ impl State {
     pub fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed) && self.store.load().is_some()
     }
+}
+
+/// What one shard's connections share: the common state and the shard's own proxy, whose
+/// upstream connection pool lives (and is driven) on the shard's thread only.
+#[derive(Debug)]
+struct ShardState {
+    state: Arc<State>,
+    proxy: Proxy,
 }
 
 /// A bound router, not yet serving.
@@ -93,11 +110,10 @@ impl Router {
             .await
             .map_err(Error::Listen)?;
         let addr = listener.local_addr().map_err(Error::Listen)?;
-        let proxy = Proxy::new(&config, store.clone(), metrics.clone());
         let state = Arc::new(State {
             store,
             metrics,
-            proxy,
+            mirror_permits: Arc::new(Semaphore::new(config.mirror_concurrency)),
             draining: AtomicBool::new(false),
         });
         Ok(Self {
@@ -110,6 +126,12 @@ impl Router {
     }
 
     /// Serves until `shutdown` resolves, then drains.
+    ///
+    /// Connections are dealt round-robin to `worker_threads` shards (0: one per core). Shard 0
+    /// runs on the caller's runtime; each other shard is a thread with its own single-threaded
+    /// runtime and upstream pool, so a request is read, forwarded and answered on one thread
+    /// without cross-thread wake-ups or work stealing (the layout nginx uses: one event loop
+    /// per core).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Router {
             addr,
@@ -118,37 +140,58 @@ impl Router {
             source,
             config,
         } = self;
-        tracing::info!(%addr, "serval-router listening");
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout);
-        let graceful = GracefulShutdown::new();
-        let accept = |accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
-            let stream = match accepted {
-                Ok((s, _)) => s,
+        let shards = match config.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        tracing::info!(%addr, shards, "serval-router listening");
+        let mut senders = Vec::with_capacity(shards);
+        let mut finished = Vec::with_capacity(shards);
+        for i in 0..shards {
+            let (tx, rx) = mpsc::channel::<std::net::TcpStream>(SHARD_QUEUE);
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            senders.push(tx);
+            finished.push(done_rx);
+            let shard = run_shard(state.clone(), config.clone(), rx, done_tx);
+            if i == 0 {
+                tokio::spawn(shard);
+                continue;
+            }
+            let spawned = std::thread::Builder::new()
+                .name(format!("serval-shard-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(shard),
+                        Err(e) => tracing::error!(error = %e, "shard runtime failed to start"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "shard thread failed to start");
+            }
+        }
+        let mut next = 0usize;
+        let mut accept = |accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
+            let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     return false;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let state = state.clone();
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(dispatch(&state, req).await) }
-            });
-            let conn = graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .into_owned(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with error");
+            // A shard that failed to start has dropped its receiver: try the next ones.
+            let mut stream = stream;
+            for _ in 0..senders.len() {
+                let shard = &senders[next % senders.len()];
+                next = next.wrapping_add(1);
+                match shard.try_send(stream) {
+                    Ok(()) => return true,
+                    Err(TrySendError::Full(s) | TrySendError::Closed(s)) => stream = s,
                 }
-            });
+            }
+            tracing::warn!("every shard is busy or gone; connection dropped");
             true
         };
         let mut shutdown = std::pin::pin!(shutdown);
@@ -179,21 +222,84 @@ impl Router {
             }
         }
         drop(listener);
-        tracing::info!(
-            inflight_connections = graceful.count(),
-            "listener closed; draining"
-        );
-        if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing");
+        // Closing the queues tells every shard to drain its connections and stop.
+        drop(senders);
+        tracing::info!("listener closed; draining");
+        for done in finished {
+            let _ = done.await;
         }
         source.abort();
     }
 }
 
-async fn dispatch(state: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+/// One shard: serves the connections it is dealt until the queue closes, then drains them
+/// within the drain timeout.
+async fn run_shard(
+    state: Arc<State>,
+    config: Config,
+    mut connections: mpsc::Receiver<std::net::TcpStream>,
+    done: oneshot::Sender<()>,
+) {
+    let proxy = Proxy::new(
+        &config,
+        state.store.clone(),
+        state.metrics.clone(),
+        state.mirror_permits.clone(),
+    );
+    let client = proxy.client().clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(client.idle_timeout().max(IDLE_SWEEP_MIN));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            client.sweep();
+        }
+    });
+    let shard = Arc::new(ShardState { state, proxy });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    while let Some(stream) = connections.recv().await {
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register connection");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shard = shard.clone();
+        let svc = service_fn(move |req| {
+            let shard = shard.clone();
+            async move { Ok::<_, Infallible>(dispatch(&shard, req).await) }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with error");
+            }
+        });
+    }
+    tracing::debug!(inflight_connections = graceful.count(), "shard draining");
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing");
+    }
+    sweeper.abort();
+    let _ = done.send(());
+}
+
+async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let state = &shard.state;
     match req.uri().path() {
         HEALTHZ_PATH => text(StatusCode::OK, "ok", "text/plain"),
         READYZ_PATH if state.is_ready() => text(StatusCode::OK, "ready", "text/plain"),
@@ -206,7 +312,7 @@ async fn dispatch(state: &State, req: Request<Incoming>) -> Response<ProxyBody> 
             state.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        _ => state.proxy.handle(req).await,
+        _ => shard.proxy.handle(req).await,
     }
 }
 

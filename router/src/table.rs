@@ -8,11 +8,13 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::HeaderMap;
 use http::header::HeaderName;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use serval_api::routing::RoutingTable;
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
-use crate::metrics::Metrics;
+use crate::metrics::{CodeLabels, Metrics, RouteLabels};
 use crate::retry::RetryBudget;
 use crate::split::Split;
 use crate::upstream::{AddrState, BackendPool};
@@ -24,6 +26,17 @@ pub struct TableSettings {
     pub retry_min_per_window: u32,
     /// Retry budget window.
     pub retry_budget_window: Duration,
+}
+
+/// The metric series a request to one (endpoint, backend) pair updates, resolved once per
+/// table: a per-request family lookup hashes the labels and takes the family's lock.
+#[derive(Debug, Clone)]
+pub struct RouteStats {
+    /// `request_duration_seconds{endpoint, backend}`.
+    pub duration: Histogram,
+    /// `requests_total{endpoint, backend, code="200"}`, the common case; other codes go
+    /// through the family.
+    pub ok: Counter,
 }
 
 /// One route, ready to serve.
@@ -47,9 +60,19 @@ pub struct CompiledRoute {
     pub retry_attempts: u32,
     /// Shared retry budget; survives reloads that keep the percentage.
     pub budget: Arc<RetryBudget>,
+    /// Metric series per backend the route can answer from (split and header rules).
+    pub stats: Vec<(Arc<BackendPool>, RouteStats)>,
 }
 
 impl CompiledRoute {
+    /// The pre-resolved series for `pool`, if it is one of this route's backends.
+    pub fn stats_for(&self, pool: &BackendPool) -> Option<&RouteStats> {
+        self.stats
+            .iter()
+            .find(|(p, _)| std::ptr::eq(Arc::as_ptr(p), pool))
+            .map(|(_, s)| s)
+    }
+
     /// The backend for a request: a header rule, else the sticky hash, else the weighted split.
     pub fn choose(&self, headers: &HeaderMap) -> Option<&Arc<BackendPool>> {
         for (name, value, pool) in &self.matches {
@@ -89,6 +112,7 @@ impl CompiledTable {
         table: RoutingTable,
         previous: Option<&CompiledTable>,
         settings: TableSettings,
+        metrics: &Metrics,
     ) -> Result<Self> {
         table.validate()?;
         let mut pools = HashMap::new();
@@ -158,6 +182,24 @@ impl CompiledTable {
                         settings.retry_budget_window,
                     ))
                 });
+            let mut stats: Vec<(Arc<BackendPool>, RouteStats)> = Vec::new();
+            for p in backends.iter().chain(matches.iter().map(|m| &m.2)) {
+                if stats.iter().any(|(q, _)| Arc::ptr_eq(p, q)) {
+                    continue;
+                }
+                let (endpoint, backend) = (r.endpoint.clone(), p.name.clone());
+                let ok = CodeLabels {
+                    endpoint: endpoint.clone(),
+                    backend: backend.clone(),
+                    code: 200,
+                };
+                let route = RouteLabels { endpoint, backend };
+                let s = RouteStats {
+                    duration: metrics.request_duration.get_or_create(&route).clone(),
+                    ok: metrics.requests.get_or_create(&ok).clone(),
+                };
+                stats.push((p.clone(), s));
+            }
             routes.push(CompiledRoute {
                 endpoint: r.endpoint.clone(),
                 backends,
@@ -168,6 +210,7 @@ impl CompiledTable {
                 timeout: Duration::from_millis(r.timeout_ms),
                 retry_attempts: r.retries.attempts,
                 budget,
+                stats,
             });
         }
         let matcher = Matcher::new(table.routes.iter().map(|r| {
@@ -252,7 +295,8 @@ impl TableStore {
         if previous.as_ref().is_some_and(|p| p.table == table) {
             return Ok(Applied::Unchanged);
         }
-        let compiled = CompiledTable::compile(table, previous.as_deref(), self.settings)?;
+        let compiled =
+            CompiledTable::compile(table, previous.as_deref(), self.settings, &self.metrics)?;
         let revision = compiled.revision.clone();
         self.current.store(Some(Arc::new(compiled)));
         self.metrics.table_reloads.inc();

@@ -1,40 +1,32 @@
-//! Upstream addresses of a backend: pooled keep-alive HTTP client, least-request balancing by
-//! power of two choices, and outlier ejection that never ejects the last healthy address.
+//! Upstream addresses of a backend: least-request balancing by power of two choices, and
+//! outlier ejection that never ejects the last healthy address. (Connections: [`crate::pool`].)
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
+use http::uri::Authority;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::metrics::{AddressLabels, Metrics};
+use crate::pool::UpstreamClient;
 
 /// Boxed error of streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of requests sent upstream: buffered bytes or the client's stream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-/// The shared upstream HTTP client.
-pub type HttpClient = Client<HttpConnector, UpstreamBody>;
+/// A shard's upstream HTTP client (keep-alive pool).
+pub type HttpClient = Arc<UpstreamClient>;
 
-/// Builds the pooled keep-alive client used for every upstream.
+/// Builds the pooled keep-alive client a shard uses for every upstream.
 pub fn http_client(
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 ) -> HttpClient {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(connect_timeout));
-    // Inference requests are small writes that must not wait for Nagle.
-    conn.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .build(conn)
+    UpstreamClient::new(connect_timeout, idle_timeout, max_idle_per_host)
 }
 
 /// When an address is taken out of rotation.
@@ -59,6 +51,9 @@ fn now_ms() -> u64 {
 pub struct AddrState {
     /// `host:port`.
     pub address: String,
+    /// The Host header sent to it (`host[:port]`, the port left out when it is 80), built
+    /// once; `None` if `address` is not a valid `host:port`.
+    pub host_header: Option<HeaderValue>,
     inflight: AtomicUsize,
     consecutive_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
@@ -69,6 +64,7 @@ impl AddrState {
     pub fn new(address: &str) -> Self {
         Self {
             address: address.to_owned(),
+            host_header: host_header(address),
             inflight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -82,6 +78,14 @@ impl AddrState {
 
     fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+}
+
+fn host_header(address: &str) -> Option<HeaderValue> {
+    let authority = Authority::try_from(address).ok()?;
+    match authority.port_u16() {
+        Some(80) | None => HeaderValue::from_str(authority.host()).ok(),
+        Some(_) => HeaderValue::from_str(authority.as_str()).ok(),
     }
 }
 
@@ -109,6 +113,9 @@ pub struct BackendPool {
     pub name: String,
     /// Model name its servers serve.
     pub model: String,
+    /// `name` as the value of the response header naming the backend; built once per table
+    /// rather than per response. `None` if the name is not a valid header value.
+    pub header_value: Option<HeaderValue>,
     /// Addresses in table order.
     pub addrs: Vec<Arc<AddrState>>,
     // Serialises ejection decisions so two failing addresses cannot both see the other as the
@@ -122,6 +129,7 @@ impl BackendPool {
         Self {
             name: name.to_owned(),
             model: model.to_owned(),
+            header_value: HeaderValue::from_str(name).ok(),
             addrs,
             eject_lock: Mutex::new(()),
         }
@@ -135,6 +143,10 @@ impl BackendPool {
     /// Picks an address by least request among two random candidates, preferring addresses
     /// neither ejected nor already `tried`; falls back to any address rather than none.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, InflightGuard)> {
+        // A lone address is the only choice whatever its state: skip building candidates.
+        if let [only] = self.addrs.as_slice() {
+            return Some((0, InflightGuard::new(only.clone())));
+        }
         let now = now_ms();
         let fresh = |i: &usize| !tried.contains(i);
         let healthy = |i: &usize| !self.addrs[*i].is_ejected(now);

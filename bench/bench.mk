@@ -1,0 +1,39 @@
+# Benchmarks against the systems people use today (issue 8). Included from the top Makefile,
+# so paths are relative to the repository root. Uses SERVAL_CACHE, CARGO_TARGET_DIR, VENV,
+# CARGO and RELEASE from there.
+#
+#   make bench-venv      the peers (Ray Serve, KServe, Flask + gunicorn, onnxruntime) in a venv
+#   make bench-compare   the full comparison (3 repetitions, c = 1,8,32,64; ~20-25 min)
+#   make bench-quick     1 repetition, short windows, c = 1,32 (~3 min; for iterating)
+#
+# bench-compare writes bench/results/{results.json,README.md,*.png}; bench-quick writes the
+# same into $(SERVAL_CACHE)/bench-quick so it never overwrites the published results.
+
+BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_ARGS ?=
+
+.PHONY: bench-venv bench-compare bench-quick bench-prereqs
+
+bench-venv: $(BENCH_VENV)/.installed
+$(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt -c bench/constraints.txt
+	touch $@
+
+# Everything the comparison runs: the peers, nginx, the CNN, and Serval's release binaries
+# (plus the sidecar's own benchmark example, which measures the raw in-process engine).
+bench-prereqs: bench-venv
+	@test -x /usr/sbin/nginx || command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx; }
+	$(MAKE) -C models mobilenet VENV=$(VENV)
+	$(CARGO) build --release -p serval-sidecar -p serval-router -p serval-loadgen --bins
+	$(CARGO) build --release -p serval-sidecar --example bench
+
+bench-compare: bench-prereqs
+	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		$(BENCH_PY) bench/run.py --out bench/results $(BENCH_ARGS)
+
+bench-quick: bench-prereqs
+	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		$(BENCH_PY) bench/run.py --quick --out $(SERVAL_CACHE)/bench-quick $(BENCH_ARGS)

@@ -1,0 +1,124 @@
+//! One keep-alive HTTP/1.1 connection and the request it repeats.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Why a request did not produce a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid target: {0}")]
+    Target(String),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+}
+
+/// Where and what to send: resolved once, cloned cheaply per request.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Target {
+    /// Parses `http://host:port/path`, `name: value` headers, and takes the body bytes.
+    pub fn new(url: &str, headers: &[String], body: Vec<u8>) -> Result<Self, ClientError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| ClientError::Target(format!("{url}: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ClientError::Target(format!(
+                "{url}: only http:// is supported"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ClientError::Target(format!("{url}: no host")))?
+            .clone();
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(authority.host(), port))
+            .map_err(|e| ClientError::Target(format!("{url}: {e}")))?
+            .next()
+            .ok_or_else(|| ClientError::Target(format!("{url}: host has no address")))?;
+        let path = uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let mut map = HeaderMap::new();
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| ClientError::Target(e.to_string()))?;
+        map.insert(HOST, host);
+        map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        for h in headers {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| ClientError::Target(format!("header {h:?} is not `name: value`")))?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|e| ClientError::Target(format!("header {h:?}: {e}")))?;
+            let value = HeaderValue::from_str(value.trim())
+                .map_err(|e| ClientError::Target(format!("header {h:?}: {e}")))?;
+            map.insert(name, value);
+        }
+        Ok(Self {
+            addr,
+            path,
+            headers: map,
+            body: Bytes::from(body),
+        })
+    }
+
+    fn request(&self) -> Result<Request<Full<Bytes>>, http::Error> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.path.as_str())
+            .body(Full::new(self.body.clone()))?;
+        *req.headers_mut() = self.headers.clone();
+        Ok(req)
+    }
+}
+
+/// A connection with one request in flight at a time.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    /// Opens a TCP connection without Nagle's delay and runs its HTTP/1.1 driver.
+    pub async fn open(addr: SocketAddr) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(ClientError::Connect)?;
+        stream.set_nodelay(true).map_err(ClientError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // The driver ends when the connection closes; the next send reports that.
+            let _ = conn.await;
+        });
+        Ok(Self { sender })
+    }
+
+    /// Whether the server closed the connection (e.g. after `Connection: close`).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Sends the target's request and reads the whole answer; returns its status.
+    pub async fn send(&mut self, target: &Target) -> Result<StatusCode, ClientError> {
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(target.request()?).await?;
+        let status = resp.status();
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
+}
