@@ -2,25 +2,41 @@
 //! concurrencies, for the raw in-process engine, the sidecar with calibrated batching, and the
 //! sidecar with `maxBatchSize: 1`, all in the same run. Prints the ratios the issue asks for.
 //!
-//! `cargo run --release -p serval-sidecar --example bench -- [--seconds 3] [--concurrency 1,8,32,64]
-//!  [--model path[:max_batch]]...` (defaults: models/digits.onnx and, if generated,
-//!  ~/.cache/serval/models/mobilenetv2.onnx).
+//! `cargo run --release -p serval-sidecar --example bench -- [--seconds 2] [--warmup 0.5]
+//!  [--reps 3] [--concurrency 1,8,32,64] [--inline-max-micros N] [--shared-runtime]
+//!  [--model path[:max_batch]]...`
+//! (defaults: models/digits.onnx and, if generated, ~/.cache/serval/models/mobilenetv2.onnx).
+//!
+//! Shared, noisy machines: the three configurations are interleaved point by point (their order
+//! rotates every repetition), every point has a warm-up whose completions are not counted, and
+//! each figure is the median over the repetitions with its min–max. Ratios are taken per
+//! repetition between points measured back to back, then summarised the same way. The sidecars
+//! run on their own runtime (as in their own process), the HTTP clients on another; both share
+//! the machine's cores, as a co-located client would. The raw engine runs on
+//! `min(concurrency, workers)` threads: more threads than cores only add queueing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use serval_sidecar::{Config, Engine, Sidecar};
 use tract_onnx::prelude::Tensor;
 
+/// One measured point.
+#[derive(Clone, Copy, Debug, Default)]
 struct Stats {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    /// Cores this process used on average during the point (clients included).
+    cores: f64,
 }
 
-fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
+fn stats(mut lat: Vec<Duration>, window: Duration) -> Stats {
     lat.sort();
     let pick = |q: f64| {
         lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
@@ -28,18 +44,48 @@ fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
             .unwrap_or_default()
     };
     Stats {
-        rps: lat.len() as f64 / elapsed.as_secs_f64(),
+        rps: lat.len() as f64 / window.as_secs_f64(),
         p50: pick(0.5),
         p99: pick(0.99),
+        cores: 0.0,
     }
 }
 
-fn fmt(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+/// Median and min–max of a sample.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Spread {
+        median,
+        min: v.first().copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn ms(d: f64) -> String {
+    if d < 1.0 {
+        format!("{:.3}", d)
+    } else {
+        format!("{:.1}", d)
+    }
 }
 
 /// One row of the model's input, and the binary V2 request body carrying it.
-fn request(engine: &Engine) -> anyhow::Result<(Tensor, String, Vec<u8>)> {
+fn request(engine: &Engine) -> anyhow::Result<(Tensor, String, Bytes)> {
     let t = engine.sample_inputs(1)?.remove(0);
     let spec = &engine.inputs()[0];
     let floats: Vec<f32> = t.to_plain_array_view::<f32>()?.iter().copied().collect();
@@ -53,13 +99,20 @@ fn request(engine: &Engine) -> anyhow::Result<(Tensor, String, Vec<u8>)> {
     floats
         .iter()
         .for_each(|v| body.extend_from_slice(&v.to_le_bytes()));
-    Ok((t, head.len().to_string(), body))
+    Ok((t, head.len().to_string(), Bytes::from(body)))
 }
 
 /// Raw engine: `threads` threads calling `infer` on one row in a loop.
-fn bench_engine(engine: Arc<Engine>, input: Tensor, threads: usize, seconds: Duration) -> Stats {
+fn bench_engine(
+    engine: Arc<Engine>,
+    input: Tensor,
+    threads: usize,
+    warmup: Duration,
+    window: Duration,
+) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
+    let from = Instant::now() + warmup;
+    let until = from + window;
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let (engine, input, stop) = (engine.clone(), input.clone(), stop.clone());
@@ -68,63 +121,116 @@ fn bench_engine(engine: Arc<Engine>, input: Tensor, threads: usize, seconds: Dur
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     if engine.infer(vec![input.clone()]).is_ok() {
-                        lat.push(t.elapsed());
+                        let done = Instant::now();
+                        if done >= from && done <= until {
+                            lat.push(done - t);
+                        }
                     }
                 }
                 lat
             })
         })
         .collect();
-    std::thread::sleep(seconds);
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
     stop.store(true, Ordering::Relaxed);
     let lat: Vec<Duration> = handles
         .into_iter()
         .flat_map(|h| h.join().unwrap_or_default())
         .collect();
-    stats(lat, started.elapsed())
+    stats(lat, window)
 }
 
-/// HTTP load: `concurrency` keep-alive clients posting the same request in a loop.
-async fn bench_http(
-    url: String,
+/// One keep-alive HTTP/1.1 client posting `body` in a loop until `until` (or, with an empty
+/// `header_len`, sending `GET path`); latencies of the answers that complete within
+/// `[from, until]`.
+async fn client(
+    addr: std::net::SocketAddr,
+    path: String,
     header_len: String,
-    body: Vec<u8>,
+    body: Bytes,
+    from: Instant,
+    until: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let mut lat = Vec::new();
+    let deadline = tokio::time::Instant::from_std(until);
+    loop {
+        let t = Instant::now();
+        if t >= until {
+            break;
+        }
+        let req = if header_len.is_empty() {
+            http::Request::get(&path)
+                .header(http::header::HOST, addr.to_string())
+                .body(Full::new(Bytes::new()))?
+        } else {
+            http::Request::post(&path)
+                .header(http::header::HOST, addr.to_string())
+                .header("Inference-Header-Content-Length", &header_len)
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(Full::new(body.clone()))?
+        };
+        let one = async {
+            send.ready().await?;
+            let resp = send.send_request(req).await?;
+            let ok = resp.status() == 200;
+            resp.into_body().collect().await?;
+            anyhow::Ok(ok)
+        };
+        // Past the window the request is abandoned (the server drops it if still queued), so
+        // the next point does not start with this one's backlog.
+        match tokio::time::timeout_at(deadline, one).await {
+            Ok(Ok(true)) => {
+                let done = Instant::now();
+                if done >= from {
+                    lat.push(done - t);
+                }
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    conn.abort();
+    Ok(lat)
+}
+
+/// `concurrency` keep-alive clients against one sidecar.
+async fn bench_http(
+    addr: std::net::SocketAddr,
+    path: &str,
+    header_len: &str,
+    body: &Bytes,
     concurrency: usize,
-    seconds: Duration,
+    warmup: Duration,
+    window: Duration,
 ) -> Stats {
-    let body = bytes::Bytes::from(body);
-    let started = Instant::now();
-    let until = started + seconds;
+    let from = Instant::now() + warmup;
+    let until = from + window;
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (url, header_len, body) = (url.clone(), header_len.clone(), body.clone());
-            tokio::spawn(async move {
-                let c = reqwest::Client::new();
-                let mut lat = Vec::new();
-                while Instant::now() < until {
-                    let t = Instant::now();
-                    let r = c
-                        .post(&url)
-                        .header("Inference-Header-Content-Length", &header_len)
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    if let Ok(r) = r
-                        && r.status() == 200
-                        && r.bytes().await.is_ok()
-                    {
-                        lat.push(t.elapsed());
-                    }
-                }
-                lat
-            })
+            tokio::spawn(client(
+                addr,
+                path.to_owned(),
+                header_len.to_owned(),
+                body.clone(),
+                from,
+                until,
+            ))
         })
         .collect();
     let mut lat = Vec::new();
     for t in tasks {
-        lat.extend(t.await.unwrap_or_default());
+        match t.await {
+            Ok(Ok(l)) => lat.extend(l),
+            Ok(Err(e)) => eprintln!("client failed: {e:#}"),
+            Err(e) => eprintln!("client panicked: {e}"),
+        }
     }
-    stats(lat, started.elapsed())
+    stats(lat, window)
 }
 
 /// `(sum, count)` of a histogram in the sidecar's own metrics.
@@ -144,17 +250,32 @@ fn mean_us(before: (f64, f64), after: (f64, f64)) -> f64 {
     (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e6
 }
 
-async fn sidecar(model: &str, max_batch: usize) -> anyhow::Result<Sidecar> {
+async fn sidecar(
+    model: &str,
+    max_batch: usize,
+    inline_max: Option<Duration>,
+) -> anyhow::Result<Sidecar> {
     let mut cfg = Config::for_model(model);
     cfg.max_batch_size = max_batch;
     cfg.drain_delay = Duration::ZERO;
+    if let Some(d) = inline_max {
+        cfg.inline_max_run = d;
+    }
     let s = Sidecar::start(cfg).await?;
     s.ready().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(s)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Raw,
+    Batched,
+    Unbatched,
+}
+
+const KINDS: [Kind; 3] = [Kind::Raw, Kind::Batched, Kind::Unbatched];
+
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |name: &str| {
         args.iter()
@@ -162,7 +283,17 @@ async fn main() -> anyhow::Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let seconds = Duration::from_secs_f64(arg("--seconds").map_or(Ok(3.0), |s| s.parse())?);
+    let secs = |name: &str, default: f64| -> anyhow::Result<Duration> {
+        Ok(Duration::from_secs_f64(
+            arg(name).map_or(Ok(default), |s| s.parse())?,
+        ))
+    };
+    let window = secs("--seconds", 2.0)?;
+    let warmup = secs("--warmup", 0.5)?;
+    let reps: usize = arg("--reps").map_or(Ok(3), |s| s.parse())?;
+    let inline_max = arg("--inline-max-micros")
+        .map(|s| s.parse().map(Duration::from_micros))
+        .transpose()?;
     let levels: Vec<usize> = arg("--concurrency")
         .unwrap_or_else(|| "1,8,32,64".into())
         .split(',')
@@ -198,12 +329,32 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let workers = serval_sidecar::config::default_workers();
+    // The sidecars' runtime, sized as the binary's `#[tokio::main]` would be.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("sidecar-rt")
+        .enable_all()
+        .build()?;
+    // `--shared-runtime`: clients on the sidecars' runtime (a stress test of the I/O threads,
+    // not a deployment shape).
+    let own_client_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("client-rt")
+        .enable_all()
+        .build()?;
+    let client_rt = if args.iter().any(|a| a == "--shared-runtime") {
+        &server_rt
+    } else {
+        &own_client_rt
+    };
+    println!(
+        "# sidecar benchmark: {workers} workers, {reps} repetitions x {:.1}s (+{:.1}s warm-up) per point, load at start: {}",
+        window.as_secs_f64(),
+        warmup.as_secs_f64(),
+        load()
+    );
     for (model, max_batch) in models {
-        println!(
-            "\n== {model} (max batch {max_batch}, {workers} workers, {}s per point)",
-            seconds.as_secs_f64()
-        );
-        let batched = sidecar(&model, max_batch).await?;
+        println!("\n## {model} (max batch {max_batch})");
+        let batched = server_rt.block_on(sidecar(&model, max_batch, inline_max))?;
+        let single = server_rt.block_on(sidecar(&model, 1, inline_max))?;
         let engine = batched
             .model()
             .ok_or_else(|| anyhow::anyhow!("no model"))?
@@ -212,92 +363,250 @@ async fn main() -> anyhow::Result<()> {
         println!("calibration: kept batch sizes {:?}", engine.batch_sizes());
         for p in engine.curve() {
             println!(
-                "  b={:<4} {:>10.0} rows/s  run {}  kept={}",
+                "  b={:<4} {:>10.0} rows/s  run {} ms  kept={}",
                 p.batch_size,
                 p.rows_per_second,
-                fmt(p.run_time),
+                ms(p.run_time.as_secs_f64() * 1e3),
                 p.kept
             );
         }
         let (input, header_len, body) = request(&engine)?;
-        let lone = bench_engine(engine.clone(), input.clone(), 1, seconds);
-        let raw = bench_engine(engine.clone(), input, workers, seconds);
-        println!(
-            "raw engine, 1 thread:  {:>9.0} req/s  p50 {}  p99 {}",
-            lone.rps,
-            fmt(lone.p50),
-            fmt(lone.p99)
-        );
-        println!(
-            "raw engine, {workers} threads: {:>9.0} req/s  p50 {}  p99 {}",
-            raw.rps,
-            fmt(raw.p50),
-            fmt(raw.p99)
-        );
         let name = batched.state().config.name.clone();
-        let url = |s: &Sidecar| format!("http://{}/v2/models/{name}/infer", s.local_addr());
-        let mut batched_rows = Vec::new();
+        let path = format!("/v2/models/{name}/infer");
         let names = [
             "serval_request_duration_seconds",
             "serval_queue_wait_seconds",
             "serval_inference_seconds",
         ];
-        for &c in &levels {
-            let before: Vec<_> = names.iter().map(|n| histogram(&batched, n)).collect();
-            batched_rows.push(
-                bench_http(url(&batched), header_len.clone(), body.clone(), c, seconds).await,
-            );
-            if c == 1 {
-                let after: Vec<_> = names.iter().map(|n| histogram(&batched, n)).collect();
-                println!(
-                    "server side at concurrency 1: request {:.0} us, of which queue wait {:.0} us and model run {:.0} us",
-                    mean_us(before[0], after[0]),
-                    mean_us(before[1], after[1]),
-                    mean_us(before[2], after[2])
-                );
+        // results[kind][level][rep]
+        let mut results = vec![vec![Vec::<Stats>::new(); levels.len()]; KINDS.len()];
+        let mut server_side: Vec<[f64; 3]> = Vec::new();
+        // The transport floor: a liveness probe on one keep-alive connection to the same
+        // server (loopback TCP, both threads' wake-ups, HTTP framing; no inference path).
+        let mut floor: Vec<f64> = Vec::new();
+        // A slow model needs time to reach its steady queue at high concurrency (c requests
+        // queued take c * run / workers to drain once): warm-up and window grow with that.
+        let run1 = engine.run_time(1).unwrap_or_default();
+        let queue_time = |c: usize| run1.mul_f64(c as f64 / workers as f64);
+        for rep in 0..reps {
+            for (li, &c) in levels.iter().enumerate() {
+                let warmup = warmup + queue_time(c);
+                let window = window.max(queue_time(c) * 3);
+                for k in 0..KINDS.len() {
+                    let kind = KINDS[(k + rep + li) % KINDS.len()];
+                    let (cpu0, wall0) = (process_cpu(), Instant::now());
+                    let mut s = match kind {
+                        Kind::Raw => bench_engine(
+                            engine.clone(),
+                            input.clone(),
+                            c.min(workers),
+                            warmup,
+                            window,
+                        ),
+                        Kind::Batched | Kind::Unbatched => {
+                            let sc = if kind == Kind::Batched {
+                                &batched
+                            } else {
+                                &single
+                            };
+                            let before: Vec<_> = names.iter().map(|n| histogram(sc, n)).collect();
+                            let s = client_rt.block_on(bench_http(
+                                sc.local_addr(),
+                                &path,
+                                &header_len,
+                                &body,
+                                c,
+                                warmup,
+                                window,
+                            ));
+                            if c == 1 && kind == Kind::Batched {
+                                let probe = client_rt.block_on(bench_http(
+                                    sc.local_addr(),
+                                    "/v2/health/live",
+                                    "",
+                                    &Bytes::new(),
+                                    1,
+                                    warmup.min(Duration::from_millis(200)),
+                                    window.min(Duration::from_secs(1)),
+                                ));
+                                floor.push(probe.p50.as_secs_f64() * 1e6);
+                                let after: Vec<_> =
+                                    names.iter().map(|n| histogram(sc, n)).collect();
+                                server_side.push([0, 1, 2].map(|i| mean_us(before[i], after[i])));
+                            }
+                            s
+                        }
+                    };
+                    s.cores = (process_cpu() - cpu0) / wall0.elapsed().as_secs_f64();
+                    results[kind as usize][li].push(s);
+                    // Let abandoned requests and their connections clear.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
+            eprintln!("repetition {} done, load {}", rep + 1, load());
         }
         batched.shutdown();
-        batched.wait().await;
-        let single = sidecar(&model, 1).await?;
-        let mut single_rows = Vec::new();
-        for &c in &levels {
-            single_rows
-                .push(bench_http(url(&single), header_len.clone(), body.clone(), c, seconds).await);
-        }
         single.shutdown();
-        single.wait().await;
+        server_rt.block_on(async {
+            batched.wait().await;
+            single.wait().await;
+        });
+
+        let cell = |v: &[Stats]| {
+            let r = spread(v.iter().map(|s| s.rps).collect());
+            let p50 = spread(v.iter().map(|s| s.p50.as_secs_f64() * 1e3).collect());
+            let p99 = spread(v.iter().map(|s| s.p99.as_secs_f64() * 1e3).collect());
+            format!(
+                "{:.0} ({:.0}–{:.0}) | {} | {}",
+                r.median,
+                r.min,
+                r.max,
+                ms(p50.median),
+                ms(p99.median)
+            )
+        };
         println!(
-            "{:>5} | {:>26} | {:>26} | batched/unbatched",
-            "conc", "batched req/s p50 p99", "maxBatch=1 req/s p50 p99"
+            "\nmedian (min–max) req/s | p50 ms | p99 ms; raw engine on min(c, {workers}) threads"
         );
-        for (i, c) in levels.iter().enumerate() {
-            let (b, u) = (&batched_rows[i], &single_rows[i]);
+        println!(
+            "| c | raw req/s | p50 | p99 | batched req/s | p50 | p99 | maxBatch=1 req/s | p50 | p99 |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for (li, c) in levels.iter().enumerate() {
             println!(
-                "{c:>5} | {:>8.0} {:>8} {:>8} | {:>8.0} {:>8} {:>8} | {:.2}",
-                b.rps,
-                fmt(b.p50),
-                fmt(b.p99),
-                u.rps,
-                fmt(u.p50),
-                fmt(u.p99),
-                b.rps / u.rps.max(1e-9)
+                "| {c} | {} | {} | {} |",
+                cell(&results[Kind::Raw as usize][li]),
+                cell(&results[Kind::Batched as usize][li]),
+                cell(&results[Kind::Unbatched as usize][li]),
             );
         }
-        let best = batched_rows.iter().map(|s| s.rps).fold(0.0, f64::max);
-        println!(
-            "ratio sidecar(best) / raw engine ({workers} threads): {:.2}",
-            best / raw.rps.max(1e-9)
-        );
-        if let Some(first) = batched_rows.first() {
-            let added = first.p50.saturating_sub(lone.p50);
+        let ratio = |a: Kind, b: Kind, li: usize| {
+            spread(
+                results[a as usize][li]
+                    .iter()
+                    .zip(&results[b as usize][li])
+                    .map(|(x, y)| x.rps / y.rps.max(1e-9))
+                    .collect(),
+            )
+        };
+        // Requests per CPU-second of this process: other tenants change how much CPU a point
+        // gets far more than they change what a request costs.
+        let per_cpu = |a: Kind, b: Kind, li: usize| {
+            spread(
+                results[a as usize][li]
+                    .iter()
+                    .zip(&results[b as usize][li])
+                    .map(|(x, y)| {
+                        (x.rps / x.cores.max(1e-9)) / (y.rps / y.cores.max(1e-9)).max(1e-9)
+                    })
+                    .collect(),
+            )
+        };
+        println!("\ncores used by this process per point, median (min–max), of {workers}:");
+        for (li, c) in levels.iter().enumerate() {
+            let cores = |k: Kind| spread(results[k as usize][li].iter().map(|s| s.cores).collect());
+            let (r, b, u) = (
+                cores(Kind::Raw),
+                cores(Kind::Batched),
+                cores(Kind::Unbatched),
+            );
             println!(
-                "lone request: sidecar p50 {} vs model {} -> added {:.0} us",
-                fmt(first.p50),
-                fmt(lone.p50),
-                added.as_secs_f64() * 1e6
+                "  c={c:<3} raw {:.2} ({:.2}–{:.2})  batched {:.2} ({:.2}–{:.2})  maxBatch=1 {:.2} ({:.2}–{:.2})",
+                r.median, r.min, r.max, b.median, b.min, b.max, u.median, u.min, u.max
             );
         }
+        println!("\nratios per repetition (req/s; and req per CPU-second), median (min–max):");
+        for (li, c) in levels.iter().enumerate() {
+            let bu = ratio(Kind::Batched, Kind::Unbatched, li);
+            let bu_cpu = per_cpu(Kind::Batched, Kind::Unbatched, li);
+            let br = ratio(Kind::Batched, Kind::Raw, li);
+            println!(
+                "  c={c:<3} batched/unbatched {:.2} ({:.2}–{:.2}), per CPU-s {:.2} ({:.2}–{:.2})   sidecar/raw engine {:.2} ({:.2}–{:.2})",
+                bu.median,
+                bu.min,
+                bu.max,
+                bu_cpu.median,
+                bu_cpu.min,
+                bu_cpu.max,
+                br.median,
+                br.min,
+                br.max
+            );
+        }
+        // Best sidecar level against the raw engine on all workers, per repetition.
+        let full = levels.iter().position(|&c| c >= workers);
+        if let Some(full) = full {
+            let best = spread(
+                (0..reps)
+                    .map(|r| {
+                        let best = (0..levels.len())
+                            .map(|li| results[Kind::Batched as usize][li][r].rps)
+                            .fold(0.0, f64::max);
+                        best / results[Kind::Raw as usize][full][r].rps.max(1e-9)
+                    })
+                    .collect(),
+            );
+            println!(
+                "  sidecar (best concurrency) / raw engine ({workers} threads): {:.2} ({:.2}–{:.2})",
+                best.median, best.min, best.max
+            );
+        }
+        if let Some(l1) = levels.iter().position(|&c| c == 1) {
+            for kind in [Kind::Batched, Kind::Unbatched] {
+                let added = spread(
+                    results[kind as usize][l1]
+                        .iter()
+                        .zip(&results[Kind::Raw as usize][l1])
+                        .map(|(s, raw)| (s.p50.as_secs_f64() - raw.p50.as_secs_f64()) * 1e6)
+                        .collect(),
+                );
+                println!(
+                    "  lone request added latency ({kind:?} p50 - raw engine p50, one keep-alive connection): {:.0} us ({:.0}–{:.0})",
+                    added.median, added.min, added.max
+                );
+            }
+            let f = spread(floor.clone());
+            println!(
+                "  transport floor (GET /v2/health/live p50, same kind of connection): {:.0} us ({:.0}–{:.0})",
+                f.median, f.min, f.max
+            );
+            let side = |i: usize| spread(server_side.iter().map(|s| s[i]).collect()).median;
+            println!(
+                "  server side at c=1 (batched, means): request {:.0} us, queue wait {:.0} us, model run {:.0} us",
+                side(0),
+                side(1),
+                side(2)
+            );
+        }
+        println!("load at end: {}", load());
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (0 elsewhere).
+fn process_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name start at field 3; utime and stime are
+    // fields 14 and 15, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(&stat[..0], |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The 1/5/15-minute load averages, for judging whether a run was disturbed.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }

@@ -2,8 +2,12 @@
 //!
 //! Workers pull. An idle worker takes whatever is queued at once, so a lone request never waits
 //! for a timer; while every worker is busy, rows accumulate and the next free worker takes a
-//! full batch. A batch is sized to a planned batch size (see [`Engine::dispatch_size`]), taking
-//! rows across requests and splitting large requests; each caller collects exactly its rows.
+//! full batch. At most `workers` batches run at once. When a slot is free, nothing is queued and
+//! the model's run is shorter than `inline_max_run`, the request runs on its caller's thread
+//! instead: for a microsecond-scale model the two thread hand-offs (wake a worker, wake the
+//! caller back) would cost more than the run. A batch is sized to a planned batch size (see
+//! [`Engine::dispatch_size`]), taking rows across requests and splitting large requests; each
+//! caller collects exactly its rows.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -28,8 +32,10 @@ pub struct BatcherLimits {
     pub max_batch: usize,
     /// Most rows queued.
     pub max_queue: usize,
-    /// Worker threads.
+    /// Worker threads, and the bound on batches running at once.
     pub workers: usize,
+    /// Longest measured run executed on the caller's thread when a slot is free.
+    pub inline_max_run: Duration,
 }
 
 /// One request in the queue.
@@ -65,12 +71,16 @@ struct State {
     queued_rows: usize,
     paused: bool,
     closed: bool,
+    /// Batches running now, on workers or inline.
+    running: usize,
 }
 
 struct Shared {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     limits: BatcherLimits,
+    /// Largest request (rows) whose run is short enough to run inline; 0: never.
+    inline_rows: usize,
     state: Mutex<State>,
     work: Condvar,
 }
@@ -91,10 +101,54 @@ pub struct Batcher {
 
 /// A submitted request's claim on its results.
 pub struct Ticket {
-    rx: mpsc::UnboundedReceiver<Piece>,
+    outcome: Outcome,
     rows: usize,
     deadline: Instant,
     budget: Duration,
+}
+
+/// Where a ticket's result comes from.
+enum Outcome {
+    /// Ran inline at submission.
+    Done(RequestResult<Vec<Tensor>>),
+    /// Queued: pieces arrive from the workers.
+    Queued(mpsc::UnboundedReceiver<Piece>),
+}
+
+/// A claimed run slot; released on drop (also if the run unwinds).
+struct Slot<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.running -= 1;
+        let wake = st.queued_rows > 0 && !st.paused;
+        drop(st);
+        if wake {
+            // Requests queued while this slot was taken inline: a waiting worker takes them.
+            self.shared.work.notify_one();
+        }
+    }
+}
+
+/// Largest row count whose dispatch runs no plan slower than `limit`.
+fn inline_rows(engine: &Engine, limits: &BatcherLimits) -> usize {
+    if limits.inline_max_run.is_zero() {
+        return 0;
+    }
+    engine
+        .batch_sizes()
+        .into_iter()
+        .take_while(|&size| {
+            size <= limits.max_batch
+                && engine
+                    .run_time(size)
+                    .is_some_and(|t| t <= limits.inline_max_run)
+        })
+        .last()
+        .unwrap_or(0)
 }
 
 impl Batcher {
@@ -104,15 +158,19 @@ impl Batcher {
         metrics: Arc<Metrics>,
         limits: BatcherLimits,
     ) -> std::io::Result<Self> {
+        let inline_rows = inline_rows(&engine, &limits);
+        tracing::debug!(inline_rows, "requests up to this many rows may run inline");
         let shared = Arc::new(Shared {
             engine,
             metrics,
             limits,
+            inline_rows,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued_rows: 0,
                 paused: false,
                 closed: false,
+                running: 0,
             }),
             work: Condvar::new(),
         });
@@ -145,10 +203,36 @@ impl Batcher {
                 "request has {rows} rows, more than the queue bound of {bound}"
             )));
         }
+        let now = Instant::now();
+        let budget = deadline.saturating_duration_since(now);
+        if rows <= self.shared.inline_rows {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return Err(RequestError::Draining);
+            }
+            if !st.paused && st.queue.is_empty() && st.running < self.shared.limits.workers {
+                st.running += 1;
+                drop(st);
+                let slot = Slot {
+                    shared: &self.shared,
+                };
+                let result = if deadline <= now {
+                    Err(RequestError::DeadlineExceeded(budget))
+                } else {
+                    run_inline(&self.shared, inputs, rows)
+                };
+                drop(slot);
+                return Ok(Ticket {
+                    outcome: Outcome::Done(result),
+                    rows,
+                    deadline,
+                    budget,
+                });
+            }
+        }
         let key = inputs.iter().map(|t| t.shape()[1..].to_vec()).collect();
         let inputs = inputs.into_iter().map(Arc::new).collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let now = Instant::now();
         let job = Arc::new(Job {
             inputs,
             rows,
@@ -174,10 +258,10 @@ impl Batcher {
         }
         self.shared.work.notify_one();
         Ok(Ticket {
-            rx,
+            outcome: Outcome::Queued(rx),
             rows,
             deadline,
-            budget: deadline.saturating_duration_since(now),
+            budget,
         })
     }
 
@@ -222,12 +306,22 @@ impl Drop for Batcher {
 
 impl Ticket {
     /// Waits for every row, or until the deadline (504).
-    pub async fn wait(mut self) -> RequestResult<Vec<Tensor>> {
+    pub async fn wait(self) -> RequestResult<Vec<Tensor>> {
+        let mut rx = match self.outcome {
+            Outcome::Done(result) => {
+                // Same rule as a queued request: an answer after the deadline is a 504.
+                if Instant::now() > self.deadline {
+                    return Err(RequestError::DeadlineExceeded(self.budget));
+                }
+                return result;
+            }
+            Outcome::Queued(rx) => rx,
+        };
         let mut pieces: Vec<(usize, Vec<Tensor>)> = Vec::new();
         let mut got = 0;
         let deadline = tokio::time::Instant::from_std(self.deadline);
         while got < self.rows {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => return Err(RequestError::DeadlineExceeded(self.budget)),
                 Ok(None) => {
                     return Err(RequestError::Inference(
@@ -257,13 +351,32 @@ impl Ticket {
     }
 }
 
+/// Runs one request on the caller's thread (its slot is already claimed).
+fn run_inline(shared: &Shared, inputs: Vec<Tensor>, rows: usize) -> RequestResult<Vec<Tensor>> {
+    shared.metrics.queue_wait(Duration::ZERO);
+    let started = Instant::now();
+    let result = shared
+        .engine
+        .infer_values(inputs.into_iter().map(IntoTValue::into_tvalue).collect());
+    shared.metrics.batch(rows, started.elapsed());
+    result.map_err(|e| {
+        tracing::error!(error = %e, rows, "batch failed");
+        shared.metrics.reject("inference");
+        RequestError::Inference(e.to_string())
+    })
+}
+
 fn worker_loop(shared: &Shared) {
+    let mut ran = false;
     loop {
         let batch = {
             let mut st = shared.lock();
+            if ran {
+                st.running -= 1;
+            }
             loop {
                 prune(shared, &mut st);
-                if !st.paused && st.queued_rows > 0 {
+                if !st.paused && st.queued_rows > 0 && st.running < shared.limits.workers {
                     break;
                 }
                 if st.closed && st.queued_rows == 0 {
@@ -272,6 +385,8 @@ fn worker_loop(shared: &Shared) {
                 st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             let batch = take_batch(shared, &mut st);
+            st.running += 1;
+            ran = true;
             shared.metrics.set_queue_depth(st.queued_rows);
             if st.queued_rows > 0 {
                 // More work than this batch: let another idle worker start on it now.

@@ -36,6 +36,11 @@ pub const DEFAULT_DRAIN_DELAY_MILLIS: u64 = 1_000;
 /// Time spent timing each candidate batch size at start-up: long enough for a stable median
 /// on small models, short enough that start-up stays within seconds.
 pub const DEFAULT_CALIBRATION_MILLIS: u64 = 200;
+/// Longest model run (as measured at start-up) that may execute on the request's own thread
+/// when a worker slot is free and nothing is queued: below this, the two thread hand-offs to
+/// an inference worker and back cost about as much as the run itself, and blocking an I/O
+/// thread this long delays other connections no more than a burst of syscalls. 0 disables.
+pub const DEFAULT_INLINE_MAX_MICROS: u64 = 200;
 /// Header a caller sets to bound its own wait, in milliseconds.
 pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
 
@@ -96,6 +101,10 @@ pub struct Args {
     /// Time spent on each candidate batch size during calibration, milliseconds.
     #[arg(long, env = "SERVAL_CALIBRATION_MILLIS", default_value_t = DEFAULT_CALIBRATION_MILLIS)]
     pub calibration_millis: u64,
+    /// Longest model run, microseconds, executed on the request's thread when a worker slot
+    /// is idle (skips the hand-off to a worker thread); 0 always hands off.
+    #[arg(long, env = "SERVAL_INLINE_MAX_MICROS", default_value_t = DEFAULT_INLINE_MAX_MICROS)]
+    pub inline_max_micros: u64,
 }
 
 /// Validated settings of one sidecar.
@@ -133,6 +142,8 @@ pub struct Config {
     pub calibrate: bool,
     /// Time per calibrated batch size.
     pub calibration_time: Duration,
+    /// Longest measured run executed on the request's thread when a worker slot is idle.
+    pub inline_max_run: Duration,
 }
 
 impl Config {
@@ -156,6 +167,7 @@ impl Config {
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MILLIS),
             calibrate: true,
             calibration_time: Duration::from_millis(DEFAULT_CALIBRATION_MILLIS),
+            inline_max_run: Duration::from_micros(DEFAULT_INLINE_MAX_MICROS),
         }
     }
 
@@ -207,6 +219,7 @@ impl Config {
             drain_delay: Duration::from_millis(args.drain_delay_millis),
             calibrate: args.calibrate,
             calibration_time: Duration::from_millis(args.calibration_millis),
+            inline_max_run: Duration::from_micros(args.inline_max_micros),
         };
         cfg.validate()?;
         Ok(cfg)

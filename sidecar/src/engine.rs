@@ -79,6 +79,8 @@ pub struct Engine {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     plans: BTreeMap<usize, Plan>,
+    /// Measured time of one run of each kept plan (median when calibrated).
+    run_times: BTreeMap<usize, Duration>,
     curve: Vec<CalibrationPoint>,
 }
 
@@ -218,6 +220,7 @@ impl Engine {
             inputs,
             outputs,
             plans: BTreeMap::new(),
+            run_times: BTreeMap::new(),
             curve: Vec::new(),
         })
     }
@@ -253,9 +256,11 @@ impl Engine {
     /// Builds the plans to dispatch with and warms them up.
     ///
     /// Candidates are the powers of two up to `max_batch` (and `max_batch` itself). With
-    /// `calibrate`, each is timed for `time_per_size` and kept only if it raises rows/second
-    /// by [`DEFAULT_MIN_BATCH_GAIN`] and one run takes at most `max_delay` longer than a run of
-    /// one row; otherwise every candidate is kept. A fixed-batch graph has one plan.
+    /// `calibrate`, each is timed for `time_per_size`, in alternation with the best size kept
+    /// so far, and kept only if it raises rows/second by [`DEFAULT_MIN_BATCH_GAIN`] over that
+    /// size in the same window and one run takes at most `max_delay` longer than a run of one
+    /// row; otherwise every candidate is kept (each timed once, see [`Engine::run_time`]). A
+    /// fixed-batch graph has one plan.
     pub fn prepare(
         &mut self,
         max_batch: usize,
@@ -268,8 +273,11 @@ impl Engine {
             BatchAxis::Symbolic(_) => candidate_sizes(max_batch),
         };
         self.plans.clear();
+        self.run_times.clear();
         self.curve.clear();
         let mut best: Option<(f64, Duration)> = None; // (rows/s, run time of the smallest size)
+        // The best size kept so far, re-timed next to each candidate (see below).
+        let mut best_plan: Option<(usize, Plan, Vec<TValue>)> = None;
         let mut misses = 0;
         for size in candidates {
             let started = Instant::now();
@@ -284,22 +292,40 @@ impl Engine {
             self.run_plan(&plan, sample.clone())
                 .map_err(|e| StartupError::Engine(format!("warm-up at batch {size}: {e}")))?;
             if !calibrate {
+                // One timed run, so the batcher knows which sizes are cheap enough to run on
+                // the caller's thread.
+                let t = Instant::now();
+                self.run_plan(&plan, sample.clone())
+                    .map_err(|e| StartupError::Engine(format!("warm-up at batch {size}: {e}")))?;
+                let run_time = t.elapsed();
                 tracing::info!(
                     batch_size = size,
+                    run_us = run_time.as_micros() as u64,
                     build_ms = build_time.as_millis() as u64,
                     "plan ready"
                 );
                 self.plans.insert(size, plan);
+                self.run_times.insert(size, run_time);
                 continue;
             }
-            let run_time = self.time_plan(&plan, &sample, time_per_size)?;
+            // A candidate is timed in alternation with the best size so far, and compared with
+            // that size's rate in the same window: on a shared machine the load changes between
+            // windows by more than the gains being measured, enough to keep a CNN batch size
+            // that is slower per row.
+            let (run_time, best_rps) = match &best_plan {
+                None => (self.time_plan(&plan, &sample, time_per_size)?, None),
+                Some((best_size, bplan, bsample)) => {
+                    let (t, tb) = self.time_pair(&plan, &sample, bplan, bsample, time_per_size)?;
+                    (t, Some(*best_size as f64 / tb.as_secs_f64().max(1e-9)))
+                }
+            };
             let rows_per_second = size as f64 / run_time.as_secs_f64().max(1e-9);
-            let kept = match best {
-                None => true,
-                Some((best_rps, one_row)) => {
+            let kept = match (best, best_rps) {
+                (Some((_, one_row)), Some(best_rps)) => {
                     rows_per_second >= best_rps * DEFAULT_MIN_BATCH_GAIN
                         && run_time <= one_row + max_delay
                 }
+                _ => true,
             };
             tracing::info!(
                 batch_size = size,
@@ -318,7 +344,9 @@ impl Engine {
             if kept {
                 let one_row = best.map_or(run_time, |(_, t)| t);
                 best = Some((rows_per_second, one_row));
+                best_plan = Some((size, plan.clone(), sample));
                 self.plans.insert(size, plan);
+                self.run_times.insert(size, run_time);
                 misses = 0;
             } else {
                 misses += 1;
@@ -365,6 +393,34 @@ impl Engine {
         Ok(times[times.len() / 2])
     }
 
+    /// Median run times of `a` and `b`, timed in alternation for `budget` in all (at least
+    /// [`DEFAULT_MIN_CALIBRATION_RUNS`] each), so both see the same machine load.
+    fn time_pair(
+        &self,
+        a: &Plan,
+        sample_a: &[TValue],
+        b: &Plan,
+        sample_b: &[TValue],
+        budget: Duration,
+    ) -> StartupResult<(Duration, Duration)> {
+        let (mut ta, mut tb) = (Vec::new(), Vec::new());
+        let started = Instant::now();
+        let run = |plan: &Plan, sample: &[TValue], times: &mut Vec<Duration>| {
+            let t = Instant::now();
+            self.run_plan(plan, sample.to_vec())
+                .map_err(|e| StartupError::Engine(format!("calibration: {e}")))?;
+            times.push(t.elapsed());
+            Ok::<_, StartupError>(())
+        };
+        while ta.len() < DEFAULT_MIN_CALIBRATION_RUNS || started.elapsed() < budget {
+            run(a, sample_a, &mut ta)?;
+            run(b, sample_b, &mut tb)?;
+        }
+        ta.sort();
+        tb.sort();
+        Ok((ta[ta.len() / 2], tb[tb.len() / 2]))
+    }
+
     /// Deterministic inputs of `rows` rows: values in [0, 1) for floats, zeros otherwise (zero
     /// is a valid index for gathers). Symbolic non-batch axes get length 1.
     pub fn sample_inputs(&self, rows: usize) -> StartupResult<Vec<Tensor>> {
@@ -404,6 +460,11 @@ impl Engine {
             .next_back()
             .or_else(|| self.plans.iter().next())
             .map_or(1, |(size, _)| *size)
+    }
+
+    /// Measured time of one run of the plan for `size` rows, if there is one.
+    pub fn run_time(&self, size: usize) -> Option<Duration> {
+        self.run_times.get(&size).copied()
     }
 
     /// Largest planned batch size.

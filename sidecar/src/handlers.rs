@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
@@ -331,28 +331,61 @@ fn deadline(headers: &HeaderMap, default: Duration) -> RequestResult<Instant> {
     Ok(Instant::now() + budget)
 }
 
+/// A rejected body is still read and discarded up to this many bytes (and for at most
+/// [`DRAIN_FOR`]), so a client that is still sending receives the 413 rather than a connection
+/// reset, and the connection stays usable. Beyond that the connection is closed.
+const DRAIN_MAX: usize = 8 << 20;
+const DRAIN_FOR: Duration = Duration::from_secs(2);
+
 /// Reads the body up to `limit` bytes: 413 from `Content-Length` before reading, or as soon as
 /// a chunked body passes the limit.
 async fn read_body(req: Request<Incoming>, limit: usize) -> RequestResult<Bytes> {
     let too_large = || RequestError::TooLarge(format!("request body exceeds {limit} bytes"));
-    if let Some(len) = header_str(req.headers(), header::CONTENT_LENGTH.as_str())? {
-        let len: u64 = len
-            .parse()
-            .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?;
-        if len > limit as u64 {
+    let declared = match header_str(req.headers(), header::CONTENT_LENGTH.as_str())? {
+        Some(len) => Some(
+            len.parse::<u64>()
+                .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?,
+        ),
+        None => None,
+    };
+    let mut body = req.into_body();
+    if declared.is_some_and(|len| len > limit as u64) {
+        drain(&mut body, 0).await;
+        return Err(too_large());
+    }
+    // Usually one frame, returned without a copy.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| RequestError::Malformed(format!("cannot read body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        if len > limit {
+            drain(&mut body, len).await;
             return Err(too_large());
         }
+        chunks.push(data);
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// Reads and discards the rest of a rejected body, within [`DRAIN_MAX`] and [`DRAIN_FOR`].
+async fn drain(body: &mut Incoming, mut read: usize) {
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        while read <= DRAIN_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
         }
-        Err(e) => Err(RequestError::Malformed(format!("cannot read body: {e}"))),
-    }
+    })
+    .await;
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Resp {

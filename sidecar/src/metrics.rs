@@ -77,6 +77,35 @@ pub struct Metrics {
     model_load: Family<ModelLabels, FloatGauge>,
     calibration: Family<CurveLabels, FloatGauge>,
     ready: Family<ModelLabels, Gauge>,
+    hot: Hot,
+}
+
+/// Handles to the series every request touches. The model label never changes, so they are
+/// looked up once instead of hashing labels under the family's lock on every request.
+#[derive(Debug)]
+struct Hot {
+    ok: Counter,
+    request_duration: Histogram,
+    queue_wait: Histogram,
+    inference: Histogram,
+    batch_size: Histogram,
+    queue_depth: Gauge,
+    inflight: Gauge,
+}
+
+impl Hot {
+    /// Handles not attached to any family: placeholders until [`Metrics::new`] attaches them.
+    fn detached() -> Self {
+        Self {
+            ok: Counter::default(),
+            request_duration: latency_histogram(),
+            queue_wait: latency_histogram(),
+            inference: latency_histogram(),
+            batch_size: batch_histogram(),
+            queue_depth: Gauge::default(),
+            inflight: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -99,6 +128,7 @@ impl Metrics {
             model_load: Family::default(),
             calibration: Family::default(),
             ready: Family::default(),
+            hot: Hot::detached(),
         };
         registry.register(
             "requests",
@@ -151,11 +181,25 @@ impl Metrics {
             "1 when the model serves, 0 otherwise",
             m.ready.clone(),
         );
-        // Create the model's series up front so dashboards see zeros, not gaps.
-        let _ = m.queue_depth.get_or_create(&m.model).get();
-        let _ = m.inflight.get_or_create(&m.model).get();
+        // Create the model's series up front so dashboards see zeros, not gaps; the handles
+        // share their values with the families.
         let _ = m.ready.get_or_create(&m.model).get();
-        Self { registry, ..m }
+        let hot = Hot {
+            ok: m
+                .requests
+                .get_or_create(&CodeLabels {
+                    model: model.to_owned(),
+                    code: 200,
+                })
+                .clone(),
+            request_duration: m.request_duration.get_or_create(&m.model).clone(),
+            queue_wait: m.queue_wait.get_or_create(&m.model).clone(),
+            inference: m.inference.get_or_create(&m.model).clone(),
+            batch_size: m.batch_size.get_or_create(&m.model).clone(),
+            queue_depth: m.queue_depth.get_or_create(&m.model).clone(),
+            inflight: m.inflight.get_or_create(&m.model).clone(),
+        };
+        Self { registry, hot, ..m }
     }
 
     /// Text exposition format.
@@ -168,15 +212,17 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn request(&self, code: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&CodeLabels {
-                model: self.model.model.clone(),
-                code,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&self.model)
-            .observe(elapsed.as_secs_f64());
+        if code == 200 {
+            self.hot.ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&CodeLabels {
+                    model: self.model.model.clone(),
+                    code,
+                })
+                .inc();
+        }
+        self.hot.request_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts one rejection.
@@ -191,29 +237,23 @@ impl Metrics {
 
     /// Records one model run.
     pub fn batch(&self, rows: usize, elapsed: Duration) {
-        self.batch_size
-            .get_or_create(&self.model)
-            .observe(rows as f64);
-        self.inference
-            .get_or_create(&self.model)
-            .observe(elapsed.as_secs_f64());
+        self.hot.batch_size.observe(rows as f64);
+        self.hot.inference.observe(elapsed.as_secs_f64());
     }
 
     /// Records how long rows waited before their batch started.
     pub fn queue_wait(&self, waited: Duration) {
-        self.queue_wait
-            .get_or_create(&self.model)
-            .observe(waited.as_secs_f64());
+        self.hot.queue_wait.observe(waited.as_secs_f64());
     }
 
     /// Sets the queued row count.
     pub fn set_queue_depth(&self, rows: usize) {
-        self.queue_depth.get_or_create(&self.model).set(rows as i64);
+        self.hot.queue_depth.set(rows as i64);
     }
 
     /// Changes the in-flight count by `delta`.
     pub fn add_inflight(&self, delta: i64) {
-        self.inflight.get_or_create(&self.model).inc_by(delta);
+        self.hot.inflight.inc_by(delta);
     }
 
     /// Records the start-up time.

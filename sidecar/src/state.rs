@@ -157,6 +157,7 @@ impl AppState {
                 .max(1),
             max_queue: self.config.max_queue,
             workers: self.config.workers,
+            inline_max_run: self.config.inline_max_run,
         };
         let batcher = Batcher::start(engine.clone(), self.metrics.clone(), limits)
             .map_err(|e| StartupError::Engine(format!("cannot start workers: {e}")))?;
