@@ -87,10 +87,19 @@ async fn crds_explain_and_reject_invalid_manifests() {
     s.finish(result);
 }
 
+/// `kubectl explain` reads the apiserver's OpenAPI, which publishes a new CRD's schema a moment
+/// after the CRD is Established: retry for a bounded time, then surface kubectl's own error.
+fn kubectl_explain(s: &Scenario, args: &[&str]) -> anyhow::Result<String> {
+    let found = wait_for(
+        "kubectl explain to find the CRD's schema",
+        Duration::from_secs(30),
+        || Ok(s.cluster.kubectl_ok(args).ok()),
+    );
+    found.or_else(|_| s.cluster.kubectl_ok(args))
+}
+
 fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
-    let explain = s
-        .cluster
-        .kubectl_ok(["explain", "backends.spec.batching"])?;
+    let explain = kubectl_explain(s, &["explain", "backends.spec.batching"])?;
     ensure!(
         explain.contains("DESCRIPTION:") && explain.contains("maxBatchSize"),
         "no field docs in:\n{explain}"
@@ -100,11 +109,14 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
         "undocumented field in:\n{explain}"
     );
     // `endpoints` alone is core's; the group disambiguates.
-    let explain = s.cluster.kubectl_ok([
-        "explain",
-        "endpoints.spec.traffic",
-        "--api-version=serval.dev/v1alpha1",
-    ])?;
+    let explain = kubectl_explain(
+        s,
+        &[
+            "explain",
+            "endpoints.spec.traffic",
+            "--api-version=serval.dev/v1alpha1",
+        ],
+    )?;
     ensure!(
         explain.contains("weight") && explain.contains("backend"),
         "no traffic docs in:\n{explain}"
