@@ -118,6 +118,11 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_HEADER_READ_TIMEOUT", value_parser = parse_duration,
           default_value = "30s")]
     pub header_read_timeout: Duration,
+    /// Serve plain HTTP/1.1 requests with sized bodies on the express lane (parsed in place,
+    /// relayed over raw pooled sockets); `false` sends every request through hyper.
+    #[arg(long, env = "SERVAL_ROUTER_FAST_PATH", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub fast_path: bool,
 }
 
 impl Config {
@@ -143,6 +148,7 @@ impl Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             worker_threads: 0,
+            fast_path: true,
         }
     }
 }
@@ -185,6 +191,7 @@ mod tests {
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
         assert_eq!(c.port, DEFAULT_PORT);
+        assert!(c.fast_path);
         assert!(
             Config::try_parse_from(["serval-router"]).is_err(),
             "a source is required"

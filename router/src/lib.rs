@@ -10,6 +10,7 @@ pub mod agreement;
 pub mod body;
 pub mod config;
 pub mod errors;
+pub mod express;
 pub mod matching;
 pub mod metrics;
 pub mod mirror;

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::body::{ProxyBody, Tee};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
+use crate::express::RawPool;
 use crate::matching::{Target, host_of};
 use crate::metrics::{CodeLabels, EndpointLabels, ErrorLabels, Metrics, RouteLabels};
 use crate::mirror::{Mirror, ShadowCopy};
@@ -37,6 +38,7 @@ pub struct Proxy {
     outlier: OutlierPolicy,
     max_buffered_body: usize,
     mirror: Mirror,
+    raw_pool: RawPool,
 }
 
 impl Proxy {
@@ -64,6 +66,11 @@ impl Proxy {
             mirror_permits,
             config.mirror_compare_limit,
         );
+        let raw_pool = RawPool::new(
+            config.connect_timeout,
+            config.pool_idle_timeout,
+            config.pool_max_idle_per_host,
+        );
         Self {
             store,
             metrics,
@@ -71,12 +78,34 @@ impl Proxy {
             outlier,
             max_buffered_body: config.max_buffered_body,
             mirror,
+            raw_pool,
         }
     }
 
     /// This proxy's upstream connections.
     pub fn client(&self) -> &HttpClient {
         &self.client
+    }
+
+    /// This proxy's upstream connections for the express lane.
+    pub fn raw_pool(&self) -> &RawPool {
+        &self.raw_pool
+    }
+
+    pub(crate) fn store(&self) -> &TableStore {
+        &self.store
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn outlier(&self) -> OutlierPolicy {
+        self.outlier
+    }
+
+    pub(crate) fn max_buffered_body(&self) -> usize {
+        self.max_buffered_body
     }
 
     /// Routes and forwards one request; never fails, errors become JSON responses.
@@ -133,7 +162,7 @@ impl Proxy {
         resp
     }
 
-    fn count(
+    pub(crate) fn count(
         &self,
         route: &CompiledRoute,
         pool: Option<&BackendPool>,
@@ -169,7 +198,12 @@ impl Proxy {
             .inc();
     }
 
-    fn upstream_error(&self, route: &CompiledRoute, pool: &BackendPool, kind: &'static str) {
+    pub(crate) fn upstream_error(
+        &self,
+        route: &CompiledRoute,
+        pool: &BackendPool,
+        kind: &'static str,
+    ) {
         let labels = ErrorLabels {
             endpoint: route.endpoint.clone(),
             backend: pool.name.clone(),
@@ -179,7 +213,7 @@ impl Proxy {
     }
 
     /// Whether another attempt may be sent: bounded body, attempts left, budget left.
-    fn may_retry(
+    pub(crate) fn may_retry(
         &self,
         route: &CompiledRoute,
         pool: &BackendPool,

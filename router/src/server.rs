@@ -18,12 +18,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
+use crate::express::{self, Outcome, Prefixed};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::table::{TableSettings, TableStore};
@@ -35,6 +36,8 @@ pub const HEALTHZ_PATH: &str = "/-/healthz";
 pub const READYZ_PATH: &str = "/-/readyz";
 /// Prometheus metrics.
 pub const METRICS_PATH: &str = "/-/metrics";
+/// The router's own paths; never routed to an Endpoint.
+pub const RESERVED_PREFIX: &str = "/-/";
 
 /// Pause after a failed accept (usually out of file descriptors) instead of spinning.
 const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
@@ -247,21 +250,25 @@ async fn run_shard(
         state.mirror_permits.clone(),
     );
     let client = proxy.client().clone();
+    let shard = Arc::new(ShardState { state, proxy });
+    let swept = shard.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(client.idle_timeout().max(IDLE_SWEEP_MIN));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             client.sweep();
+            swept.proxy.raw_pool().sweep();
         }
     });
-    let shard = Arc::new(ShardState { state, proxy });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    // Express-lane connections learn of the drain from this; hyper's from `graceful`.
+    let (drain_tx, drain_rx) = watch::channel(false);
     while let Some(stream) = connections.recv().await {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(s) => s,
@@ -271,23 +278,34 @@ async fn run_shard(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Taken now so a drain that starts while the express lane serves it still counts it.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let drain = drain_rx.clone();
         let shard = shard.clone();
-        let svc = service_fn(move |req| {
-            let shard = shard.clone();
-            async move { Ok::<_, Infallible>(dispatch(&shard, req).await) }
-        });
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned(),
-        );
+        let (fast_path, header_timeout) = (config.fast_path, config.header_read_timeout);
         tokio::spawn(async move {
+            let (stream, buffered) = if fast_path {
+                match express::serve(&shard.proxy, stream, header_timeout, drain).await {
+                    Outcome::Closed => return,
+                    Outcome::Handover { stream, buffered } => (stream, buffered),
+                }
+            } else {
+                (stream, Bytes::new())
+            };
+            let svc = service_fn(move |req| {
+                let shard = shard.clone();
+                async move { Ok::<_, Infallible>(dispatch(&shard, req).await) }
+            });
+            let io = TokioIo::new(Prefixed::new(buffered, stream));
+            let conn = watcher.watch(builder.serve_connection(io, svc).into_owned());
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with error");
             }
         });
     }
     tracing::debug!(inflight_connections = graceful.count(), "shard draining");
+    let _ = drain_tx.send(true);
     if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
         .await
         .is_err()

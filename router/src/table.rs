@@ -75,17 +75,22 @@ impl CompiledRoute {
 
     /// The backend for a request: a header rule, else the sticky hash, else the weighted split.
     pub fn choose(&self, headers: &HeaderMap) -> Option<&Arc<BackendPool>> {
+        self.choose_by(|name| headers.get(name).map(|v| v.as_bytes()))
+    }
+
+    /// [`Self::choose`] over any header lookup (the express lane reads unparsed heads).
+    pub fn choose_by<'h>(
+        &self,
+        header: impl Fn(&HeaderName) -> Option<&'h [u8]>,
+    ) -> Option<&Arc<BackendPool>> {
         for (name, value, pool) in &self.matches {
-            if headers
-                .get(name)
-                .is_some_and(|v| v.as_bytes() == value.as_bytes())
-            {
+            if header(name).is_some_and(|v| v == value.as_bytes()) {
                 return pool.is_usable().then_some(pool);
             }
         }
-        let sticky_key = self.sticky.as_ref().and_then(|h| headers.get(h));
+        let sticky_key = self.sticky.as_ref().and_then(&header);
         let idx = match sticky_key {
-            Some(key) => self.split.pick_sticky(key.as_bytes()),
+            Some(key) => self.split.pick_sticky(key),
             None => self.split.pick_weighted(rand::random()),
         }?;
         self.backends.get(idx)
