@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -51,12 +51,22 @@ impl Route {
         if let Some(rest) = path.strip_prefix("/v2/models/") {
             let mut parts = rest.split('/');
             let name = parts.next().unwrap_or_default();
-            let mut tail: Vec<&str> = parts.collect();
+            // No valid route has more than three segments after the name.
+            let mut segments = [""; 4];
+            let mut count = 0;
+            for part in parts {
+                let Some(slot) = segments.get_mut(count) else {
+                    return Self::NotFound;
+                };
+                *slot = part;
+                count += 1;
+            }
+            let mut tail = &segments[..count];
             // Only one version exists; any version names it.
             if tail.len() >= 2 && tail[0] == "versions" {
-                tail.drain(..2);
+                tail = &tail[2..];
             }
-            let route = match tail.as_slice() {
+            let route = match tail {
                 [] => Self::ModelMetadata,
                 ["ready"] => Self::ModelReady,
                 ["infer"] => Self::Infer,
@@ -129,8 +139,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             e.into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&state.config.name) {
-        resp.headers_mut().insert(MODEL_HEADER, v);
+    if let Some(v) = &state.model_header {
+        resp.headers_mut().insert(MODEL_HEADER, v.clone());
     }
     if route.is_inference() {
         state
@@ -218,18 +228,20 @@ async fn infer(
     protocol: Protocol,
 ) -> RequestResult<Resp> {
     let (_inflight, model) = state.admit()?;
-    let deadline = deadline(req.headers(), state.config.default_deadline)?;
-    let is_image = header_str(req.headers(), header::CONTENT_TYPE.as_str())?
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let deadline = deadline(headers, state.config.default_deadline)?;
+    let is_image = header_str(headers, &header::CONTENT_TYPE)?
         .is_some_and(|c| c.trim().to_ascii_lowercase().starts_with("image/"));
-    let header_length = header_str(req.headers(), v2::HEADER_LENGTH)?.map(str::to_owned);
-    let body = read_body(req, state.config.max_body_bytes).await?;
+    let header_length = header_str(headers, &HEADER_LENGTH)?;
+    let body = read_body(headers, body, state.config.max_body_bytes).await?;
     if is_image {
         return image(state, &model, &body, deadline).await;
     }
     let engine = &model.engine;
     match protocol {
         Protocol::V2 => {
-            let (json, binary) = v2::split_body(&body, header_length.as_deref())?;
+            let (json, binary) = v2::split_body(&body, header_length)?;
             let decoded = v2::decode(&json, binary, engine.inputs(), engine.outputs())?;
             let outputs = model
                 .batcher
@@ -265,11 +277,13 @@ async fn infer(
         Protocol::V1 => {
             let inputs = v1::decode(&body, engine.inputs())?;
             let outputs = model.batcher.submit(inputs, deadline)?.wait().await?;
-            let value = match &model.postprocess {
-                Some(post) => json!({ "predictions": post.apply(&outputs)? }),
-                None => v1::encode(engine.outputs(), &outputs)?,
-            };
-            Ok(json_response(StatusCode::OK, &value))
+            match &model.postprocess {
+                Some(post) => Ok(json_response(
+                    StatusCode::OK,
+                    &json!({ "predictions": post.apply(&outputs)? }),
+                )),
+                None => Ok(json_body_response(v1::encode(engine.outputs(), &outputs)?)),
+            }
         }
     }
 }
@@ -299,18 +313,27 @@ async fn image(
         .ok_or_else(|| RequestError::Inference("model has no input".into()))?;
     let tensor = preprocess::image_to_tensor(cfg, body, dt)?;
     let outputs = model.batcher.submit(vec![tensor], deadline)?.wait().await?;
-    let value = match &model.postprocess {
-        Some(post) => post
-            .apply(&outputs)?
-            .into_iter()
-            .next()
-            .unwrap_or(Value::Null),
-        None => v1::encode(model.engine.outputs(), &outputs)?,
-    };
-    Ok(json_response(StatusCode::OK, &value))
+    match &model.postprocess {
+        Some(post) => {
+            let value = post
+                .apply(&outputs)?
+                .into_iter()
+                .next()
+                .unwrap_or(Value::Null);
+            Ok(json_response(StatusCode::OK, &value))
+        }
+        None => Ok(json_body_response(v1::encode(
+            model.engine.outputs(),
+            &outputs,
+        )?)),
+    }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> RequestResult<Option<&'a str>> {
+/// Header names parsed once rather than on every lookup.
+static HEADER_LENGTH: HeaderName = HeaderName::from_static(v2::HEADER_LENGTH);
+static DEADLINE: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> RequestResult<Option<&'a str>> {
     headers
         .get(name)
         .map(|v| {
@@ -322,7 +345,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> RequestResult<Option<&'
 
 /// The request's deadline: `serval-deadline-ms` if present, else the default.
 fn deadline(headers: &HeaderMap, default: Duration) -> RequestResult<Instant> {
-    let budget = match header_str(headers, DEADLINE_HEADER)? {
+    let budget = match header_str(headers, &DEADLINE)? {
         None => default,
         Some(v) => Duration::from_millis(v.trim().parse().map_err(|_| {
             RequestError::Malformed(format!("{DEADLINE_HEADER} must be milliseconds, got {v:?}"))
@@ -339,16 +362,15 @@ const DRAIN_FOR: Duration = Duration::from_secs(2);
 
 /// Reads the body up to `limit` bytes: 413 from `Content-Length` before reading, or as soon as
 /// a chunked body passes the limit.
-async fn read_body(req: Request<Incoming>, limit: usize) -> RequestResult<Bytes> {
+async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: usize) -> RequestResult<Bytes> {
     let too_large = || RequestError::TooLarge(format!("request body exceeds {limit} bytes"));
-    let declared = match header_str(req.headers(), header::CONTENT_LENGTH.as_str())? {
+    let declared = match header_str(headers, &header::CONTENT_LENGTH)? {
         Some(len) => Some(
             len.parse::<u64>()
                 .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?,
         ),
         None => None,
     };
-    let mut body = req.into_body();
     if declared.is_some_and(|len| len > limit as u64) {
         drain(&mut body, 0).await;
         return Err(too_large());
@@ -389,8 +411,14 @@ async fn drain(body: &mut Incoming, mut read: usize) {
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    let mut r = json_body_response(value.to_string().into_bytes());
     *r.status_mut() = status;
+    r
+}
+
+/// A 200 answer carrying already encoded JSON.
+fn json_body_response(body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

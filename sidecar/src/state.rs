@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
+
 use crate::batcher::{Batcher, BatcherLimits};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -34,6 +36,9 @@ pub struct AppState {
     pub config: Config,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The model name as a response header value, built once; `None` if the name is not a
+    /// valid header value (the header is then left out).
+    pub model_header: Option<HeaderValue>,
     model: OnceLock<Arc<LoadedModel>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
@@ -55,9 +60,11 @@ impl AppState {
     /// Fresh state for `config`, not ready yet.
     pub fn new(config: Config) -> Self {
         let metrics = Arc::new(Metrics::new(&config.name));
+        let model_header = HeaderValue::from_str(&config.name).ok();
         Self {
             config,
             metrics,
+            model_header,
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),

@@ -1,10 +1,11 @@
 //! KServe V1 REST: `{"instances": [...]}` in, `{"predictions": [...]}` out. Each instance is one
 //! row; for a model with several inputs, an object of rows by input name.
 
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use tract_onnx::prelude::Tensor;
 
-use super::tensor;
+use super::tensor::{self, JsonRow};
 use crate::engine::TensorSpec;
 use crate::errors::{RequestError, RequestResult};
 
@@ -60,35 +61,105 @@ pub fn decode(body: &[u8], inputs: &[TensorSpec]) -> RequestResult<Vec<Tensor>> 
             }
             let mut shape = vec![rows.len()];
             shape.extend(row_shape);
-            let all = Value::Array(rows.into_iter().cloned().collect());
-            tensor::from_json(spec.datum_type, &shape, &all)
+            // The rows' leaves in order: what flattening an array of the rows would give.
+            let mut leaves = Vec::new();
+            for row in &rows {
+                tensor::flatten(row, &mut leaves);
+            }
+            tensor::from_leaves(spec.datum_type, &shape, &leaves)
         })
         .collect()
 }
 
 /// `{"predictions": [...]}` with one entry per row: the row of the only output, or an object
-/// of rows by output name.
-pub fn encode(outputs: &[TensorSpec], tensors: &[Tensor]) -> RequestResult<Value> {
-    let per_output = tensors
-        .iter()
-        .map(tensor::to_json_rows)
-        .collect::<RequestResult<Vec<Vec<Value>>>>()?;
-    let rows = per_output.first().map_or(0, Vec::len);
-    let predictions: Vec<Value> = if per_output.len() == 1 {
-        per_output.into_iter().next().unwrap_or_default()
-    } else {
-        (0..rows)
-            .map(|r| {
-                let obj: Map<String, Value> = outputs
-                    .iter()
-                    .zip(&per_output)
-                    .map(|(s, rows)| (s.name.clone(), rows.get(r).cloned().unwrap_or(Value::Null)))
-                    .collect();
-                Value::Object(obj)
-            })
-            .collect()
+/// of rows by output name (keys sorted, as a `serde_json::Map` orders them). Serialized
+/// straight from the tensors.
+pub fn encode(outputs: &[TensorSpec], tensors: &[Tensor]) -> RequestResult<Vec<u8>> {
+    let mut elements = 0;
+    for t in tensors {
+        tensor::check_encodable(t)?;
+        elements += t.len();
+    }
+    let mut body = Vec::with_capacity(64 + elements * 24);
+    let written = match tensors {
+        [only] => serde_json::to_writer(
+            &mut body,
+            &Predictions {
+                predictions: Rows(only),
+            },
+        ),
+        _ => {
+            // Sorted by name; for equal names the last output wins, as a map insert would.
+            let mut by_name: Vec<(&str, &Tensor)> = outputs
+                .iter()
+                .zip(tensors)
+                .map(|(s, t)| (s.name.as_str(), t))
+                .collect();
+            by_name.sort_by(|a, b| a.0.cmp(b.0));
+            let mut keep = Vec::with_capacity(by_name.len());
+            for (i, entry) in by_name.iter().enumerate() {
+                if by_name.get(i + 1).is_none_or(|next| next.0 != entry.0) {
+                    keep.push(*entry);
+                }
+            }
+            let rows = tensors.first().map_or(0, tensor::row_count);
+            serde_json::to_writer(
+                &mut body,
+                &Predictions {
+                    predictions: Objects {
+                        outputs: &keep,
+                        rows,
+                    },
+                },
+            )
+        }
     };
-    Ok(serde_json::json!({ "predictions": predictions }))
+    written.map_err(|e| RequestError::Inference(format!("cannot encode output: {e}")))?;
+    Ok(body)
+}
+
+#[derive(Serialize)]
+struct Predictions<P> {
+    predictions: P,
+}
+
+/// Every row of one output.
+struct Rows<'a>(&'a Tensor);
+
+impl Serialize for Rows<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq((0..tensor::row_count(self.0)).map(|r| JsonRow(self.0, r)))
+    }
+}
+
+/// One object per row, of each output's row by name.
+struct Objects<'a> {
+    outputs: &'a [(&'a str, &'a Tensor)],
+    rows: usize,
+}
+
+impl Serialize for Objects<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq((0..self.rows).map(|r| Row {
+            outputs: self.outputs,
+            row: r,
+        }))
+    }
+}
+
+struct Row<'a> {
+    outputs: &'a [(&'a str, &'a Tensor)],
+    row: usize,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.outputs
+                .iter()
+                .map(|(name, t)| (name, JsonRow(t, self.row))),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -109,7 +180,9 @@ mod tests {
         )
         .expect("decode");
         assert_eq!(t[0].shape(), &[3, 2]);
-        let out = encode(std::slice::from_ref(&spec), &t).expect("encode");
+        let out: Value =
+            serde_json::from_slice(&encode(std::slice::from_ref(&spec), &t).expect("encode"))
+                .expect("json");
         assert_eq!(
             out,
             serde_json::json!({"predictions": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]})

@@ -2,23 +2,23 @@
 //! the binary tensor extension as `tritonclient` speaks it (`Inference-Header-Content-Length`
 //! splits the body into a JSON header and raw tensor bytes).
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tract_onnx::prelude::Tensor;
 
-use super::tensor::{self, datatype_name, parse_datatype};
+use super::tensor::{self, JsonData, JsonElements, datatype_name, parse_datatype};
 use crate::engine::TensorSpec;
 use crate::errors::{RequestError, RequestResult};
 
 /// Header giving the length of the JSON part of a body with binary tensors.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
-/// An inference request.
+/// An inference request. Names borrow from the body when they have no escapes.
 #[derive(Debug, Deserialize)]
-pub struct InferRequest {
+pub struct InferRequest<'a> {
     /// Echoed in the response.
     #[serde(default)]
     pub id: Option<String>,
@@ -26,34 +26,38 @@ pub struct InferRequest {
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
     /// Input tensors.
-    pub inputs: Vec<RequestInput>,
+    #[serde(borrow)]
+    pub inputs: Vec<RequestInput<'a>>,
     /// Outputs to return; all when absent.
-    #[serde(default)]
-    pub outputs: Option<Vec<RequestOutput>>,
+    #[serde(default, borrow)]
+    pub outputs: Option<Vec<RequestOutput<'a>>>,
 }
 
 /// One input tensor of a request.
 #[derive(Debug, Deserialize)]
-pub struct RequestInput {
+pub struct RequestInput<'a> {
     /// Input name.
-    pub name: String,
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
     /// Dimensions.
     pub shape: Vec<i64>,
     /// Datatype name, e.g. `FP32`.
-    pub datatype: String,
+    #[serde(borrow)]
+    pub datatype: Cow<'a, str>,
     /// `binary_data_size` when the data follows the JSON header.
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
-    /// JSON data, flat or nested.
+    /// JSON data, flat or nested, flattened while parsing.
     #[serde(default)]
-    pub data: Option<Value>,
+    pub data: Option<JsonData>,
 }
 
 /// One requested output.
 #[derive(Debug, Deserialize)]
-pub struct RequestOutput {
+pub struct RequestOutput<'a> {
     /// Output name.
-    pub name: String,
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
     /// `binary_data: true` asks for raw bytes.
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
@@ -149,15 +153,16 @@ pub fn decode(
 ) -> RequestResult<Decoded> {
     let req: InferRequest = serde_json::from_slice(json)
         .map_err(|e| RequestError::Malformed(format!("invalid inference request: {e}")))?;
-    let mut by_name: HashMap<&str, Tensor> = HashMap::new();
+    // One slot per model input, in the model's order.
+    let mut slots: Vec<Option<Tensor>> = inputs.iter().map(|_| None).collect();
     for input in &req.inputs {
-        if !inputs.iter().any(|s| s.name == input.name) {
+        let Some(slot) = inputs.iter().position(|s| s.name == input.name) else {
             return Err(RequestError::Unprocessable(format!(
                 "unknown input {:?}; the model takes {:?}",
                 input.name,
                 inputs.iter().map(|s| &s.name).collect::<Vec<_>>()
             )));
-        }
+        };
         let dt = parse_datatype(&input.datatype)?;
         let shape = input
             .shape
@@ -199,7 +204,7 @@ pub fn decode(
                 let bytes = binary.split_to(n);
                 tensor::from_binary(dt, &shape, &bytes)?
             }
-            (None, Some(data)) => tensor::from_json(dt, &shape, data)?,
+            (None, Some(data)) => tensor::from_leaves(dt, &shape, &data.0)?,
             (None, None) => {
                 return Err(RequestError::Malformed(format!(
                     "input {:?} has no data",
@@ -207,7 +212,7 @@ pub fn decode(
                 )));
             }
         };
-        if by_name.insert(input.name.as_str(), t).is_some() {
+        if slots[slot].replace(t).is_some() {
             return Err(RequestError::Malformed(format!(
                 "input {:?} given twice",
                 input.name
@@ -222,10 +227,9 @@ pub fn decode(
     }
     let ordered = inputs
         .iter()
-        .map(|s| {
-            by_name
-                .remove(s.name.as_str())
-                .ok_or_else(|| RequestError::Unprocessable(format!("missing input {:?}", s.name)))
+        .zip(slots)
+        .map(|(s, t)| {
+            t.ok_or_else(|| RequestError::Unprocessable(format!("missing input {:?}", s.name)))
         })
         .collect::<RequestResult<Vec<_>>>()?;
     let all_binary = param_bool(&req.parameters, "binary_data_output");
@@ -266,7 +270,40 @@ pub struct Encoded {
     pub header_length: Option<usize>,
 }
 
-/// Encodes the selected outputs.
+/// The response's JSON part. Keys are in alphabetical order, as the `serde_json::Value` this
+/// replaced wrote them, so answers stay byte-identical.
+#[derive(Serialize)]
+struct InferResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    model_name: &'a str,
+    model_version: &'a str,
+    outputs: Vec<ResponseOutput<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResponseOutput<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonElements<'a>>,
+    datatype: &'static str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinaryParameters>,
+    shape: &'a [usize],
+}
+
+#[derive(Serialize)]
+struct BinaryParameters {
+    binary_data_size: usize,
+}
+
+/// Bytes reserved per JSON element: a float through `f64` takes up to 24 with its comma.
+const JSON_BYTES_PER_ELEMENT: usize = 24;
+/// Bytes reserved for the JSON around the outputs' data.
+const JSON_FRAME_BYTES: usize = 128;
+
+/// Encodes the selected outputs, writing JSON then any binary tensors straight into one buffer
+/// sized for them.
 pub fn encode(
     model: &str,
     id: Option<&str>,
@@ -275,49 +312,62 @@ pub fn encode(
     wanted: &[(usize, bool)],
 ) -> RequestResult<Encoded> {
     let mut json_outputs = Vec::with_capacity(wanted.len());
-    let mut binary = Vec::new();
+    let mut capacity = JSON_FRAME_BYTES + model.len() + id.map_or(0, str::len);
+    let mut binary_len = 0;
     for (i, as_binary) in wanted {
         let (Some(spec), Some(t)) = (specs.get(*i), outputs.get(*i)) else {
             return Err(RequestError::Inference(format!(
                 "model returned no output {i}"
             )));
         };
-        let mut out = serde_json::json!({
-            "name": spec.name,
-            "datatype": datatype_name(t.datum_type()),
-            "shape": t.shape(),
-        });
-        if *as_binary {
-            let bytes = tensor::to_binary(t)?;
-            out["parameters"] = serde_json::json!({ "binary_data_size": bytes.len() });
-            binary.extend_from_slice(&bytes);
+        let (data, parameters) = if *as_binary {
+            let size = tensor::binary_size(t)?;
+            binary_len += size;
+            (
+                None,
+                Some(BinaryParameters {
+                    binary_data_size: size,
+                }),
+            )
         } else {
-            out["data"] = Value::Array(tensor::to_json_values(t)?);
-        }
-        json_outputs.push(out);
+            tensor::check_encodable(t)?;
+            capacity += t.len() * JSON_BYTES_PER_ELEMENT;
+            (Some(JsonElements(t)), None)
+        };
+        capacity += JSON_FRAME_BYTES + spec.name.len();
+        json_outputs.push(ResponseOutput {
+            data,
+            datatype: datatype_name(t.datum_type()),
+            name: &spec.name,
+            parameters,
+            shape: t.shape(),
+        });
     }
-    let mut head = serde_json::json!({
-        "model_name": model,
-        "model_version": MODEL_VERSION,
-        "outputs": json_outputs,
-    });
-    if let Some(id) = id {
-        head["id"] = Value::from(id);
-    }
-    let mut body = serde_json::to_vec(&head).map_err(|e| RequestError::Inference(e.to_string()))?;
-    if wanted.iter().any(|(_, b)| *b) {
-        let header_length = body.len();
-        body.extend_from_slice(&binary);
-        Ok(Encoded {
-            body,
-            header_length: Some(header_length),
-        })
-    } else {
-        Ok(Encoded {
+    let head = InferResponse {
+        id,
+        model_name: model,
+        model_version: MODEL_VERSION,
+        outputs: json_outputs,
+    };
+    let mut body = Vec::with_capacity(capacity + binary_len);
+    serde_json::to_writer(&mut body, &head)
+        .map_err(|e| RequestError::Inference(format!("cannot encode output: {e}")))?;
+    if !wanted.iter().any(|(_, b)| *b) {
+        return Ok(Encoded {
             body,
             header_length: None,
-        })
+        });
     }
+    let header_length = body.len();
+    for (i, as_binary) in wanted {
+        if *as_binary && let Some(t) = outputs.get(*i) {
+            tensor::write_binary(t, &mut body)?;
+        }
+    }
+    Ok(Encoded {
+        body,
+        header_length: Some(header_length),
+    })
 }
 
 #[cfg(test)]
@@ -360,6 +410,49 @@ mod tests {
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert_eq!(head["id"], "7");
         assert_eq!(&enc.body[n..n + 4], &1.5f32.to_le_bytes());
+    }
+
+    /// The streamed answer is the text the `serde_json::Value` rendering gave: sorted keys,
+    /// floats through `f64`, binary outputs after the JSON header.
+    #[test]
+    fn answers_are_the_value_rendering() {
+        let (_, mut outputs) = specs();
+        outputs.push(TensorSpec {
+            name: "label".into(),
+            datum_type: DatumType::I64,
+            shape: vec![None],
+        });
+        let y = Tensor::from_shape(&[1, 2], &[0.1f32, f32::NAN]).expect("y");
+        let label = Tensor::from_shape(&[1], &[7i64]).expect("label");
+        let tensors = [y.clone(), label];
+        let enc = encode(
+            "m",
+            Some("a\"b"),
+            &outputs,
+            &tensors,
+            &[(1, false), (0, true)],
+        )
+        .expect("encode");
+        let want = serde_json::json!({
+            "id": "a\"b",
+            "model_name": "m",
+            "model_version": "1",
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [1], "data": [7]},
+                {"name": "y", "datatype": "FP32", "shape": [1, 2],
+                 "parameters": {"binary_data_size": 8}},
+            ],
+        })
+        .to_string();
+        let n = enc.header_length.expect("binary");
+        assert_eq!(std::str::from_utf8(&enc.body[..n]).expect("utf8"), want);
+        assert_eq!(enc.body[n..], tensor::to_binary(&y).expect("bytes"));
+        let enc = encode("m", None, &outputs, &tensors, &[(0, false)]).expect("encode");
+        assert_eq!(enc.header_length, None);
+        assert_eq!(
+            std::str::from_utf8(&enc.body).expect("utf8"),
+            r#"{"model_name":"m","model_version":"1","outputs":[{"data":[0.10000000149011612,null],"datatype":"FP32","name":"y","shape":[1,2]}]}"#
+        );
     }
 
     #[test]
