@@ -503,10 +503,7 @@ fn upstream_request(
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (n, v) in &head.headers {
-        out.extend_from_slice(&src[n.clone()]);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&src[v.clone()]);
-        out.extend_from_slice(b"\r\n");
+        header_line(&mut out, &src[n.clone()], &src[v.clone()]);
     }
     out.extend_from_slice(b"\r\n");
     if inline_body {
@@ -671,19 +668,25 @@ fn write_response_head(out: &mut Vec<u8>, upstream_head: &[u8], pool: &BackendPo
         {
             continue;
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        header_line(out, name, h.value);
     }
+    end_head(out, pool, close);
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends a response head: the backend's name, `connection: close` if asked, the blank line.
+fn end_head(out: &mut Vec<u8>, pool: &BackendPool, close: bool) {
     if let Some(v) = &pool.header_value {
-        out.extend_from_slice(crate::proxy::BACKEND_HEADER.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(out, crate::proxy::BACKEND_HEADER.as_bytes(), v.as_bytes());
     }
     if close {
-        out.extend_from_slice(b"connection: close\r\n");
+        header_line(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -836,16 +839,7 @@ async fn reply_error(
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     out.extend_from_slice(b"\r\n");
-    if let Some(v) = &pool.header_value {
-        out.extend_from_slice(crate::proxy::BACKEND_HEADER.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_head(&mut out, pool, close);
     out.extend_from_slice(body.as_bytes());
     proxy.count(route, Some(pool), status, start);
     client.write_all(&out).await.map_err(|_| ())?;
