@@ -320,6 +320,9 @@ struct RespHead {
     framing: Framing,
     /// The upstream will close the connection after this response.
     close: bool,
+    /// The head as relayed to the client, without its end (see [`end_head`]): the status line
+    /// and the headers minus the hop-by-hop ones, built in the same pass as the parse.
+    relayed: Vec<u8>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -361,8 +364,7 @@ async fn exchange(
         attempts(proxy, client, buf, head_bytes, head, route, &pool, &path),
     )
     .await;
-    let mut out = Vec::with_capacity(1024);
-    let (mut upstream, resp, inflight) = match answered {
+    let (mut upstream, mut resp, inflight) = match answered {
         Ok(Ok(answer)) => answer,
         Ok(Err(AttemptsError::Client)) => return Err(()),
         Ok(Err(AttemptsError::Answer(e))) => {
@@ -378,7 +380,8 @@ async fn exchange(
         }
     };
     let close = head.close || resp.framing == Framing::UntilClose;
-    write_response_head(&mut out, &upstream.buf[..resp.len], &pool, close);
+    let mut out = std::mem::take(&mut resp.relayed);
+    end_head(&mut out, &pool, close);
     upstream.buf.advance(resp.len);
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     proxy.count(route, Some(&pool), status, start);
@@ -600,8 +603,19 @@ fn parse_response(buf: &[u8], is_head: bool) -> Result<Option<RespHead>, String>
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = resp.version == Some(0);
+    let mut relayed = Vec::with_capacity(len + 64);
+    relayed.extend_from_slice(b"HTTP/1.1 ");
+    relayed.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    relayed.push(b' ');
+    relayed.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    relayed.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        if !is_hop_by_hop_response(name)
+            && !name.eq_ignore_ascii_case(crate::proxy::BACKEND_HEADER.as_bytes())
+        {
+            header_line(&mut relayed, name, h.value);
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
@@ -645,32 +659,8 @@ fn parse_response(buf: &[u8], is_head: bool) -> Result<Option<RespHead>, String>
         len,
         framing,
         close,
+        relayed,
     }))
-}
-
-/// The response head for the client: the upstream's status line and headers without the
-/// hop-by-hop ones, plus the backend's name.
-fn write_response_head(out: &mut Vec<u8>, upstream_head: &[u8], pool: &BackendPool, close: bool) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    // Parsed once already: cannot fail.
-    let _ = resp.parse(upstream_head);
-    let code = resp.code.unwrap_or(502);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(code).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if is_hop_by_hop_response(name)
-            || name.eq_ignore_ascii_case(crate::proxy::BACKEND_HEADER.as_bytes())
-        {
-            continue;
-        }
-        header_line(out, name, h.value);
-    }
-    end_head(out, pool, close);
 }
 
 fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -1066,6 +1056,14 @@ mod tests {
             ) == Framing::Chunked
         );
         assert!(f(b"HTTP/1.1 200 OK\r\n\r\n", false) == Framing::UntilClose);
+        // The relayed head keeps end-to-end headers only; the router adds its own backend name.
+        let raw = b"HTTP/1.1 200 Fine\r\nConnection: keep-alive\r\nX-A: 1\r\n\
+            serval-backend: spoof\r\nkeep-alive: timeout=5\r\ncontent-length: 5\r\n\r\nhello";
+        let relayed = parse_response(raw, false).unwrap().unwrap().relayed;
+        assert_eq!(
+            String::from_utf8(relayed).unwrap(),
+            "HTTP/1.1 200 Fine\r\nX-A: 1\r\ncontent-length: 5\r\n"
+        );
         let close = parse_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false);
         assert!(close.unwrap().unwrap().close);
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
