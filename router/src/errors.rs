@@ -85,9 +85,14 @@ impl Error {
     }
 }
 
+/// The JSON body of every error answer: `{"error": message}`.
+pub fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
 /// A JSON `{"error": message}` response.
 pub fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": message }).to_string();
+    let body = error_body(message);
     let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

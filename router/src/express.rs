@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::errors::Error;
+use crate::errors::{Error, error_body};
 use crate::matching::host_of;
 use crate::proxy::Proxy;
 use crate::table::CompiledRoute;
@@ -453,17 +453,7 @@ async fn attempts(
         match send(proxy.raw_pool(), addr, &request, &body, is_head).await {
             Ok((upstream, resp)) => {
                 let code = resp.status;
-                if code >= 500 {
-                    pool.record_failure(idx, proxy.outlier(), proxy.metrics());
-                    let kind = if code == 503 {
-                        "status_503"
-                    } else {
-                        "status_5xx"
-                    };
-                    proxy.upstream_error(route, pool, kind);
-                } else {
-                    pool.record_success(idx);
-                }
+                proxy.record_answer(route, pool, idx, code);
                 if code == 503 && proxy.may_retry(route, pool, true, sent) {
                     // The 503's connection is dropped rather than drained: retries are rare.
                     continue;
@@ -820,7 +810,7 @@ async fn reply_error(
     close: bool,
 ) -> Result<bool, ()> {
     let status = e.status();
-    let body = serde_json::json!({ "error": e.to_string() }).to_string();
+    let body = error_body(&e.to_string());
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());

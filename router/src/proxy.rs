@@ -212,6 +212,28 @@ impl Proxy {
         self.metrics.upstream_errors.get_or_create(&labels).inc();
     }
 
+    /// Accounts an upstream's answer: a 5xx counts towards ejection and as an upstream
+    /// error (`status_503` or `status_5xx`), anything else resets the address's streak.
+    pub(crate) fn record_answer(
+        &self,
+        route: &CompiledRoute,
+        pool: &BackendPool,
+        idx: usize,
+        status: u16,
+    ) {
+        if status >= 500 {
+            pool.record_failure(idx, self.outlier, &self.metrics);
+            let kind = if status == 503 {
+                "status_503"
+            } else {
+                "status_5xx"
+            };
+            self.upstream_error(route, pool, kind);
+        } else {
+            pool.record_success(idx);
+        }
+    }
+
     /// Whether another attempt may be sent: bounded body, attempts left, budget left.
     pub(crate) fn may_retry(
         &self,
@@ -296,17 +318,7 @@ impl Proxy {
             match self.client.request(addr, upstream).await {
                 Ok((resp, lease)) => {
                     let status = resp.status();
-                    if status.is_server_error() {
-                        pool.record_failure(idx, self.outlier, &self.metrics);
-                        let kind = if status == StatusCode::SERVICE_UNAVAILABLE {
-                            "status_503"
-                        } else {
-                            "status_5xx"
-                        };
-                        self.upstream_error(route, pool, kind);
-                    } else {
-                        pool.record_success(idx);
-                    }
+                    self.record_answer(route, pool, idx, status.as_u16());
                     if status == StatusCode::SERVICE_UNAVAILABLE
                         && self.may_retry(route, pool, buffered.is_some(), sent)
                     {
