@@ -29,6 +29,8 @@ pub mod flags {
     pub const PREPROCESS: &str = "--preprocess";
     /// JSON of [`crate::Postprocess`].
     pub const POSTPROCESS: &str = "--postprocess";
+    /// Idle-polling window after each answered request, microseconds; 0 disables.
+    pub const IDLE_POLL_MICROS: &str = "--idle-poll-micros";
 }
 
 /// Arguments for one `serval-sidecar` process serving `name` with `spec`.
@@ -65,6 +67,11 @@ pub fn sidecar_args(
     if let Some(w) = b.workers {
         args.extend([flags::WORKERS.to_owned(), w.to_string()]);
     }
+    // Idle polling spins on CPU time nothing else wants, but a CPU limit's quota would still
+    // pay for it and throttle real work: off under a limit.
+    if has_cpu_limit(spec) {
+        args.extend([flags::IDLE_POLL_MICROS.to_owned(), "0".to_owned()]);
+    }
     // Serializing these plain data types cannot fail; an empty object is the safe fallback.
     if let Some(pre) = &spec.preprocess {
         let json = serde_json::to_string(pre).unwrap_or_else(|_| "{}".to_owned());
@@ -75,6 +82,14 @@ pub fn sidecar_args(
         args.extend([flags::POSTPROCESS.to_owned(), json]);
     }
     args
+}
+
+/// Whether the model-server container has a CPU limit (CFS quota).
+pub fn has_cpu_limit(spec: &BackendSpec) -> bool {
+    spec.resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .is_some_and(|l| l.contains_key("cpu"))
 }
 
 /// The default in-pod listen address and port.

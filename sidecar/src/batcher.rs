@@ -2,10 +2,14 @@
 //!
 //! Workers pull. An idle worker takes whatever is queued at once, so a lone request never waits
 //! for a timer; while every worker is busy, rows accumulate and the next free worker takes a
-//! full batch. At most `workers` batches run at once. When a slot is free, nothing is queued and
-//! the model's run is shorter than `inline_max_run`, the request runs on its caller's thread
-//! instead: for a microsecond-scale model the two thread hand-offs (wake a worker, wake the
-//! caller back) would cost more than the run. A batch is sized to a planned batch size (see
+//! full batch. At most `workers` batches run at once. When a slot is free and the model's run is
+//! shorter than `inline_max_run`, the request runs on its caller's thread instead: for a
+//! microsecond-scale model the two thread hand-offs (wake a worker, wake the caller back) would
+//! cost more than the run. A lone request runs at once; when other requests are in flight, it
+//! is queued and its task yields to the runtime once, so requests already read on that I/O
+//! thread join the queue, and then it runs what gathered as one batch on its own thread (a
+//! gathered batch), which is how a small model batches at all: with a slot free for each I/O
+//! thread, nothing would otherwise ever wait. A batch is sized to a planned batch size (see
 //! [`Engine::dispatch_size`]), taking rows across requests and splitting large requests; each
 //! caller collects exactly its rows.
 
@@ -113,6 +117,13 @@ enum Outcome {
     Done(RequestResult<Vec<Tensor>>),
     /// Queued: pieces arrive from the workers.
     Queued(mpsc::UnboundedReceiver<Piece>),
+    /// Queued for a gathered batch that the caller runs after one yield, unless a worker or
+    /// another caller's batch took its rows first.
+    Gather {
+        rx: mpsc::UnboundedReceiver<Piece>,
+        shared: Arc<Shared>,
+        job: Arc<Job>,
+    },
 }
 
 /// A claimed run slot; released on drop (also if the run unwinds).
@@ -191,7 +202,14 @@ impl Batcher {
 
     /// Queues a request, or rejects it at once: 422 if it does not fit the model, 413 if it
     /// can never fit the queue, 429 if the queue is full now, 503 when draining.
-    pub fn submit(&self, inputs: Vec<Tensor>, deadline: Instant) -> RequestResult<Ticket> {
+    /// `others_in_flight`: other requests are being handled now, so a small request waits one
+    /// yield for company (a gathered batch) instead of running alone at once.
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+        others_in_flight: bool,
+    ) -> RequestResult<Ticket> {
         let rows = self
             .shared
             .engine
@@ -205,7 +223,9 @@ impl Batcher {
         }
         let now = Instant::now();
         let budget = deadline.saturating_duration_since(now);
-        if rows <= self.shared.inline_rows {
+        // Gathering pays only when a batch can hold more than one row.
+        let gather = others_in_flight && self.shared.inline_rows > 1;
+        if rows <= self.shared.inline_rows && !gather {
             let mut st = self.shared.lock();
             if st.closed {
                 return Err(RequestError::Draining);
@@ -241,7 +261,7 @@ impl Batcher {
             enqueued: now,
             tx,
         });
-        {
+        let gathering = {
             let mut st = self.shared.lock();
             if st.closed {
                 return Err(RequestError::Draining);
@@ -252,13 +272,31 @@ impl Batcher {
                     bound,
                 });
             }
-            st.queue.push_back(Pending { job, next_row: 0 });
+            st.queue.push_back(Pending {
+                job: job.clone(),
+                next_row: 0,
+            });
             st.queued_rows += rows;
             self.shared.metrics.set_queue_depth(st.queued_rows);
-        }
-        self.shared.work.notify_one();
+            // The caller leads its own batch if a slot is free for it now; otherwise the next
+            // free slot's worker takes the rows.
+            gather
+                && rows <= self.shared.inline_rows
+                && !st.paused
+                && st.running < self.shared.limits.workers
+        };
+        let outcome = if gathering {
+            Outcome::Gather {
+                rx,
+                shared: self.shared.clone(),
+                job,
+            }
+        } else {
+            self.shared.work.notify_one();
+            Outcome::Queued(rx)
+        };
         Ok(Ticket {
-            outcome: Outcome::Queued(rx),
+            outcome,
             rows,
             deadline,
             budget,
@@ -316,6 +354,13 @@ impl Ticket {
                 return result;
             }
             Outcome::Queued(rx) => rx,
+            Outcome::Gather { rx, shared, job } => {
+                // Let the other requests this I/O thread has already read (and any that
+                // arrived since) queue up first; the runtime polls the socket meanwhile.
+                tokio::task::yield_now().await;
+                lead(&shared, &job);
+                rx
+            }
         };
         let mut pieces: Vec<(usize, Vec<Tensor>)> = Vec::new();
         let mut got = 0;
@@ -366,6 +411,34 @@ fn run_inline(shared: &Shared, inputs: Vec<Tensor>, rows: usize) -> RequestResul
     })
 }
 
+/// Runs one gathered batch on the caller's thread if `job` still has rows queued and a slot is
+/// free; otherwise (or if rows are left after it) a worker takes over.
+fn lead(shared: &Shared, job: &Arc<Job>) {
+    let batch = {
+        let mut st = shared.lock();
+        let queued = |st: &State| st.queue.iter().any(|p| Arc::ptr_eq(&p.job, job));
+        if !queued(&st) {
+            // Another caller's batch or a worker took the rows: the answer is on its way.
+            return;
+        }
+        if st.paused || st.running >= shared.limits.workers {
+            // The slot that frees next wakes a worker for the queue.
+            return;
+        }
+        prune(shared, &mut st);
+        let batch = take_batch(shared, &mut st, shared.inline_rows);
+        st.running += 1;
+        shared.metrics.set_queue_depth(st.queued_rows);
+        batch
+    };
+    let slot = Slot { shared };
+    if !batch.is_empty() {
+        run_batch(shared, batch);
+    }
+    // Releasing the slot wakes a worker if rows are still queued (this caller's included).
+    drop(slot);
+}
+
 fn worker_loop(shared: &Shared) {
     let mut ran = false;
     loop {
@@ -384,7 +457,7 @@ fn worker_loop(shared: &Shared) {
                 }
                 st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            let batch = take_batch(shared, &mut st);
+            let batch = take_batch(shared, &mut st, shared.limits.max_batch);
             st.running += 1;
             ran = true;
             shared.metrics.set_queue_depth(st.queued_rows);
@@ -423,9 +496,9 @@ fn prune(shared: &Shared, st: &mut State) {
     st.queued_rows -= dropped;
 }
 
-/// Takes the rows of the next batch from the queue front, across requests with the head's
-/// row shape, splitting the last request taken if needed.
-fn take_batch(shared: &Shared, st: &mut State) -> Vec<Slice> {
+/// Takes the rows of the next batch (at most `max_rows`) from the queue front, across requests
+/// with the head's row shape, splitting the last request taken if needed.
+fn take_batch(shared: &Shared, st: &mut State, max_rows: usize) -> Vec<Slice> {
     let Some(head) = st.queue.front() else {
         return Vec::new();
     };
@@ -436,7 +509,7 @@ fn take_batch(shared: &Shared, st: &mut State) -> Vec<Slice> {
         .filter(|p| p.job.key == key)
         .map(Pending::remaining)
         .sum();
-    let limit = compatible.min(shared.limits.max_batch);
+    let limit = compatible.min(max_rows);
     let take = shared.engine.dispatch_size(limit).min(limit);
     let mut slices = Vec::new();
     let mut taken = 0;

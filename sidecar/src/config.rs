@@ -41,6 +41,11 @@ pub const DEFAULT_CALIBRATION_MILLIS: u64 = 200;
 /// an inference worker and back cost about as much as the run itself, and blocking an I/O
 /// thread this long delays other connections no more than a burst of syscalls. 0 disables.
 pub const DEFAULT_INLINE_MAX_MICROS: u64 = 200;
+/// Window after each answered request during which one `SCHED_IDLE` thread spins so
+/// a CPU stays awake for the next request (see [`crate::idle_poll`]): longer than a keep-alive
+/// client's turnaround on loopback or within a node, the same order as KVM guest
+/// halt-polling's default. 0 disables.
+pub const DEFAULT_IDLE_POLL_MICROS: u64 = 200;
 /// Header a caller sets to bound its own wait, in milliseconds.
 pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
 
@@ -105,6 +110,11 @@ pub struct Args {
     /// is idle (skips the hand-off to a worker thread); 0 always hands off.
     #[arg(long, env = "SERVAL_INLINE_MAX_MICROS", default_value_t = DEFAULT_INLINE_MAX_MICROS)]
     pub inline_max_micros: u64,
+    /// Microseconds one SCHED_IDLE thread spins after each answered request, so the
+    /// next request's wake-up finds a CPU awake (only time nothing else wants, but it counts as
+    /// CPU use; the operator sets 0 under a CPU limit); 0 disables.
+    #[arg(long, env = "SERVAL_IDLE_POLL_MICROS", default_value_t = DEFAULT_IDLE_POLL_MICROS)]
+    pub idle_poll_micros: u64,
 }
 
 /// Validated settings of one sidecar.
@@ -144,6 +154,8 @@ pub struct Config {
     pub calibration_time: Duration,
     /// Longest measured run executed on the request's thread when a worker slot is idle.
     pub inline_max_run: Duration,
+    /// Spin window after each answered request; zero disables.
+    pub idle_poll: Duration,
 }
 
 impl Config {
@@ -168,6 +180,7 @@ impl Config {
             calibrate: true,
             calibration_time: Duration::from_millis(DEFAULT_CALIBRATION_MILLIS),
             inline_max_run: Duration::from_micros(DEFAULT_INLINE_MAX_MICROS),
+            idle_poll: Duration::from_micros(DEFAULT_IDLE_POLL_MICROS),
         }
     }
 
@@ -220,6 +233,7 @@ impl Config {
             calibrate: args.calibrate,
             calibration_time: Duration::from_millis(args.calibration_millis),
             inline_max_run: Duration::from_micros(args.inline_max_micros),
+            idle_poll: Duration::from_micros(args.idle_poll_micros),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -304,7 +318,8 @@ mod tests {
             "model": {"uri": "file:///m/digits.onnx", "sha256": "AB".repeat(32)},
             "batching": {"maxBatchSize": 8, "maxDelayMicros": 500, "maxQueue": 64, "workers": 3},
             "preprocess": {"image": {"width": 8, "height": 8, "layout": "Flat", "scale": 0.0666}},
-            "postprocess": {"output": "probabilities", "topK": 3, "labels": ["a", "b", "c"]}
+            "postprocess": {"output": "probabilities", "topK": 3, "labels": ["a", "b", "c"]},
+            "resources": {"limits": {"cpu": "2"}}
         }))
         .expect("spec");
         let mut argv = vec!["serval-sidecar".to_owned()];
@@ -325,6 +340,23 @@ mod tests {
         assert_eq!(cfg.sha256.as_deref(), Some("ab".repeat(32).as_str()));
         assert_eq!(cfg.postprocess.and_then(|p| p.top_k), Some(3));
         assert!(cfg.preprocess.and_then(|p| p.image).is_some());
+        assert_eq!(cfg.idle_poll, Duration::ZERO, "no spinning on a CPU quota");
+
+        let spec: serval_api::BackendSpec = serde_json::from_value(serde_json::json!({
+            "model": {"uri": "file:///m/digits.onnx"},
+            "resources": {"requests": {"cpu": "2"}}
+        }))
+        .expect("spec");
+        let mut argv = vec!["serval-sidecar".to_owned()];
+        argv.extend(serval_api::sidecar::sidecar_args(
+            "d", &spec, "/m", "::1", 9000,
+        ));
+        let cfg = Config::from_args(Args::try_parse_from(argv).expect("parse")).expect("valid");
+        assert_eq!(
+            cfg.idle_poll,
+            Duration::from_micros(DEFAULT_IDLE_POLL_MICROS),
+            "a request without a limit leaves idle polling on"
+        );
     }
 
     #[test]

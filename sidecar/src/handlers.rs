@@ -147,6 +147,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             .metrics
             .request(resp.status().as_u16(), started.elapsed());
     }
+    state.answered();
     Ok(resp)
 }
 
@@ -245,7 +246,7 @@ async fn infer(
             let decoded = v2::decode(&json, binary, engine.inputs(), engine.outputs())?;
             let outputs = model
                 .batcher
-                .submit(decoded.inputs, deadline)?
+                .submit(decoded.inputs, deadline, state.inflight() > 1)?
                 .wait()
                 .await?;
             let enc = v2::encode(
@@ -276,7 +277,11 @@ async fn infer(
         }
         Protocol::V1 => {
             let inputs = v1::decode(&body, engine.inputs())?;
-            let outputs = model.batcher.submit(inputs, deadline)?.wait().await?;
+            let outputs = model
+                .batcher
+                .submit(inputs, deadline, state.inflight() > 1)?
+                .wait()
+                .await?;
             match &model.postprocess {
                 Some(post) => Ok(json_response(
                     StatusCode::OK,
@@ -312,7 +317,11 @@ async fn image(
         .map(|s| s.datum_type)
         .ok_or_else(|| RequestError::Inference("model has no input".into()))?;
     let tensor = preprocess::image_to_tensor(cfg, body, dt)?;
-    let outputs = model.batcher.submit(vec![tensor], deadline)?.wait().await?;
+    let outputs = model
+        .batcher
+        .submit(vec![tensor], deadline, state.inflight() > 1)?
+        .wait()
+        .await?;
     match &model.postprocess {
         Some(post) => {
             let value = post

@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod errors;
 pub mod handlers;
+pub mod idle_poll;
 pub mod metrics;
 pub mod model_source;
 pub mod postprocess;

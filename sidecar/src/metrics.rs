@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::idle_poll::SecondsCounter;
+
 /// `{model}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -77,6 +79,7 @@ pub struct Metrics {
     model_load: Family<ModelLabels, FloatGauge>,
     calibration: Family<CurveLabels, FloatGauge>,
     ready: Family<ModelLabels, Gauge>,
+    idle_poll: Family<ModelLabels, SecondsCounter>,
     hot: Hot,
 }
 
@@ -128,6 +131,7 @@ impl Metrics {
             model_load: Family::default(),
             calibration: Family::default(),
             ready: Family::default(),
+            idle_poll: Family::default(),
             hot: Hot::detached(),
         };
         registry.register(
@@ -180,6 +184,12 @@ impl Metrics {
             "ready",
             "1 when the model serves, 0 otherwise",
             m.ready.clone(),
+        );
+        registry.register(
+            "idle_poll_seconds",
+            "Time the idle-polling thread spun keeping a CPU awake (SCHED_IDLE: only time \
+             nothing else wanted)",
+            m.idle_poll.clone(),
         );
         // Create the model's series up front so dashboards see zeros, not gaps; the handles
         // share their values with the families.
@@ -273,6 +283,11 @@ impl Metrics {
         self.calibration.get_or_create(&labels).set(rows_per_second);
     }
 
+    /// The counter the idle-polling thread adds its spin time to.
+    pub fn idle_poll_counter(&self) -> SecondsCounter {
+        self.idle_poll.get_or_create(&self.model).clone()
+    }
+
     /// Sets the readiness gauge.
     pub fn set_ready(&self, ready: bool) {
         self.ready.get_or_create(&self.model).set(i64::from(ready));
@@ -290,6 +305,7 @@ mod tests {
         m.reject("queue_full");
         m.batch(4, Duration::from_micros(30));
         m.calibration_point(4, 1e6, true);
+        let _ = m.idle_poll_counter();
         let text = m.encode();
         for name in [
             "serval_requests_total{model=\"digits\",code=\"200\"} 1",
@@ -299,6 +315,7 @@ mod tests {
             "serval_inference_seconds_bucket",
             "serval_queue_depth{model=\"digits\"} 0",
             "serval_inflight{model=\"digits\"} 0",
+            "serval_idle_poll_seconds_total{model=\"digits\"} 0",
             "serval_calibration_rows_per_second{model=\"digits\",batch_size=\"4\",kept=\"true\"}",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -11,6 +11,7 @@ use crate::batcher::{Batcher, BatcherLimits};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::errors::{RequestError, RequestResult, StartupError, StartupResult};
+use crate::idle_poll::IdlePoller;
 use crate::metrics::Metrics;
 use crate::model_source;
 use crate::postprocess::Postprocessor;
@@ -42,6 +43,7 @@ pub struct AppState {
     model: OnceLock<Arc<LoadedModel>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
+    idle_poll: Option<IdlePoller>,
 }
 
 /// Marks one inference request in flight until dropped (also when the caller goes away).
@@ -61,6 +63,7 @@ impl AppState {
     pub fn new(config: Config) -> Self {
         let metrics = Arc::new(Metrics::new(&config.name));
         let model_header = HeaderValue::from_str(&config.name).ok();
+        let idle_poll = IdlePoller::start(config.idle_poll, metrics.idle_poll_counter());
         Self {
             config,
             metrics,
@@ -68,12 +71,20 @@ impl AppState {
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            idle_poll,
         }
     }
 
     /// The model, if loaded.
     pub fn model(&self) -> Option<&Arc<LoadedModel>> {
         self.model.get()
+    }
+
+    /// Marks an answered request for idle polling.
+    pub fn answered(&self) {
+        if let Some(p) = &self.idle_poll {
+            p.touch();
+        }
     }
 
     /// Inference requests being handled now.

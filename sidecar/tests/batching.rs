@@ -101,12 +101,79 @@ async fn queued_requests_form_batches_and_large_ones_are_split() {
     let total = metric(&text, "serval_batch_size_count{");
     let up_to_four = metric(
         &text,
-        "serval_batch_size_bucket{model=\"identity\",le=\"4.0\"}",
+        "serval_batch_size_bucket{le=\"4.0\",model=\"identity\"}",
     );
     assert!(total > up_to_four, "no batch above 4 rows:\n{text}");
     assert_eq!(metric(&text, "serval_batch_size_sum{"), 33.0);
     s.shutdown();
     bounded("shutdown", s.wait()).await;
+}
+
+/// A small model with a free run slot per I/O thread never queues for a worker; under
+/// concurrency its requests still share batches, gathered on the thread that read them. On one
+/// runtime thread this is deterministic: every submitter queues and yields before the first
+/// resumes and leads.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_small_requests_share_gathered_batches() {
+    use serval_sidecar::batcher::{Batcher, BatcherLimits};
+    use serval_sidecar::engine::Engine;
+    use serval_sidecar::metrics::Metrics;
+    use tract_onnx::prelude::Tensor;
+
+    let bytes = std::fs::read(model("identity.onnx")).expect("identity model");
+    let mut engine = Engine::load(&bytes).expect("load");
+    engine
+        .prepare(8, false, Duration::from_millis(2), Duration::ZERO)
+        .expect("plans 1, 2, 4, 8");
+    let metrics = Arc::new(Metrics::new("identity"));
+    let limits = BatcherLimits {
+        max_batch: 8,
+        max_queue: 64,
+        workers: 2,
+        inline_max_run: Duration::from_secs(1),
+    };
+    let batcher =
+        Arc::new(Batcher::start(Arc::new(engine), metrics.clone(), limits).expect("start"));
+    // Worker threads that have not reached their wait yet would take whatever is queued
+    // when they get there; give them time (the rounds after the first never race them).
+    std::thread::sleep(Duration::from_millis(200));
+    for round in 0..2 {
+        let callers: Vec<_> = (round * 16..round * 16 + 16)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move {
+                    let r = row(i);
+                    let input = Tensor::from_shape(&[1, 4], &r).expect("tensor");
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    let out = batcher
+                        .submit(vec![input], deadline, true)
+                        .expect("admitted")
+                        .wait()
+                        .await
+                        .expect("answered");
+                    let got = out[0].to_plain_array_view::<f32>().expect("f32");
+                    assert_eq!(got.iter().copied().collect::<Vec<_>>(), r, "caller {i}");
+                })
+            })
+            .collect();
+        for task in callers {
+            bounded("caller", task)
+                .await
+                .expect("every caller got its own row");
+        }
+    }
+    let text = metrics.encode();
+    assert_eq!(metric(&text, "serval_batch_size_sum{"), 32.0);
+    let batches = metric(&text, "serval_batch_size_count{");
+    let up_to_four = metric(
+        &text,
+        "serval_batch_size_bucket{le=\"4.0\",model=\"identity\"}",
+    );
+    assert!(
+        batches > up_to_four,
+        "2 x 16 concurrent single-row requests never formed a batch of 8:\n{text}"
+    );
+    batcher.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
