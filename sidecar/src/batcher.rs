@@ -9,14 +9,16 @@
 //! is queued and its task yields to the runtime once, so requests already read on that I/O
 //! thread join the queue, and then it runs what gathered as one batch on its own thread (a
 //! gathered batch), which is how a small model batches at all: with a slot free for each I/O
-//! thread, nothing would otherwise ever wait. A batch is sized to a planned batch size (see
+//! thread, nothing would otherwise ever wait. A gathered batch takes only requests submitted on
+//! its own thread, and workers are not woken for rows a caller will lead: handing results to
+//! another thread costs a wake-up, more than the run. A batch is sized to a planned batch size (see
 //! [`Engine::dispatch_size`]), taking rows across requests and splitting large requests; each
 //! caller collects exactly its rows.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -50,12 +52,17 @@ struct Job {
     key: Vec<Vec<usize>>,
     deadline: Instant,
     enqueued: Instant,
+    /// The thread that submitted it: a gathered batch takes only its own thread's requests, so
+    /// handing out results never wakes another thread.
+    origin: ThreadId,
     tx: mpsc::UnboundedSender<Piece>,
 }
 
 struct Pending {
     job: Arc<Job>,
     next_row: usize,
+    /// Its caller will lead a gathered batch for it: workers are not woken for its rows.
+    led: bool,
 }
 
 impl Pending {
@@ -73,6 +80,8 @@ struct Slice {
 struct State {
     queue: VecDeque<Pending>,
     queued_rows: usize,
+    /// Queued rows no caller will lead: the ones a worker must be woken for.
+    unled_rows: usize,
     paused: bool,
     closed: bool,
     /// Batches running now, on workers or inline.
@@ -121,9 +130,36 @@ enum Outcome {
     /// another caller's batch took its rows first.
     Gather {
         rx: mpsc::UnboundedReceiver<Piece>,
-        shared: Arc<Shared>,
-        job: Arc<Job>,
+        leader: Leader,
     },
+}
+
+/// A caller's promise to lead a gathered batch for its job. Dropped (led or not, or with the
+/// caller gone), it hands any of the job's rows still queued to the workers.
+struct Leader {
+    shared: Arc<Shared>,
+    job: Arc<Job>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let mut released = 0;
+        if let Some(p) = st
+            .queue
+            .iter_mut()
+            .find(|p| p.led && Arc::ptr_eq(&p.job, &self.job))
+        {
+            p.led = false;
+            released = p.remaining();
+        }
+        st.unled_rows += released;
+        let wake = released > 0 && !st.paused;
+        drop(st);
+        if wake {
+            self.shared.work.notify_one();
+        }
+    }
 }
 
 /// A claimed run slot; released on drop (also if the run unwinds).
@@ -135,10 +171,11 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.running -= 1;
-        let wake = st.queued_rows > 0 && !st.paused;
+        let wake = st.unled_rows > 0 && !st.paused;
         drop(st);
         if wake {
-            // Requests queued while this slot was taken inline: a waiting worker takes them.
+            // Requests queued while this slot was taken inline: a waiting worker takes them
+            // (rows a caller will lead are left to it: waking a thread costs more than the run).
             self.shared.work.notify_one();
         }
     }
@@ -179,6 +216,7 @@ impl Batcher {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued_rows: 0,
+                unled_rows: 0,
                 paused: false,
                 closed: false,
                 running: 0,
@@ -259,6 +297,7 @@ impl Batcher {
             key,
             deadline,
             enqueued: now,
+            origin: std::thread::current().id(),
             tx,
         });
         let gathering = {
@@ -272,24 +311,31 @@ impl Batcher {
                     bound,
                 });
             }
+            // The caller leads its own batch if a slot is free for it now; otherwise the next
+            // free slot's worker takes the rows.
+            let led = gather
+                && rows <= self.shared.inline_rows
+                && !st.paused
+                && st.running < self.shared.limits.workers;
             st.queue.push_back(Pending {
                 job: job.clone(),
                 next_row: 0,
+                led,
             });
             st.queued_rows += rows;
+            if !led {
+                st.unled_rows += rows;
+            }
             self.shared.metrics.set_queue_depth(st.queued_rows);
-            // The caller leads its own batch if a slot is free for it now; otherwise the next
-            // free slot's worker takes the rows.
-            gather
-                && rows <= self.shared.inline_rows
-                && !st.paused
-                && st.running < self.shared.limits.workers
+            led
         };
         let outcome = if gathering {
             Outcome::Gather {
                 rx,
-                shared: self.shared.clone(),
-                job,
+                leader: Leader {
+                    shared: self.shared.clone(),
+                    job,
+                },
             }
         } else {
             self.shared.work.notify_one();
@@ -354,11 +400,12 @@ impl Ticket {
                 return result;
             }
             Outcome::Queued(rx) => rx,
-            Outcome::Gather { rx, shared, job } => {
+            Outcome::Gather { rx, leader } => {
                 // Let the other requests this I/O thread has already read (and any that
                 // arrived since) queue up first; the runtime polls the socket meanwhile.
                 tokio::task::yield_now().await;
-                lead(&shared, &job);
+                lead(&leader.shared, &leader.job);
+                drop(leader);
                 rx
             }
         };
@@ -411,8 +458,8 @@ fn run_inline(shared: &Shared, inputs: Vec<Tensor>, rows: usize) -> RequestResul
     })
 }
 
-/// Runs one gathered batch on the caller's thread if `job` still has rows queued and a slot is
-/// free; otherwise (or if rows are left after it) a worker takes over.
+/// Runs one gathered batch of this thread's requests if `job` still has rows queued and a slot
+/// is free; otherwise (or if rows are left after it) a worker or a later leader takes over.
 fn lead(shared: &Shared, job: &Arc<Job>) {
     let batch = {
         let mut st = shared.lock();
@@ -426,7 +473,7 @@ fn lead(shared: &Shared, job: &Arc<Job>) {
             return;
         }
         prune(shared, &mut st);
-        let batch = take_batch(shared, &mut st, shared.inline_rows);
+        let batch = take_batch_of(shared, &mut st, shared.inline_rows, Some(job.origin));
         st.running += 1;
         shared.metrics.set_queue_depth(st.queued_rows);
         batch
@@ -461,7 +508,7 @@ fn worker_loop(shared: &Shared) {
             st.running += 1;
             ran = true;
             shared.metrics.set_queue_depth(st.queued_rows);
-            if st.queued_rows > 0 {
+            if st.unled_rows > 0 {
                 // More work than this batch: let another idle worker start on it now.
                 shared.work.notify_one();
             }
@@ -476,12 +523,15 @@ fn worker_loop(shared: &Shared) {
 /// Drops requests whose caller went away or whose deadline passed, before any inference.
 fn prune(shared: &Shared, st: &mut State) {
     let now = Instant::now();
-    let mut dropped = 0;
+    let (mut dropped, mut unled) = (0, 0);
     st.queue.retain(|p| {
         let gone = p.job.tx.is_closed();
         let late = p.job.deadline <= now;
         if gone || late {
             dropped += p.remaining();
+            if !p.led {
+                unled += p.remaining();
+            }
             if gone {
                 shared.metrics.reject("cancelled");
             } else {
@@ -494,27 +544,43 @@ fn prune(shared: &Shared, st: &mut State) {
         }
     });
     st.queued_rows -= dropped;
+    st.unled_rows -= unled;
 }
 
 /// Takes the rows of the next batch (at most `max_rows`) from the queue front, across requests
 /// with the head's row shape, splitting the last request taken if needed.
 fn take_batch(shared: &Shared, st: &mut State, max_rows: usize) -> Vec<Slice> {
-    let Some(head) = st.queue.front() else {
+    take_batch_of(shared, st, max_rows, None)
+}
+
+/// [`take_batch`] over the requests submitted on thread `origin` only (all if `None`).
+fn take_batch_of(
+    shared: &Shared,
+    st: &mut State,
+    max_rows: usize,
+    origin: Option<ThreadId>,
+) -> Vec<Slice> {
+    let mine = |p: &Pending| origin.is_none_or(|o| p.job.origin == o);
+    let Some(head) = st.queue.iter().find(|p| mine(p)) else {
         return Vec::new();
     };
     let key = head.job.key.clone();
     let compatible: usize = st
         .queue
         .iter()
-        .filter(|p| p.job.key == key)
+        .filter(|p| mine(p) && p.job.key == key)
         .map(Pending::remaining)
         .sum();
     let limit = compatible.min(max_rows);
     let take = shared.engine.dispatch_size(limit).min(limit);
     let mut slices = Vec::new();
-    let mut taken = 0;
+    let (mut taken, mut unled) = (0, 0);
     let now = Instant::now();
-    for p in st.queue.iter_mut().filter(|p| p.job.key == key) {
+    for p in st
+        .queue
+        .iter_mut()
+        .filter(|p| origin.is_none_or(|o| p.job.origin == o) && p.job.key == key)
+    {
         if taken == take {
             break;
         }
@@ -531,9 +597,13 @@ fn take_batch(shared: &Shared, st: &mut State, max_rows: usize) -> Vec<Slice> {
         });
         p.next_row += len;
         taken += len;
+        if !p.led {
+            unled += len;
+        }
     }
     st.queue.retain(|p| p.remaining() > 0);
     st.queued_rows -= taken;
+    st.unled_rows -= unled;
     slices
 }
 

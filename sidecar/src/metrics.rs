@@ -1,7 +1,7 @@
 //! Prometheus metrics, names prefixed `serval_`, labelled by `model`. The router shares this
 //! schema: `requests_total{code}`, `request_duration_seconds`, `queue_wait_seconds`,
 //! `inference_seconds`, `batch_size`, `queue_depth`, `inflight`, `rejections_total{reason}`,
-//! `model_load_seconds`, plus the sidecar's calibration curve.
+//! `model_load_seconds`, plus the sidecar's calibration curve and idle-polling time.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
