@@ -46,6 +46,10 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Slow-loris guard: a client must send its request head within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Window after each answered request during which one `SCHED_IDLE` thread keeps a CPU awake
+/// for the next (see `serval_idle_poll`): on a VM without guest halt-polling a halted CPU's
+/// wake-up costs tens of microseconds per hop.
+pub const DEFAULT_IDLE_POLL_MICROS: u64 = 200;
 
 /// `serval-router` flags; each can also be set from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -123,6 +127,10 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_FAST_PATH", default_value_t = true,
           action = clap::ArgAction::Set)]
     pub fast_path: bool,
+    /// Microseconds one SCHED_IDLE thread spins after each answered request so the next finds
+    /// a CPU awake (time nothing else wants, but CPU time); 0 disables.
+    #[arg(long, env = "SERVAL_ROUTER_IDLE_POLL_MICROS", default_value_t = DEFAULT_IDLE_POLL_MICROS)]
+    pub idle_poll_micros: u64,
 }
 
 impl Config {
@@ -149,6 +157,7 @@ impl Config {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             worker_threads: 0,
             fast_path: true,
+            idle_poll_micros: DEFAULT_IDLE_POLL_MICROS,
         }
     }
 }

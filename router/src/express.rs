@@ -229,6 +229,7 @@ pub async fn serve(
         let keep_open = exchange(proxy, &mut stream, &mut buf, &head_bytes, &head, plan)
             .await
             .unwrap_or(false);
+        proxy.answered();
         if !keep_open || head.close || *drain.borrow() {
             let _ = stream.shutdown().await;
             return Outcome::Closed;

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub table_reloads: Counter,
     /// Tables refused.
     pub table_rejections: Counter,
+    /// Time the idle-polling thread spun.
+    pub idle_poll: serval_idle_poll::SecondsCounter,
 }
 
 impl Default for Metrics {
@@ -129,6 +131,7 @@ impl Metrics {
             table_info: Family::default(),
             table_reloads: Counter::default(),
             table_rejections: Counter::default(),
+            idle_poll: serval_idle_poll::SecondsCounter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Proxied requests", m.requests.clone());
@@ -173,6 +176,12 @@ impl Metrics {
             "table_rejections",
             "Routing tables refused",
             m.table_rejections.clone(),
+        );
+        registry.register(
+            "idle_poll_seconds",
+            "Time the idle-polling thread spun keeping a CPU awake (SCHED_IDLE: only time \
+             nothing else wanted)",
+            m.idle_poll.clone(),
         );
         Self { registry, ..m }
     }

@@ -10,6 +10,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
+use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
 use crate::body::{ProxyBody, Tee};
@@ -39,6 +40,7 @@ pub struct Proxy {
     max_buffered_body: usize,
     mirror: Mirror,
     raw_pool: RawPool,
+    idle_poll: Option<Arc<IdlePoller>>,
 }
 
 impl Proxy {
@@ -49,6 +51,7 @@ impl Proxy {
         store: Arc<TableStore>,
         metrics: Arc<Metrics>,
         mirror_permits: Arc<Semaphore>,
+        idle_poll: Option<Arc<IdlePoller>>,
     ) -> Self {
         let client = http_client(
             config.connect_timeout,
@@ -79,6 +82,14 @@ impl Proxy {
             max_buffered_body: config.max_buffered_body,
             mirror,
             raw_pool,
+            idle_poll,
+        }
+    }
+
+    /// Marks an answered request: idle polling keeps a CPU awake for the next one.
+    pub(crate) fn answered(&self) {
+        if let Some(p) = &self.idle_poll {
+            p.touch();
         }
     }
 

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -16,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use serval_idle_poll::IdlePoller;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -58,6 +60,8 @@ pub struct State {
     /// Shadow requests in flight, bounded across every shard.
     mirror_permits: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Keeps a CPU awake briefly after each answer; shared by every shard.
+    idle_poll: Option<Arc<IdlePoller>>,
 }
 
 impl State {
@@ -97,6 +101,7 @@ impl Router {
             retry_budget_window: config.retry_budget_window,
         };
         let store = Arc::new(TableStore::new(metrics.clone(), settings));
+        let metrics_idle = metrics.idle_poll.clone();
         let source = match (&config.table, &config.configmap_namespace) {
             (Some(path), _) => {
                 let seen = table_source::load_file(&store, path).await;
@@ -118,6 +123,11 @@ impl Router {
             metrics,
             mirror_permits: Arc::new(Semaphore::new(config.mirror_concurrency)),
             draining: AtomicBool::new(false),
+            idle_poll: IdlePoller::start(
+                Duration::from_micros(config.idle_poll_micros),
+                metrics_idle.clone(),
+            )
+            .map(Arc::new),
         });
         Ok(Self {
             addr,
@@ -248,6 +258,7 @@ async fn run_shard(
         state.store.clone(),
         state.metrics.clone(),
         state.mirror_permits.clone(),
+        state.idle_poll.clone(),
     );
     let client = proxy.client().clone();
     let shard = Arc::new(ShardState { state, proxy });
@@ -318,7 +329,7 @@ async fn run_shard(
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &shard.state;
-    match req.uri().path() {
+    let resp = match req.uri().path() {
         HEALTHZ_PATH => text(StatusCode::OK, "ok", "text/plain"),
         READYZ_PATH if state.is_ready() => text(StatusCode::OK, "ready", "text/plain"),
         READYZ_PATH => json_error(
@@ -331,7 +342,9 @@ async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyB
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => shard.proxy.handle(req).await,
-    }
+    };
+    shard.proxy.answered();
+    resp
 }
 
 fn text(

@@ -100,6 +100,41 @@ async fn paths_are_rewritten_to_the_chosen_backends_model() {
     );
 }
 
+/// Answered requests start the idle-polling thread (SCHED_IDLE, so on a busy machine it may
+/// take a moment to get CPU); its spin time is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_requests_keep_a_cpu_awake_and_count_it() {
+    let v1 = upstream("digits-v1", answer("x")).await;
+    let doc = table(
+        vec![route("digits", "/digits", &[("digits-v1", 100)])],
+        &[("digits-v1", vec![v1.address()])],
+    );
+    let r = router(&doc).await;
+    let c = client();
+    assert_eq!(
+        metric(&r.metrics(), "serval_router_idle_poll_seconds_total"),
+        0.0,
+        "no requests, no spinning"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, _, _) = call(
+            &c,
+            c.post(r.url("/v2/models/digits/infer")).body(INFER_BODY),
+        )
+        .await;
+        assert_eq!(status, 200);
+        if metric(&r.metrics(), "serval_router_idle_poll_seconds_total") > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle poller never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_limited_routes_need_their_host() {
     let (a, b) = (

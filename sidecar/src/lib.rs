@@ -8,7 +8,8 @@ pub mod config;
 pub mod engine;
 pub mod errors;
 pub mod handlers;
-pub mod idle_poll;
+/// Idle polling, shared with the router.
+pub use serval_idle_poll as idle_poll;
 pub mod metrics;
 pub mod model_source;
 pub mod postprocess;

@@ -1,16 +1,19 @@
-//! Idle polling: after each answered request, one thread at `SCHED_IDLE` priority
-//! spins for a short window, so a CPU stays awake for the next request.
+//! Idle polling for Serval's sidecar and router: after each answered request, one thread at
+//! `SCHED_IDLE` priority spins for a short window, so a CPU stays awake for the next request.
 //!
 //! Why: a thread blocked in `epoll_wait` lets its CPU halt, and waking a halted CPU is the
 //! largest part of a small request's latency on virtual machines whose guest halt-polling is off
 //! (measured here: a lone digits request 109–130 µs round trip, 64 µs with one CPU kept awake).
 //! The kernel places a woken thread on a CPU that runs only `SCHED_IDLE` work as readily as on
 //! an idle one, and any runnable thread preempts the spinner at once, so the spin only uses
-//! time nothing else wants. It still counts as CPU time: the operator turns it off when a
-//! Backend sets a CPU limit, whose quota it would spend. The cost is bounded by the window per
-//! request, and exported as `serval_idle_poll_seconds_total`. Measured on a 2-vCPU VM only: on
-//! a larger machine the kernel may wake the I/O thread on some other idle CPU, and the gain
-//! then depends on placement.
+//! time nothing else wants. It still counts as CPU time: the operator turns the sidecar's off
+//! when a Backend sets a CPU limit, whose quota it would spend. The cost is bounded by the
+//! window per request, and exported as `serval_idle_poll_seconds_total`.
+//!
+//! Measured on a 2-vCPU VM only: on a larger machine the kernel may wake the I/O thread on some
+//! other idle CPU, and the gain then depends on placement.
+
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
