@@ -463,8 +463,7 @@ fn run_inline(shared: &Shared, inputs: Vec<Tensor>, rows: usize) -> RequestResul
 fn lead(shared: &Shared, job: &Arc<Job>) {
     let batch = {
         let mut st = shared.lock();
-        let queued = |st: &State| st.queue.iter().any(|p| Arc::ptr_eq(&p.job, job));
-        if !queued(&st) {
+        if !st.queue.iter().any(|p| Arc::ptr_eq(&p.job, job)) {
             // Another caller's batch or a worker took the rows: the answer is on its way.
             return;
         }

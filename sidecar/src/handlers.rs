@@ -246,7 +246,7 @@ async fn infer(
             let decoded = v2::decode(&json, binary, engine.inputs(), engine.outputs())?;
             let outputs = model
                 .batcher
-                .submit(decoded.inputs, deadline, state.inflight() > 1)?
+                .submit(decoded.inputs, deadline, state.others_in_flight())?
                 .wait()
                 .await?;
             let enc = v2::encode(
@@ -279,7 +279,7 @@ async fn infer(
             let inputs = v1::decode(&body, engine.inputs())?;
             let outputs = model
                 .batcher
-                .submit(inputs, deadline, state.inflight() > 1)?
+                .submit(inputs, deadline, state.others_in_flight())?
                 .wait()
                 .await?;
             match &model.postprocess {
@@ -319,7 +319,7 @@ async fn image(
     let tensor = preprocess::image_to_tensor(cfg, body, dt)?;
     let outputs = model
         .batcher
-        .submit(vec![tensor], deadline, state.inflight() > 1)?
+        .submit(vec![tensor], deadline, state.others_in_flight())?
         .wait()
         .await?;
     match &model.postprocess {

@@ -87,6 +87,12 @@ impl AppState {
         }
     }
 
+    /// Whether other inference requests are being handled besides the caller's: the batcher
+    /// then lets a small request wait one yield for company.
+    pub fn others_in_flight(&self) -> bool {
+        self.inflight() > 1
+    }
+
     /// Inference requests being handled now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::SeqCst)
