@@ -9,7 +9,12 @@ export SERVAL_CACHE CARGO_TARGET_DIR
 CARGO ?= cargo
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router bench-sidecar
+.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router bench-sidecar prune-cache
+
+# The release profile's incremental cache only grows (each changed build of a workspace crate
+# adds a session); past this many GiB `make test` starts it afresh, so a long-lived CI cache
+# cannot fill the disk (it reached 24 GiB here). Workspace crates then recompile once.
+INCREMENTAL_MAX_GIB ?= 8
 
 all: build
 
@@ -48,7 +53,7 @@ run:
 
 ## Prerequisites: everything a fresh machine lacks, installed or failing loudly.
 
-prereqs: venv cluster
+prereqs: venv cluster prune-cache
 	@command -v kubectl >/dev/null || { echo "kubectl is required for the e2e tests: install it (e.g. apt-get install kubernetes-client)" >&2; exit 1; }
 	@command -v go >/dev/null || { echo "Go is required to build the test control plane" >&2; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
@@ -57,6 +62,11 @@ prereqs: venv cluster
 
 venv:
 	$(MAKE) -C models venv VENV=$(VENV)
+
+prune-cache:
+	@d="$(RELEASE)/incremental"; \
+	if [ -d "$$d" ] && [ "$$(du -s --block-size=1G "$$d" | cut -f1)" -gt $(INCREMENTAL_MAX_GIB) ]; then \
+		echo "pruning $$d (over $(INCREMENTAL_MAX_GIB) GiB)"; rm -rf "$$d"; fi
 
 ## Tests
 
