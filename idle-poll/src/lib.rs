@@ -10,7 +10,9 @@
 //! when a Backend sets a CPU limit, whose quota it would spend. The cost is bounded by the
 //! window per request, and exported as `serval_idle_poll_seconds_total`.
 //!
-//! Measured on a 2-vCPU VM only: on a larger machine the kernel may wake the I/O thread on some
+//! Off unless configured: on a VM a spinning vCPU still takes host CPU from the busy one, and
+//! three spinning processes on 2 vCPUs cost ~30 % req/s at moderate load (see the sidecar
+//! README). Measured on a 2-vCPU VM only: on a larger machine the kernel may wake the I/O thread on some
 //! other idle CPU, and the gain then depends on placement.
 
 #![forbid(unsafe_code)]

@@ -47,9 +47,13 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Slow-loris guard: a client must send its request head within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Window after each answered request during which one `SCHED_IDLE` thread keeps a CPU awake
-/// for the next (see `serval_idle_poll`): on a VM without guest halt-polling a halted CPU's
-/// wake-up costs tens of microseconds per hop.
-pub const DEFAULT_IDLE_POLL_MICROS: u64 = 200;
+/// for the next (see `serval_idle_poll`); 0 disables.
+/// Off by default, measured on this 2-vCPU VM: it halves a lone request's latency (digits,
+/// 109–130 µs → ~60 µs), but with three spinning processes (router and two sidecars) at c=8–32
+/// both proxies lost ~30 % req/s, since a spinning vCPU takes host CPU from the busy one and
+/// many pods on a node would each spin. 200 (KVM guest halt-polling's default) suits a
+/// latency-critical server with CPU to spare.
+pub const DEFAULT_IDLE_POLL_MICROS: u64 = 0;
 
 /// `serval-router` flags; each can also be set from the environment.
 #[derive(Parser, Debug, Clone)]

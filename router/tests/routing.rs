@@ -109,7 +109,7 @@ async fn answered_requests_keep_a_cpu_awake_and_count_it() {
         vec![route("digits", "/digits", &[("digits-v1", 100)])],
         &[("digits-v1", vec![v1.address()])],
     );
-    let r = router(&doc).await;
+    let r = router_with(&doc, |c| c.idle_poll_micros = 200).await;
     let c = client();
     assert_eq!(
         metric(&r.metrics(), "serval_router_idle_poll_seconds_total"),
