@@ -101,7 +101,6 @@ impl Router {
             retry_budget_window: config.retry_budget_window,
         };
         let store = Arc::new(TableStore::new(metrics.clone(), settings));
-        let metrics_idle = metrics.idle_poll.clone();
         let source = match (&config.table, &config.configmap_namespace) {
             (Some(path), _) => {
                 let seen = table_source::load_file(&store, path).await;
@@ -118,16 +117,17 @@ impl Router {
             .await
             .map_err(Error::Listen)?;
         let addr = listener.local_addr().map_err(Error::Listen)?;
+        let idle_poll = IdlePoller::start(
+            Duration::from_micros(config.idle_poll_micros),
+            metrics.idle_poll.clone(),
+        )
+        .map(Arc::new);
         let state = Arc::new(State {
             store,
             metrics,
             mirror_permits: Arc::new(Semaphore::new(config.mirror_concurrency)),
             draining: AtomicBool::new(false),
-            idle_poll: IdlePoller::start(
-                Duration::from_micros(config.idle_poll_micros),
-                metrics_idle.clone(),
-            )
-            .map(Arc::new),
+            idle_poll,
         });
         Ok(Self {
             addr,

@@ -64,14 +64,23 @@ async fn split_90_10_over_10000_requests_and_weight_zero_gets_none() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paths_are_rewritten_to_the_chosen_backends_model() {
+/// A router with one route, `/digits`, all to upstream `digits-v1`; the upstream must live as
+/// long as the router is used.
+async fn digits_v1_router(
+    tweak: impl FnOnce(&mut serval_router::Config),
+) -> (Upstream, TestRouter) {
     let v1 = upstream("digits-v1", answer("x")).await;
     let doc = table(
         vec![route("digits", "/digits", &[("digits-v1", 100)])],
         &[("digits-v1", vec![v1.address()])],
     );
-    let r = router(&doc).await;
+    let r = router_with(&doc, tweak).await;
+    (v1, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_rewritten_to_the_chosen_backends_model() {
+    let (_v1, r) = digits_v1_router(|_| {}).await;
     let c = client();
     let cases = [
         ("/v2/models/digits/infer", "/v2/models/digits-v1/infer"),
@@ -104,12 +113,7 @@ async fn paths_are_rewritten_to_the_chosen_backends_model() {
 /// take a moment to get CPU); its spin time is exported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_requests_keep_a_cpu_awake_and_count_it() {
-    let v1 = upstream("digits-v1", answer("x")).await;
-    let doc = table(
-        vec![route("digits", "/digits", &[("digits-v1", 100)])],
-        &[("digits-v1", vec![v1.address()])],
-    );
-    let r = router_with(&doc, |c| c.idle_poll_micros = 200).await;
+    let (_v1, r) = digits_v1_router(|c| c.idle_poll_micros = 200).await;
     let c = client();
     assert_eq!(
         metric(&r.metrics(), "serval_router_idle_poll_seconds_total"),
