@@ -208,6 +208,10 @@ impl Cluster {
         kcm.extend(common(ports.controller_manager, "kcm-certs"));
         kcm.push(format!("--service-account-private-key-file={sa_key}"));
         kcm.push(format!("--root-ca-file={}", self.pki.ca_cert.display()));
+        // The default 20 QPS client throttle made the Deployment and ReplicaSet controllers,
+        // not the operator, the bottleneck of the 200-Backend scale test.
+        kcm.push("--kube-api-qps=100".into());
+        kcm.push("--kube-api-burst=200".into());
         self.spawn("kube-controller-manager", &self.binaries.kube(), &kcm)?;
 
         let mut scheduler = vec!["scheduler".to_string()];

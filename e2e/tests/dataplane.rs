@@ -167,11 +167,28 @@ fn the_clusters_routing_table_splits_real_traffic_over_real_model_servers() -> a
         "--timeout=120s",
     ])?;
 
-    let table = routing_table(cluster, &ns)?;
-    assert_eq!(
-        weights(&table),
-        [("digits-v1".to_owned(), 90), ("digits-v2".to_owned(), 10)]
-    );
+    // The Endpoint is Ready once one weighted Backend is; an unready Backend has weight 0 in
+    // the table until it is Ready too, so wait for the declared 90/10.
+    cluster.kubectl_ok([
+        "wait",
+        "-n",
+        &ns,
+        "--for=condition=Ready",
+        "backend/digits-v1",
+        "backend/digits-v2",
+        "--timeout=120s",
+    ])?;
+    let table = wait_for(
+        "the ConfigMap to carry 90/10",
+        Duration::from_secs(30),
+        || {
+            let t = routing_table(cluster, &ns)?;
+            Ok(
+                (weights(&t) == [("digits-v1".to_owned(), 90), ("digits-v2".to_owned(), 10)])
+                    .then_some(t),
+            )
+        },
+    )?;
 
     // Real model servers for each Backend, configured from the Backend as stored in the cluster.
     let mut children = Children::default();

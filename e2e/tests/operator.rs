@@ -258,7 +258,13 @@ async fn examples_reconcile(s: &mut Scenario) -> anyhow::Result<()> {
     expect_owner(&s.api::<Role>().get(ROUTER).await?, &endpoint)?;
     expect_owner(&s.api::<RoleBinding>().get(ROUTER).await?, &endpoint)?;
 
-    let table = s.routing_table().await?;
+    // The Endpoint can turn Ready on digits-v1 alone; the table gives digits-v2 its weight
+    // once the operator has seen it Ready as well.
+    let table = wait_for_async("the table to carry 90/10", READY_TIMEOUT, || async {
+        let t = s.routing_table().await?;
+        Ok((weights(&t, "digits")? == [("digits-v1", 90), ("digits-v2", 10)]).then_some(t))
+    })
+    .await?;
     let route = table
         .routes
         .iter()

@@ -37,15 +37,19 @@ pub struct Context {
     pub router_defaults: RouterDefaults,
     /// Consecutive failures per object, for backoff.
     pub failures: FailureCounts,
-    /// Fingerprint of the namespace-level router objects last applied per namespace, and when.
+    /// What each namespace's router objects were last applied as, one writer at a time.
     pub namespace_applied: NamespaceApplied,
 }
 
-/// Remembers what was applied per namespace, so N Endpoints sharing one routing table do not
-/// each re-send identical objects carrying N owner references (quadratic in N).
+/// The namespace-level router objects each namespace was last sent, behind one lock per
+/// namespace. Every Endpoint of a namespace computes the same objects, each carrying all N
+/// owner references: applied concurrently they conflict in the API server (200 Endpoints made
+/// etcd time out), and re-sent unchanged they make the writes grow as N².
 #[derive(Default)]
 pub struct NamespaceApplied(
-    std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
+    std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<AppliedObjects>>>,
+    >,
 );
 
 /// Re-apply unchanged namespace objects at least this often, to repair drift (e.g. a deleted
@@ -53,27 +57,52 @@ pub struct NamespaceApplied(
 pub const DEFAULT_REAPPLY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl NamespaceApplied {
-    /// Whether `fingerprint` was applied in `namespace` within [`DEFAULT_REAPPLY_AFTER`].
-    pub fn is_fresh(&self, namespace: &str, fingerprint: u64) -> bool {
-        let map = self
+    /// Waits for, and holds, `namespace`'s record: its Endpoints write the shared objects one
+    /// reconcile at a time, and a waiter finds what the holder sent.
+    pub async fn lock(&self, namespace: &str) -> tokio::sync::OwnedMutexGuard<AppliedObjects> {
+        let record = self
             .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(namespace)
-            .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < DEFAULT_REAPPLY_AFTER)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(namespace.to_owned())
+            .or_default()
+            .clone();
+        record.lock_owned().await
     }
+}
 
-    /// Records a successful apply.
-    pub fn record(&self, namespace: &str, fingerprint: u64) {
-        let mut map = self
+/// Fingerprint of each object last applied in one namespace, by kind, and when.
+#[derive(Default)]
+pub struct AppliedObjects(std::collections::HashMap<String, (u64, std::time::Instant)>);
+
+impl AppliedObjects {
+    /// Server-side applies `obj` unless the same content was applied within
+    /// [`DEFAULT_REAPPLY_AFTER`]; returns the stored object when it was sent.
+    pub async fn apply_changed<K>(&mut self, api: &Api<K>, obj: &K) -> Result<Option<K>>
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+    {
+        let kind = K::kind(&()).into_owned();
+        let fingerprint = fingerprint(obj);
+        let fresh = self
             .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(
-            namespace.to_owned(),
-            (fingerprint, std::time::Instant::now()),
-        );
+            .get(&kind)
+            .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < DEFAULT_REAPPLY_AFTER);
+        if fresh {
+            return Ok(None);
+        }
+        let stored = apply(api, obj).await?;
+        self.0
+            .insert(kind, (fingerprint, std::time::Instant::now()));
+        Ok(Some(stored))
     }
+}
+
+fn fingerprint(obj: &impl Serialize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(obj).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Now, at the one-second precision the API server stores, so a status read back compares equal.

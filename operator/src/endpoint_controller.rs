@@ -14,7 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use serval_api::{Backend, Endpoint};
 
 use crate::backoff;
-use crate::context::{Context, apply, apply_status, now};
+use crate::context::{Context, apply_status, now};
 use crate::desired::backend::{backend_address, is_ready};
 use crate::desired::router::{
     ROUTER_NAME, configmap_for, deployment_for, owners, role_binding_for, role_for, router_ready,
@@ -48,6 +48,9 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
     let client = ctx.client.clone();
     tracing::debug!(endpoint = %name, namespace = %ns, "reconciling");
 
+    // Computed under the namespace's lock, so each holder sends the latest state and a
+    // waiter that computes the same objects sends nothing.
+    let mut applied = ctx.namespace_applied.lock(&ns).await;
     let mut siblings: Vec<Arc<Endpoint>> = ctx
         .endpoints
         .state()
@@ -61,41 +64,51 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
     let plan = plan(siblings.iter().map(AsRef::as_ref), &views);
     let owners = owners(siblings.iter().map(AsRef::as_ref));
 
-    let (sa, role, binding) = (
-        service_account_for(&ns, &owners),
-        role_for(&ns, &owners),
-        role_binding_for(&ns, &owners),
-    );
-    let (configmap, service) = (
-        configmap_for(&ns, &plan.table, &owners),
-        service_for(&ns, &owners),
-    );
-    let deployment = deployment_for(&ns, &ctx.router_defaults, &owners);
-    // Every Endpoint of the namespace computes the same objects, each carrying all N owner
-    // references: send them only when they changed, or the writes grow as N².
-    let fingerprint = fingerprint(&(&sa, &role, &binding, &configmap, &service, &deployment));
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let router = if ctx.namespace_applied.is_fresh(&ns, fingerprint) {
-        // Only the router's readiness is needed, and a read is far cheaper than an apply.
-        deployments.get(ROUTER_NAME).await?
-    } else {
-        apply(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), &sa).await?;
-        apply(&Api::<Role>::namespaced(client.clone(), &ns), &role).await?;
-        apply(
+    // In dependency order: the router's identity and rights, its table, then the router. A
+    // Backend turning Ready changes only the table, so only the ConfigMap is sent.
+    applied
+        .apply_changed(
+            &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+            &service_account_for(&ns, &owners),
+        )
+        .await?;
+    applied
+        .apply_changed(
+            &Api::<Role>::namespaced(client.clone(), &ns),
+            &role_for(&ns, &owners),
+        )
+        .await?;
+    applied
+        .apply_changed(
             &Api::<RoleBinding>::namespaced(client.clone(), &ns),
-            &binding,
+            &role_binding_for(&ns, &owners),
         )
         .await?;
-        apply(
+    applied
+        .apply_changed(
             &Api::<ConfigMap>::namespaced(client.clone(), &ns),
-            &configmap,
+            &configmap_for(&ns, &plan.table, &owners),
         )
         .await?;
-        apply(&Api::<Service>::namespaced(client.clone(), &ns), &service).await?;
-        let router = apply(&deployments, &deployment).await?;
-        ctx.namespace_applied.record(&ns, fingerprint);
-        router
+    applied
+        .apply_changed(
+            &Api::<Service>::namespaced(client.clone(), &ns),
+            &service_for(&ns, &owners),
+        )
+        .await?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let router = match applied
+        .apply_changed(
+            &deployments,
+            &deployment_for(&ns, &ctx.router_defaults, &owners),
+        )
+        .await?
+    {
+        Some(router) => router,
+        // Only the router's readiness is needed, and a read is far cheaper than an apply.
+        None => deployments.get(ROUTER_NAME).await?,
     };
+    drop(applied);
 
     let outcome = plan.outcomes.get(&name).cloned().unwrap_or_default();
     let status = crate::desired::routing::status_for(
@@ -109,13 +122,6 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
         apply_status(&Api::<Endpoint>::namespaced(client, &ns), &name, &status).await?;
     }
     Ok(Action::requeue(DEFAULT_RESYNC))
-}
-
-fn fingerprint(objects: &impl serde::Serialize) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(objects).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 /// Readiness and Service address of every Backend in `namespace`.

@@ -430,6 +430,23 @@ async fn expect_router_objects(
     (table, dep)
 }
 
+/// Serves a reconcile in which only the table changed: the ConfigMap alone is re-applied, and
+/// the router (`dep`, as the first reconcile stored it) is read for its readiness.
+async fn expect_table_only(server: &mut ApiServer, dep: &Value) -> RoutingTable {
+    let cm = server
+        .apply("/api/v1/namespaces/team/configmaps/serval-routing")
+        .await;
+    let stored = dep.clone();
+    server
+        .expect(
+            Method::GET,
+            "/apis/apps/v1/namespaces/team/deployments/serval-router",
+            |_| stored,
+        )
+        .await;
+    RoutingTable::from_json(cm["data"]["routing.json"].as_str().unwrap().as_bytes()).unwrap()
+}
+
 async fn expect_endpoint_status(server: &mut ApiServer, ep: &Endpoint) -> Value {
     let path = format!(
         "/apis/serval.dev/v1alpha1/namespaces/team/endpoints/{}/status",
@@ -482,7 +499,7 @@ async fn endpoint_with_ready_backends_gets_the_declared_split() {
     changed.status = Some(serde_json::from_value(status).unwrap());
     h.add_endpoint(&changed);
     let task = h.reconcile_endpoint(&changed);
-    let (table, _) = expect_router_objects(&mut h.server, true).await;
+    let table = expect_table_only(&mut h.server, &dep).await;
     assert_eq!(
         weights(&table, "digits"),
         [("v1".to_owned(), 50), ("v2".to_owned(), 50)]
@@ -530,7 +547,7 @@ async fn backend_becoming_ready_receives_its_weight() {
     let ep = endpoint("digits", &[("v1", 90), ("v2", 10)], 100);
     h.add_endpoint(&ep);
     let task = h.reconcile_endpoint(&ep);
-    let (table, _) = expect_router_objects(&mut h.server, true).await;
+    let (table, dep) = expect_router_objects(&mut h.server, true).await;
     assert_eq!(weights(&table, "digits")[1], ("v2".to_owned(), 0));
     let status = expect_endpoint_status(&mut h.server, &ep).await;
     assert_eq!(condition(&status, "Degraded")["reason"], "BackendNotReady");
@@ -540,7 +557,7 @@ async fn backend_becoming_ready_receives_its_weight() {
     let mut ep2 = ep.clone();
     ep2.status = Some(serde_json::from_value(status).unwrap());
     let task = h.reconcile_endpoint(&ep2);
-    let (table, _) = expect_router_objects(&mut h.server, true).await;
+    let table = expect_table_only(&mut h.server, &dep).await;
     assert_eq!(weights(&table, "digits")[1], ("v2".to_owned(), 10));
     let status = expect_endpoint_status(&mut h.server, &ep2).await;
     assert_eq!(condition(&status, "Degraded")["status"], "False");
@@ -608,7 +625,7 @@ async fn deleting_an_endpoint_or_backend_rewrites_the_table_for_the_rest() {
     let triggered = endpoint_controller::endpoints_using(&v1, &h.ctx.endpoints.state());
     assert_eq!(triggered.len(), 1);
     let task = h.reconcile_endpoint(&a);
-    let (table, _) = expect_router_objects(&mut h.server, true).await;
+    let table = expect_table_only(&mut h.server, &dep).await;
     assert_eq!(weights(&table, "a"), [("v1".to_owned(), 0)]);
     let status = expect_endpoint_status(&mut h.server, &a).await;
     let ready = condition(&status, "Ready");
@@ -665,4 +682,67 @@ async fn unchanged_namespace_objects_are_read_not_rewritten() {
         )
         .await;
     done(task).await;
+}
+
+/// Two Endpoints of one namespace reconciled at once: the shared objects are sent once, not
+/// once per Endpoint (concurrent applies of the same large objects made etcd time out at 200).
+#[tokio::test]
+async fn concurrent_siblings_send_the_shared_objects_once() {
+    let mut h = harness();
+    h.add_backend(with_ready(backend("v1", 1), true));
+    let a = endpoint("a", &[("v1", 100)], 100);
+    let mut b = endpoint("b", &[("v1", 100)], 200);
+    b.spec.route.path_prefix = "/other".to_owned();
+    for e in [&a, &b] {
+        h.add_endpoint(e);
+    }
+    let tasks = [h.reconcile_endpoint(&a), h.reconcile_endpoint(&b)];
+
+    let mut calls = std::collections::BTreeMap::<(Method, String), usize>::new();
+    let mut router = Value::Null;
+    // 6 applies, one read of the router by the reconcile that waited, 2 statuses.
+    for _ in 0..9 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), h.server.0.next_request())
+            .await
+            .expect("a call is missing")
+            .expect("client dropped");
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let answer = if method == Method::GET {
+            router.clone()
+        } else if path.ends_with("/status") {
+            let e = if path.contains("/endpoints/a/") {
+                &a
+            } else {
+                &b
+            };
+            serde_json::to_value(e).unwrap()
+        } else {
+            let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+            if path.ends_with("/deployments/serval-router") {
+                body["status"] = json!({"readyReplicas": 2, "replicas": 2});
+                router = body.clone();
+            }
+            body
+        };
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        *calls.entry((method, path)).or_default() += 1;
+    }
+    for task in tasks {
+        done(task).await;
+    }
+    let repeated: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "sent more than once: {repeated:?}");
+    assert_eq!(
+        calls.get(&(
+            Method::GET,
+            "/apis/apps/v1/namespaces/team/deployments/serval-router".to_owned()
+        )),
+        Some(&1),
+        "the second reconcile reads the router: {calls:?}"
+    );
 }
