@@ -287,17 +287,28 @@ fn fill<T: Datum, L>(
     leaves: &[L],
     f: impl Fn(&L) -> RequestResult<T>,
 ) -> RequestResult<Tensor> {
+    zeroed_then(shape, |slots: &mut [T]| {
+        for (slot, leaf) in slots.iter_mut().zip(leaves) {
+            *slot = f(leaf)?;
+        }
+        Ok(())
+    })
+}
+
+/// A zeroed tensor of `T`, then written in place by `write`.
+fn zeroed_then<T: Datum>(
+    shape: &[usize],
+    write: impl FnOnce(&mut [T]) -> RequestResult<()>,
+) -> RequestResult<Tensor> {
     let mut t = Tensor::zero_dt(T::datum_type(), shape)
         .map_err(|e| RequestError::Malformed(e.to_string()))?;
     let mut view = t
         .try_as_plain_ram_mut()
         .map_err(|e| RequestError::Malformed(e.to_string()))?;
-    let slots = view
-        .as_slice_mut::<T>()
-        .map_err(|e| RequestError::Malformed(e.to_string()))?;
-    for (slot, leaf) in slots.iter_mut().zip(leaves) {
-        *slot = f(leaf)?;
-    }
+    write(
+        view.as_slice_mut::<T>()
+            .map_err(|e| RequestError::Malformed(e.to_string()))?,
+    )?;
     Ok(t)
 }
 
@@ -380,10 +391,17 @@ fn strings(shape: &[usize], vals: Vec<String>) -> RequestResult<Tensor> {
 fn fill_le<T: Datum, const N: usize>(
     shape: &[usize],
     bytes: &[u8],
-    f: fn([u8; N]) -> T,
+    f: impl Fn([u8; N]) -> T,
 ) -> RequestResult<Tensor> {
     let (chunks, _) = bytes.as_chunks::<N>();
-    fill(shape, chunks, |c| Ok(f(*c)))
+    // Infallible per element, unlike `fill`: the loop compiles to vector moves (a CNN image is
+    // 150,528 floats; the fallible loop was 0.5 % of a whole CNN benchmark's CPU).
+    zeroed_then(shape, |slots: &mut [T]| {
+        for (slot, c) in slots.iter_mut().zip(chunks) {
+            *slot = f(*c);
+        }
+        Ok(())
+    })
 }
 
 /// Builds a tensor from the binary tensor extension's raw bytes.
