@@ -80,6 +80,27 @@ fn weights(table: &RoutingTable) -> Vec<(String, u32)> {
         .unwrap_or_default()
 }
 
+/// Waits for the ConfigMap's digits route to give digits-v1 `v1` and digits-v2 the rest.
+fn table_with_split(
+    cluster: &Cluster,
+    ns: &str,
+    v1: u32,
+    timeout: Duration,
+) -> anyhow::Result<RoutingTable> {
+    let want = [
+        ("digits-v1".to_owned(), v1),
+        ("digits-v2".to_owned(), 100 - v1),
+    ];
+    wait_for(
+        &format!("the ConfigMap to carry {v1}/{}", 100 - v1),
+        timeout,
+        || {
+            let t = routing_table(cluster, ns)?;
+            Ok((weights(&t) == want).then_some(t))
+        },
+    )
+}
+
 /// The cluster's table with each Backend's Service address replaced by the loopback sidecars.
 fn localised(table: &RoutingTable, local: &BTreeMap<String, Vec<String>>) -> RoutingTable {
     let mut t = table.clone();
@@ -178,17 +199,7 @@ fn the_clusters_routing_table_splits_real_traffic_over_real_model_servers() -> a
         "backend/digits-v2",
         "--timeout=120s",
     ])?;
-    let table = wait_for(
-        "the ConfigMap to carry 90/10",
-        Duration::from_secs(30),
-        || {
-            let t = routing_table(cluster, &ns)?;
-            Ok(
-                (weights(&t) == [("digits-v1".to_owned(), 90), ("digits-v2".to_owned(), 10)])
-                    .then_some(t),
-            )
-        },
-    )?;
+    let table = table_with_split(cluster, &ns, 90, Duration::from_secs(30))?;
 
     // Real model servers for each Backend, configured from the Backend as stored in the cluster.
     let mut children = Children::default();
@@ -284,17 +295,7 @@ fn the_clusters_routing_table_splits_real_traffic_over_real_model_servers() -> a
         "patch", "endpoint", "digits", "-n", &ns, "--type", "merge", "-p",
         r#"{"spec":{"traffic":[{"backend":"digits-v1","weight":50},{"backend":"digits-v2","weight":50}]}}"#,
     ])?;
-    let updated = wait_for(
-        "the ConfigMap to carry 50/50",
-        Duration::from_secs(10),
-        || {
-            let t = routing_table(cluster, &ns)?;
-            Ok(
-                (weights(&t) == [("digits-v1".to_owned(), 50), ("digits-v2".to_owned(), 50)])
-                    .then_some(t),
-            )
-        },
-    )?;
+    let updated = table_with_split(cluster, &ns, 50, Duration::from_secs(10))?;
     eprintln!(
         "weight change reached the ConfigMap in {:?}",
         started.elapsed()
