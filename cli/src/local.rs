@@ -506,9 +506,12 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Starts a child with its output streamed to ours, each line prefixed with `[label]`.
 fn spawn(mut cmd: Command, label: String) -> anyhow::Result<Child> {
-    // Children's logs are re-printed with a prefix, so terminal colour codes would only clutter.
-    cmd.env("NO_COLOR", "1")
-        .stdin(Stdio::null())
+    // The child drains and exits once its stdin closes: this process holds the pipe's other
+    // end, and the kernel closes it however we end, SIGKILL included, so no child is orphaned.
+    cmd.arg("--exit-with-stdin")
+        // Children's logs are re-printed with a prefix, so colour codes would only clutter.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

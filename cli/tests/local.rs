@@ -132,8 +132,9 @@ fn split(
     counts
 }
 
-#[test]
-fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
+/// A temp dir holding a copy of the examples and the model they load, so edits stay local and
+/// its path tells this test's processes apart.
+fn examples_copy() -> tempfile::TempDir {
     ensure_binaries();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("examples")).unwrap();
@@ -150,6 +151,12 @@ fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
         dir.path().join("models/digits.onnx"),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
+    let dir = examples_copy();
     let endpoint_file = dir.path().join("examples/digits-endpoint.yaml");
     let needle = dir.path().display().to_string();
     let png = std::fs::read(repo().join("models/digits/seven.png")).unwrap();
@@ -264,6 +271,30 @@ fn local_mode_serves_applies_edits_heals_and_stops_cleanly() {
     });
     assert!(status.success(), "serval exited with {status}");
     wait_until("no orphans", Duration::from_secs(10), || {
+        (processes_with(&needle).is_empty() && processes_with(&router).is_empty()).then_some(())
+    });
+}
+
+/// `serval local` killed outright (no chance to stop its children): the sidecars and the
+/// router see their stdin close and exit by themselves.
+#[test]
+fn children_exit_when_serval_local_is_killed() {
+    let dir = examples_copy();
+    let needle = dir.path().display().to_string();
+    let mut local = start(dir);
+    let router = format!("serval-local-{}", local.child.id());
+    wait_until(
+        "three sidecars and the router",
+        Duration::from_secs(120),
+        || {
+            (processes_with(&format!("{needle}.*--name digits")).len() == 3
+                && processes_with(&router).len() == 1)
+                .then_some(())
+        },
+    );
+    local.child.kill().unwrap();
+    local.child.wait().unwrap();
+    wait_until("the children to exit", Duration::from_secs(30), || {
         (processes_with(&needle).is_empty() && processes_with(&router).is_empty()).then_some(())
     });
 }

@@ -135,6 +135,10 @@ pub struct Config {
     /// a CPU awake (time nothing else wants, but CPU time); 0 disables.
     #[arg(long, env = "SERVAL_ROUTER_IDLE_POLL_MICROS", default_value_t = DEFAULT_IDLE_POLL_MICROS)]
     pub idle_poll_micros: u64,
+    /// Also drain and exit when stdin is closed: for a supervisor that holds the other end
+    /// (`serval local`), so the router stops with it even if it is killed.
+    #[arg(long, env = "SERVAL_ROUTER_EXIT_WITH_STDIN")]
+    pub exit_with_stdin: bool,
 }
 
 impl Config {
@@ -162,6 +166,7 @@ impl Config {
             worker_threads: 0,
             fast_path: true,
             idle_poll_micros: DEFAULT_IDLE_POLL_MICROS,
+            exit_with_stdin: false,
         }
     }
 }

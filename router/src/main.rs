@@ -1,7 +1,7 @@
 //! `serval-router`: the routing proxy binary.
 
 use clap::Parser;
-use serval_router::{Config, Router, server};
+use serval_router::{Config, Router};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
+    let stop = serval_stop::requested(config.exit_with_stdin);
     // The main thread runs the acceptor, the table source and shard 0; the router starts one
     // more single-threaded runtime per further shard (see `Router::serve`).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -18,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let router = Router::bind(config).await?;
-        router.serve(server::shutdown_signal()).await;
+        router.serve(stop).await;
         Ok(())
     })
 }

@@ -118,6 +118,10 @@ pub struct Args {
     /// CPU use; the operator sets 0 under a CPU limit); 0 disables.
     #[arg(long, env = "SERVAL_IDLE_POLL_MICROS", default_value_t = DEFAULT_IDLE_POLL_MICROS)]
     pub idle_poll_micros: u64,
+    /// Also drain and exit when stdin is closed: for a supervisor that holds the other end
+    /// (`serval local`), so the server stops with it even if it is killed.
+    #[arg(long, env = "SERVAL_EXIT_WITH_STDIN")]
+    pub exit_with_stdin: bool,
 }
 
 /// Validated settings of one sidecar.

@@ -27,12 +27,14 @@ async fn main() -> anyhow::Result<()> {
             .to_owned();
         tracing::error!(%thread, panic = %info, "panic");
     }));
-    let config = Config::from_args(Args::parse())?;
+    let args = Args::parse();
+    let mut stop = tokio::spawn(serval_stop::requested(args.exit_with_stdin));
+    let config = Config::from_args(args)?;
     let sidecar = Sidecar::start(config).await?;
     // `None`: terminated while still loading.
     let loaded = tokio::select! {
         ready = sidecar.ready() => Some(ready),
-        () = terminated() => None,
+        _ = &mut stop => None,
     };
     match loaded {
         Some(Ok(())) => {}
@@ -48,32 +50,8 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    terminated().await;
+    let _ = stop.await;
     sidecar.shutdown();
     sidecar.wait().await;
     Ok(())
-}
-
-/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
