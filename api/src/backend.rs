@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_QUEUE: u32 = 1_024;
     kind = "Backend",
     namespaced,
     status = "BackendStatus",
+    // `kubectl scale` and HorizontalPodAutoscalers act on spec.replicas through this.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     shortname = "sbe",
     category = "serval",
     cel,
@@ -322,6 +328,10 @@ pub struct BackendStatus {
     /// In-cluster URL of the Backend's Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Label selector of the Backend's pods, as the scale subresource reports it (a
+    /// HorizontalPodAutoscaler reads the pods' metrics through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -387,15 +387,9 @@ async fn weights_and_scaling(s: &mut Scenario) -> anyhow::Result<()> {
     )
     .await?;
 
-    // Scale up: 3 replicas, all Ready, and a PDB appears.
-    s.kubectl_ok([
-        "patch",
-        "backend",
-        "digits-v1",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":3}}"#,
-    ])?;
+    // Scale up with `kubectl scale` (the scale subresource, as an autoscaler would): 3
+    // replicas, all Ready, and a PDB appears.
+    s.kubectl_ok(["scale", "backend/digits-v1", "--replicas=3"])?;
     s.wait_backend("digits-v1", "3/3 replicas ready", |b| {
         b.status
             .as_ref()
@@ -416,6 +410,17 @@ async fn weights_and_scaling(s: &mut Scenario) -> anyhow::Result<()> {
     ensure!(
         replicas == Some(3),
         "Deployment digits-v1 replicas {replicas:?}"
+    );
+    let scale = s.kubectl_ok([
+        "get",
+        "backend/digits-v1",
+        "--subresource=scale",
+        "-o",
+        "jsonpath={.spec.replicas} {.status.replicas} {.status.selector}",
+    ])?;
+    ensure!(
+        scale == "3 3 serval.dev/backend=digits-v1",
+        "scale subresource: {scale:?}"
     );
     let pdbs: Api<PodDisruptionBudget> = s.api();
     wait_for_async("PDB digits-v1", READY_TIMEOUT, || {

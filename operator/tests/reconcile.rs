@@ -265,6 +265,8 @@ async fn backend_create_applies_deployment_and_service_then_status() {
         (Some("False"), Some("ReplicasNotReady"))
     );
     assert_eq!(status["status"]["replicasSummary"], "0/1");
+    // What the scale subresource reports as the pods' selector (for HorizontalPodAutoscalers).
+    assert_eq!(status["status"]["selector"], "serval.dev/backend=digits-v1");
     assert_eq!(status["status"]["observedGeneration"], 1);
     done(task).await;
 }

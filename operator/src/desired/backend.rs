@@ -399,6 +399,7 @@ pub fn status_for(
         ready_replicas: ready,
         replicas_summary: format!("{ready}/{desired}"),
         url: Some(backend_url(backend)),
+        selector: Some(format!("{BACKEND_LABEL}={}", backend.name_any())),
         conditions: settle(previous, observed, generation, now),
     }
 }
