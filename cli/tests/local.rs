@@ -62,7 +62,13 @@ struct Local {
 impl Drop for Local {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        for pid in processes_with(&self.dir.path().display().to_string()) {
+        // Sidecars name the temp dir (their model); the router names `serval-local-<pid>`.
+        let router = format!("serval-local-{}", self.child.id());
+        let dir = self.dir.path().display().to_string();
+        for pid in processes_with(&dir)
+            .into_iter()
+            .chain(processes_with(&router))
+        {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
