@@ -15,6 +15,12 @@ RELEASE := $(CARGO_TARGET_DIR)/release
 # adds a session); past this many GiB `make test` starts it afresh, so a long-lived CI cache
 # cannot fill the disk (it reached 24 GiB here). Workspace crates then recompile once.
 INCREMENTAL_MAX_GIB ?= 8
+# Compiled artifacts nothing has read for this many days are deleted: every clone path and
+# every old commit leaves its own copies of the workspace's crates and test binaries (38 GB
+# after two days here). Anything still needed is rebuilt. Reads refresh a file's atime at
+# least daily under the default `relatime` mount option; under `noatime` this rebuilds
+# everything older than the limit, which costs time but never correctness.
+DEPS_MAX_IDLE_DAYS ?= 3
 
 all: build
 
@@ -67,6 +73,10 @@ prune-cache:
 	@d="$(RELEASE)/incremental"; \
 	if [ -d "$$d" ] && [ "$$(du -s --block-size=1G "$$d" | cut -f1)" -gt $(INCREMENTAL_MAX_GIB) ]; then \
 		echo "pruning $$d (over $(INCREMENTAL_MAX_GIB) GiB)"; rm -rf "$$d"; fi
+	@d="$(RELEASE)/deps"; \
+	if [ -d "$$d" ]; then \
+		n=$$(find "$$d" -maxdepth 1 -type f -atime +$(DEPS_MAX_IDLE_DAYS) -print -delete | wc -l); \
+		[ "$$n" -eq 0 ] || echo "pruned $$n artifacts unread for $(DEPS_MAX_IDLE_DAYS)+ days from $$d"; fi
 
 ## Tests
 
