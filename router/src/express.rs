@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::errors::{Error, error_body};
 use crate::matching::host_of;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, is_hop_by_hop};
 use crate::table::CompiledRoute;
 use crate::upstream::{AddrState, BackendPool, InflightGuard};
 
@@ -142,34 +142,12 @@ fn parse_request(buf: &[u8]) -> Result<Option<Head>, ()> {
     Ok(Some(head))
 }
 
-/// Request headers that need the hyper path: body framing other than a length, `Expect`,
-/// upgrades, and hop-by-hop headers that must be stripped.
+/// Request headers that need the hyper path: body framing other than a length, `Expect`, and
+/// the hop-by-hop headers it strips (`Connection` is read before this check).
 fn is_unhandled(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 8] = [
-        b"transfer-encoding",
-        b"expect",
-        b"upgrade",
-        b"te",
-        b"trailer",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-    ];
-    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
-}
-
-/// Response headers never relayed (hop-by-hop); `Transfer-Encoding` is relayed with the body
-/// it frames, which passes through unchanged.
-fn is_hop_by_hop_response(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 6] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    ];
-    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+    name.eq_ignore_ascii_case(b"transfer-encoding")
+        || name.eq_ignore_ascii_case(b"expect")
+        || is_hop_by_hop(name)
 }
 
 /// Serves `stream` on the express lane until it closes or needs the hyper path.
@@ -602,7 +580,8 @@ fn parse_response(buf: &[u8], is_head: bool) -> Result<Option<RespHead>, String>
     relayed.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if !is_hop_by_hop_response(name)
+        // `Transfer-Encoding` is relayed with the body it frames, which passes unchanged.
+        if !is_hop_by_hop(name)
             && !name.eq_ignore_ascii_case(crate::proxy::BACKEND_HEADER.as_bytes())
         {
             header_line(&mut relayed, name, h.value);

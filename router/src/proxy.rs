@@ -399,8 +399,9 @@ pub fn full_body(bytes: Bytes) -> UpstreamBody {
         .boxed_unsync()
 }
 
-/// Headers that describe one connection, not the message; never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one connection, not the message; never forwarded, on the hyper path
+/// and the express lane alike (see [`is_hop_by_hop`]).
+pub(crate) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -409,6 +410,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRAILER,
     header::UPGRADE,
 ];
+
+/// Whether a raw header name is one of [`HOP_BY_HOP`], for the express lane's parsed heads.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them: one pass over the names is cheaper than a hashed

@@ -354,3 +354,39 @@ async fn the_router_paths_and_malformed_heads_are_answered_by_the_hyper_path() {
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
 }
+
+/// The express lane and the hyper path drop the same hop-by-hop response headers and relay
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_paths_drop_the_same_hop_by_hop_response_headers() {
+    fn hop_headers(_: &Seen) -> Reply {
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=5\r\n\
+                    proxy-connection: keep-alive\r\nupgrade: h2c\r\ntrailer: x-sum\r\n\
+                    proxy-authorization: secret\r\nx-kept: yes\r\n\r\nok";
+        (vec![head.as_bytes().to_vec()], false)
+    }
+    let (up, _) = raw_upstream(hop_headers).await;
+    for fast_path in [true, false] {
+        let r = router_with(&one_route(up.clone()), |c| c.fast_path = fast_path).await;
+        let mut s = TcpStream::connect(r.addr).await.unwrap();
+        s.write_all(b"GET /e/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, hs, body) = read_response(&mut s, &mut Vec::new(), false).await;
+        assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+        let names: Vec<&str> = hs.iter().map(|(k, _)| k.as_str()).collect();
+        for dropped in [
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "trailer",
+            "proxy-authorization",
+        ] {
+            assert!(
+                !names.contains(&dropped),
+                "fast_path={fast_path}: {dropped} relayed in {names:?}"
+            );
+        }
+        assert_eq!(header(&hs, "x-kept"), Some("yes"), "fast_path={fast_path}");
+    }
+}
