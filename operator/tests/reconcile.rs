@@ -22,13 +22,44 @@ use serval_operator::desired::router::RouterDefaults;
 use serval_operator::metrics::Metrics;
 use serval_operator::{backend_controller, endpoint_controller};
 use tokio::task::JoinHandle;
-use tower_test::mock::Handle;
+use tower_test::mock::{Handle, SendResponse};
 
 const NS: &str = "team";
 
 struct ApiServer(Handle<Request<Body>, Response<Body>>);
 
+/// Answers one call of the mock API server.
+struct Reply(SendResponse<Response<Body>>);
+
+impl Reply {
+    fn json(self, answer: &Value) {
+        self.0.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(answer).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
 impl ApiServer {
+    /// Waits for the next call (failing with `missing` after 5 s): its method, path, query and
+    /// JSON body (`Null` if empty), and the handle that answers it.
+    async fn next_call(&mut self, missing: &str) -> (Method, String, String, Value, Reply) {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("missing call: {missing}"))
+            .expect("client dropped");
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (method, path, query, body, Reply(send))
+    }
+
     /// Waits for the next call, checks method and path, answers `respond(body)`, returns the body.
     async fn expect(
         &mut self,
@@ -36,34 +67,19 @@ impl ApiServer {
         path: &str,
         respond: impl FnOnce(&Value) -> Value,
     ) -> Value {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("missing call: {method} {path}"))
-            .expect("client dropped");
+        let (got, got_path, query, body, reply) = self.next_call(&format!("{method} {path}")).await;
         assert_eq!(
-            (req.method(), req.uri().path()),
+            (&got, got_path.as_str()),
             (&method, path),
             "unexpected call"
         );
         if method == Method::PATCH {
-            let q = req.uri().query().unwrap_or_default();
             assert!(
-                q.contains("fieldManager=serval-operator") && q.contains("force=true"),
-                "not an SSA: {q}"
+                query.contains("fieldManager=serval-operator") && query.contains("force=true"),
+                "not an SSA: {query}"
             );
         }
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        let answer = respond(&body);
-        send.send_response(
-            Response::builder()
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap(),
-        );
+        reply.json(&respond(&body));
         body
     }
 
@@ -704,12 +720,7 @@ async fn concurrent_siblings_send_the_shared_objects_once() {
     let mut router = Value::Null;
     // 6 applies, one read of the router by the reconcile that waited, 2 statuses.
     for _ in 0..9 {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(5), h.server.0.next_request())
-            .await
-            .expect("a call is missing")
-            .expect("client dropped");
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let (method, path, _, body, reply) = h.server.next_call("one of the 9").await;
         let answer = if method == Method::GET {
             router.clone()
         } else if path.ends_with("/status") {
@@ -720,18 +731,14 @@ async fn concurrent_siblings_send_the_shared_objects_once() {
             };
             serde_json::to_value(e).unwrap()
         } else {
-            let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+            let mut body = body;
             if path.ends_with("/deployments/serval-router") {
                 body["status"] = json!({"readyReplicas": 2, "replicas": 2});
                 router = body.clone();
             }
             body
         };
-        send.send_response(
-            Response::builder()
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap(),
-        );
+        reply.json(&answer);
         *calls.entry((method, path)).or_default() += 1;
     }
     for task in tasks {
