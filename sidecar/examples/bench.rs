@@ -3,7 +3,7 @@
 //! sidecar with `maxBatchSize: 1`, all in the same run. Prints the ratios the issue asks for.
 //!
 //! `cargo run --release -p serval-sidecar --example bench -- [--seconds 2] [--warmup 0.5]
-//!  [--reps 3] [--concurrency 1,8,32,64] [--inline-max-micros N] [--shared-runtime]
+//!  [--reps 3] [--concurrency 1,8,32,64] [--inline-max-micros N]
 //!  [--model path[:max_batch]]...`
 //! (defaults: models/digits.onnx and, if generated, ~/.cache/serval/models/mobilenetv2.onnx).
 //!
@@ -11,7 +11,7 @@
 //! rotates every repetition), every point has a warm-up whose completions are not counted, and
 //! each figure is the median over the repetitions with its min–max. Ratios are taken per
 //! repetition between points measured back to back, then summarised the same way. The sidecars
-//! run on their own runtime (as in their own process), the HTTP clients on another; both share
+//! run on their own threads (as in their own process), the HTTP clients on another runtime; both share
 //! the machine's cores, as a co-located client would. The raw engine runs on
 //! `min(concurrency, workers)` threads: more threads than cores only add queueing.
 
@@ -329,22 +329,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let workers = serval_sidecar::config::default_workers();
-    // The sidecars' runtime, sized as the binary's `#[tokio::main]` would be.
+    // The sidecars' accept loops and loaders; as in the binary, one thread (a multi-thread
+    // runtime of one, so it runs without being blocked on). Requests are served on each
+    // sidecar's own I/O threads.
     let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .thread_name("sidecar-rt")
         .enable_all()
         .build()?;
-    // `--shared-runtime`: clients on the sidecars' runtime (a stress test of the I/O threads,
-    // not a deployment shape).
-    let own_client_rt = tokio::runtime::Builder::new_multi_thread()
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("client-rt")
         .enable_all()
         .build()?;
-    let client_rt = if args.iter().any(|a| a == "--shared-runtime") {
-        &server_rt
-    } else {
-        &own_client_rt
-    };
     println!(
         "# sidecar benchmark: {workers} workers, {reps} repetitions x {:.1}s (+{:.1}s warm-up) per point, load at start: {}",
         window.as_secs_f64(),

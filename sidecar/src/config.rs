@@ -84,6 +84,10 @@ pub struct Args {
     /// Inference worker threads. Defaults to one per CPU core.
     #[arg(long, env = "SERVAL_WORKERS")]
     pub workers: Option<u32>,
+    /// I/O threads, each with its own single-threaded runtime serving the connections it is
+    /// dealt (a small model runs on them). Defaults to the number of workers.
+    #[arg(long, env = "SERVAL_IO_THREADS")]
+    pub io_threads: Option<u32>,
     /// Built-in pre-processing, JSON of `serval_api::Preprocess`.
     #[arg(long, env = "SERVAL_PREPROCESS")]
     pub preprocess: Option<String>,
@@ -143,6 +147,8 @@ pub struct Config {
     pub max_queue: usize,
     /// Worker threads.
     pub workers: usize,
+    /// I/O threads (connection shards).
+    pub io_threads: usize,
     /// Built-in pre-processing.
     pub preprocess: Option<Preprocess>,
     /// Built-in post-processing.
@@ -178,6 +184,7 @@ impl Config {
             max_delay: Duration::from_micros(DEFAULT_MAX_DELAY_MICROS.into()),
             max_queue: DEFAULT_MAX_QUEUE as usize,
             workers: default_workers(),
+            io_threads: default_workers(),
             preprocess: None,
             postprocess: None,
             default_deadline: Duration::from_millis(DEFAULT_DEADLINE_MS),
@@ -231,6 +238,10 @@ impl Config {
             max_delay: Duration::from_micros(args.max_delay_micros.into()),
             max_queue: args.max_queue as usize,
             workers: args.workers.map_or_else(default_workers, |w| w as usize),
+            io_threads: args
+                .io_threads
+                .or(args.workers)
+                .map_or_else(default_workers, |w| w as usize),
             preprocess,
             postprocess,
             default_deadline: Duration::from_millis(args.default_deadline_ms),
@@ -261,6 +272,9 @@ impl Config {
         if self.workers == 0 {
             return bad("--workers must be at least 1");
         }
+        if self.io_threads == 0 {
+            return bad("--io-threads must be at least 1");
+        }
         if let Some(img) = self.preprocess.as_ref().and_then(|p| p.image.as_ref()) {
             let channels = match img.color {
                 serval_api::ColorMode::Grayscale => 1,
@@ -282,7 +296,7 @@ impl Config {
     }
 }
 
-/// One worker per core: one tract run uses one thread.
+/// One worker per core (within the process's CPU quota): one tract run uses one thread.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -342,6 +356,7 @@ mod tests {
         assert_eq!(cfg.max_batch_size, 8);
         assert_eq!(cfg.max_queue, 64);
         assert_eq!(cfg.workers, 3);
+        assert_eq!(cfg.io_threads, 3, "one I/O thread per worker");
         assert_eq!(cfg.max_delay, Duration::from_micros(500));
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.sha256.as_deref(), Some("ab".repeat(32).as_str()));
@@ -373,6 +388,8 @@ mod tests {
         assert_eq!(cfg.listen.port(), DEFAULT_PORT);
         assert!(parse(&["--sha256", "xyz"]).is_err());
         assert!(parse(&["--max-batch-size", "0"]).is_err());
+        assert!(parse(&["--io-threads", "0"]).is_err());
+        assert!(parse(&["--workers", "1", "--io-threads", "3"]).is_ok_and(|c| c.io_threads == 3));
         assert!(parse(&["--max-batch-size", "64", "--max-queue", "8"]).is_err());
         assert!(parse(&["--preprocess", "{not json"]).is_err());
         assert!(parse(&["--calibrate", "false"]).is_ok_and(|c| !c.calibrate));

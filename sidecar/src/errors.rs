@@ -41,6 +41,9 @@ pub enum StartupError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The I/O threads or their runtimes could not be started.
+    #[error("cannot start the I/O threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Result alias for start-up.

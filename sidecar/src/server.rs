@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -73,8 +74,9 @@ impl Sidecar {
             };
             let _ = status_tx.send(outcome);
         });
+        let io = IoThreads::start(&state)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, state.clone(), shutdown_rx));
+        let task = tokio::spawn(serve(listener, state.clone(), io, shutdown_rx));
         Ok(Self {
             addr,
             state,
@@ -129,9 +131,114 @@ impl Sidecar {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+/// Connections dealt to one I/O thread and not yet taken up; a thread this far behind is
+/// skipped for the next one.
+const IO_QUEUE: usize = 1024;
+
+/// A connection handed to an I/O thread, with its place in the graceful shutdown.
+type Dealt = (std::net::TcpStream, Watcher);
+
+/// The I/O threads: each runs its own single-threaded runtime and serves the connections it
+/// is dealt, so a request is read, run (inline, for a small model) and answered on one thread,
+/// with no work stealing and no wake-up of a second thread (the layout the router uses).
+struct IoThreads {
+    senders: Vec<mpsc::Sender<Dealt>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    next: usize,
+}
+
+impl IoThreads {
+    fn start(state: &Arc<AppState>) -> StartupResult<Self> {
+        let count = state.config.io_threads;
+        let mut senders = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = mpsc::channel::<Dealt>(IO_QUEUE);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(StartupError::Threads)?;
+            let state = state.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("serval-io-{i}"))
+                .spawn(move || runtime.block_on(serve_dealt(state, rx)))
+                .map_err(StartupError::Threads)?;
+            senders.push(tx);
+            threads.push(thread);
+        }
+        Ok(Self {
+            senders,
+            threads,
+            next: 0,
+        })
+    }
+
+    /// Deals `stream` to the next I/O thread with room.
+    fn deal(&mut self, stream: std::net::TcpStream, watcher: Watcher) {
+        let mut dealt = (stream, watcher);
+        for _ in 0..self.senders.len() {
+            let to = &self.senders[self.next % self.senders.len()];
+            self.next = self.next.wrapping_add(1);
+            match to.try_send(dealt) {
+                Ok(()) => return,
+                Err(TrySendError::Full(d) | TrySendError::Closed(d)) => dealt = d,
+            }
+        }
+        tracing::warn!("every I/O thread is backed up or gone; connection dropped");
+    }
+
+    /// Stops the threads; connections still open are closed.
+    async fn stop(self) {
+        drop(self.senders);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("an I/O thread panicked");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// One I/O thread's loop: serves each dealt connection until the dealer closes, then returns
+/// (its runtime then drops the connections left, after the graceful shutdown's bound).
+async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Bounds how long a client may take to send its headers (slowloris).
+    builder.http1().timer(TokioTimer::new());
+    while let Some((stream, watcher)) = dealt.recv().await {
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register connection");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let svc = service_fn(move |req| handlers::handle(state.clone(), req));
+        let conn = watcher.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut io: IoThreads,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     let timeout = state.config.shutdown_timeout;
     let min_drain = state.config.drain_delay;
     let drain_state = state.clone();
@@ -149,24 +256,13 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
         tokio::select! {
             done = &mut drained => break done,
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
+                match accepted.and_then(|(s, _)| s.into_std()) {
+                    Ok(stream) => io.deal(stream, graceful.watcher()),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(DEFAULT_ACCEPT_BACKOFF).await;
-                        continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let svc = service_fn(move |req| handlers::handle(state.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                }
             }
         }
     };
@@ -184,5 +280,6 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
     {
         tracing::warn!("connections still open at the shutdown bound; closing them");
     }
+    io.stop().await;
     tracing::info!("stopped");
 }
