@@ -444,6 +444,17 @@ def loadgen(url: str, body_file: Path, concurrency: int, warmup: float, duration
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tcp_floor(warmup: float, duration: float) -> dict:
+    """The machine's bare loopback round trip (1 byte, blocking sockets, no HTTP): what every
+    system pays per request at c=1 before doing any work."""
+    cmd = [str(RELEASE / "serval-loadgen"), "--tcp-floor", "--warmup", str(warmup),
+           "--duration", str(duration)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup + duration + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen --tcp-floor failed: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure_system(system: System, model: Model, body_file: Path, body: bytes, rep: int,
                    args, scratch: Path) -> list:
     wd = Path(tempfile.mkdtemp(prefix=f"{system.name}-{model.name}-", dir=scratch))
@@ -564,8 +575,9 @@ def ratio(a, b) -> float | None:
     return a / b
 
 
-def headline(summary: list, conc: list, raw: dict) -> list:
-    """The 'Must show' ratios of issue 8, one line each, computed from the medians."""
+def headline(summary: list, conc: list, raw: dict, floor_us: float | None = None) -> list:
+    """The 'Must show' ratios of issue 8, one line each, computed from the medians.
+    `floor_us`: median p50 of the bare TCP round trip measured in the same run."""
     lines = []
 
     def per_c(fn):
@@ -585,10 +597,19 @@ def headline(summary: list, conc: list, raw: dict) -> list:
                                   p("digits", "serval", c, "p99_us")))
         goal_s = f" (goal >= {goal}x)" if goal else ""
         p99_s = f" (goal >= {p99_goal}x)" if p99_goal else ""
+        # With one connection req/s is 1 / round trip, so a goal at c=1 asks for a round trip
+        # of the peer's divided by the goal: say so when that is below the bare TCP one.
+        c1, bound = min(conc), ""
+        peer_p50 = p("digits", peer, c1, "p50_us")
+        if goal and c1 == 1 and peer_p50 and floor_us and peer_p50 / goal < floor_us:
+            bound = (f"; at c=1, {goal}x needs a whole round trip of at most "
+                     f"{peer_p50 / goal:.0f} µs ({peer}'s p50 {peer_p50:.0f} µs ÷ {goal}), "
+                     f"less than this machine's bare loopback TCP round trip (1 byte, no HTTP, "
+                     f"p50 {floor_us:.0f} µs in this run)")
         lines.append({"name": f"digits: Serval / {peer} req/s", "goal": goal,
                       "by_concurrency": r,
                       "text": f"digits, Serval req/s ÷ {peer} req/s: {series(r)}{goal_s}; "
-                              f"{peer} p99 ÷ Serval p99: {series(q)}{p99_s}"})
+                              f"{peer} p99 ÷ Serval p99: {series(q)}{p99_s}{bound}"})
         lines.append({"name": f"digits: {peer} / Serval p99", "by_concurrency": q,
                       "goal": p99_goal, "text": None})
         e = per_c(lambda c: ratio(p("digits", "serval", c, "rps_per_cpu"),
@@ -668,6 +689,12 @@ def markdown(meta: dict, summary: list, lines: list, conc: list, model_names: li
                f"{meta['loadavg_before']}. Repetitions: {meta['reps']}; per point "
                f"{meta['warmup_s']} s warm-up + {meta['duration_s']} s measured"
                + (" (**--quick**: indicative only)" if meta["quick"] else "") + ".")
+    if "tcp_floor_p50_us" in meta:
+        f = meta["tcp_floor_p50_us"]
+        out.append(f"Bare loopback TCP round trip on this machine (1 byte to an echo thread and "
+                   f"back, blocking sockets, no HTTP; `serval-loadgen --tcp-floor`), once per "
+                   f"repetition: p50 {f['median']:.0f} µs ({f['min']:.0f}–{f['max']:.0f}). "
+                   "Every system pays at least this per request at c = 1.")
     out.append("Cells are medians over repetitions with (min–max). Latencies in ms. CPU s: "
                "CPU seconds used by the server's whole process tree in the measured window; CPU "
                "cores: the same per measured second; req/CPU-s: requests answered per CPU-second "
@@ -836,12 +863,15 @@ def main() -> int:
         "systems": {s.name: s.describe for s in systems},
         "bodies_bytes": {k: len(v[1]) for k, v in bodies.items()},
     }
-    rows, failures, raw = [], [], {}
+    rows, failures, raw, floors = [], [], {}, []
     t_start = time.time()
     try:
         for rep in range(args.reps):
             order = systems[rep % len(systems):] + systems[:rep % len(systems)]
             log(f"repetition {rep + 1}/{args.reps}: {', '.join(s.name for s in order)}")
+            floors.append(tcp_floor(args.warmup, args.duration))
+            log(f"  bare loopback TCP round trip (1 byte, no HTTP): p50 "
+                f"{floors[-1]['p50_us']:.0f} µs, p99 {floors[-1]['p99_us']:.0f} µs")
             for m in chosen:
                 body_file, body = bodies[m.name]
                 for s in order:
@@ -872,9 +902,15 @@ def main() -> int:
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["total_min"] = round((time.time() - t_start) / 60, 1)
     summary = summarize(rows)
-    lines = headline(summary, args.concurrency, raw)
+    floor_p50 = [f["p50_us"] for f in floors]
+    if floor_p50:
+        meta["tcp_floor_p50_us"] = {"median": statistics.median(floor_p50),
+                                    "min": min(floor_p50), "max": max(floor_p50)}
+    lines = headline(summary, args.concurrency, raw,
+                     statistics.median(floor_p50) if floor_p50 else None)
     (out_dir / "results.json").write_text(json.dumps(
         {"meta": meta, "runs": rows, "medians": summary, "raw_engine_rps": raw,
+         "tcp_floor": floors,
          "headline": lines, "failures": failures}, indent=1) + "\n")
     names = [m.name for m in chosen]
     for m in names:

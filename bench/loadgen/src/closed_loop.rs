@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::client::{ClientError, Connection, Target};
 
 /// Latencies are recorded in nanoseconds up to this bound (3 significant digits).
-const MAX_RECORDED_NANOS: u64 = 120_000_000_000;
+pub const MAX_RECORDED_NANOS: u64 = 120_000_000_000;
 /// Pause before reconnecting after a failed connection, so a dead server is not spun on.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
 

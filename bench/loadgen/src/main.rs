@@ -9,6 +9,7 @@
 
 mod client;
 mod closed_loop;
+mod floor;
 mod report;
 
 use std::path::PathBuf;
@@ -28,11 +29,16 @@ const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 #[command(name = "serval-loadgen", version, about)]
 struct Args {
     /// Full URL to POST to, `http://host:port/path` (plain HTTP only).
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "tcp_floor")]
+    url: Option<String>,
     /// File whose bytes are the request body.
-    #[arg(long)]
-    body: PathBuf,
+    #[arg(long, required_unless_present = "tcp_floor")]
+    body: Option<PathBuf>,
+    /// Instead of HTTP load, time a 1-byte round trip over loopback TCP to an echo thread in
+    /// this process (blocking sockets, no runtime): the floor a request at concurrency 1 pays
+    /// on this machine before any server does any work.
+    #[arg(long, conflicts_with_all = ["url", "body"])]
+    tcp_floor: bool,
     /// Extra request header `name: value`; repeatable.
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
@@ -56,15 +62,28 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let body = std::fs::read(&args.body)
-        .with_context(|| format!("reading body file {}", args.body.display()))?;
-    let target = Target::new(&args.url, &args.headers, body)?;
     let plan = Plan {
         concurrency: args.concurrency.max(1),
         warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
         duration: Duration::from_secs_f64(args.duration.max(0.001)),
         timeout: Duration::from_millis(args.timeout_ms),
     };
+    let (Some(url), Some(body)) = (args.url, args.body) else {
+        // `--tcp-floor` (clap requires both otherwise).
+        let plan = Plan {
+            concurrency: 1,
+            ..plan
+        };
+        let outcome = floor::run(&plan)?;
+        println!(
+            "{}",
+            serde_json::to_string(&report::Report::new(&plan, &outcome))?
+        );
+        return Ok(());
+    };
+    let body =
+        std::fs::read(&body).with_context(|| format!("reading body file {}", body.display()))?;
+    let target = Target::new(&url, &args.headers, body)?;
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
