@@ -18,8 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serval_idle_poll::IdlePoller;
+use serval_shards::Dealer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -46,9 +46,6 @@ const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_mill
 
 /// Floor on how often idle upstream connections are swept, whatever the idle timeout.
 const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Connections waiting for a shard before it has started: accepts are never lost.
-const SHARD_QUEUE: usize = 1024;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -161,51 +158,35 @@ impl Router {
         let mut senders = Vec::with_capacity(shards);
         let mut finished = Vec::with_capacity(shards);
         for i in 0..shards {
-            let (tx, rx) = mpsc::channel::<std::net::TcpStream>(SHARD_QUEUE);
+            let (tx, rx) = mpsc::channel::<std::net::TcpStream>(serval_shards::SHARD_QUEUE);
             let (done_tx, done_rx) = oneshot::channel::<()>();
             senders.push(tx);
             finished.push(done_rx);
-            let shard = run_shard(state.clone(), config.clone(), rx, done_tx);
+            let (state, config) = (state.clone(), config.clone());
+            let shard = move || run_shard(state, config, rx, done_tx);
             if i == 0 {
-                tokio::spawn(shard);
+                tokio::spawn(shard());
                 continue;
             }
-            let spawned = std::thread::Builder::new()
-                .name(format!("serval-shard-{i}"))
-                .spawn(move || {
-                    match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt.block_on(shard),
-                        Err(e) => tracing::error!(error = %e, "shard runtime failed to start"),
-                    }
-                });
-            if let Err(e) = spawned {
+            if let Err(e) = serval_shards::spawn(format!("serval-shard-{i}"), shard) {
                 tracing::error!(error = %e, "shard thread failed to start");
             }
         }
-        let mut next = 0usize;
+        let mut dealer = Dealer::new(senders);
         let mut accept = |accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
-            let stream = match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(s) => s,
+            match accepted.and_then(|(s, _)| s.into_std()) {
+                Ok(stream) => {
+                    // A shard that failed to start has dropped its receiver: the next is tried.
+                    if dealer.deal(stream).is_err() {
+                        tracing::warn!("every shard is busy or gone; connection dropped");
+                    }
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    return false;
-                }
-            };
-            // A shard that failed to start has dropped its receiver: try the next ones.
-            let mut stream = stream;
-            for _ in 0..senders.len() {
-                let shard = &senders[next % senders.len()];
-                next = next.wrapping_add(1);
-                match shard.try_send(stream) {
-                    Ok(()) => return true,
-                    Err(TrySendError::Full(s) | TrySendError::Closed(s)) => stream = s,
+                    false
                 }
             }
-            tracing::warn!("every shard is busy or gone; connection dropped");
-            true
         };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -236,7 +217,7 @@ impl Router {
         }
         drop(listener);
         // Closing the queues tells every shard to drain its connections and stop.
-        drop(senders);
+        drop(dealer);
         tracing::info!("listener closed; draining");
         for done in finished {
             let _ = done.await;
@@ -281,14 +262,9 @@ async fn run_shard(
     // Express-lane connections learn of the drain from this; hyper's from `graceful`.
     let (drain_tx, drain_rx) = watch::channel(false);
     while let Some(stream) = connections.recv().await {
-        let stream = match tokio::net::TcpStream::from_std(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register connection");
-                continue;
-            }
+        let Some(stream) = serval_shards::register(stream) else {
+            continue;
         };
-        let _ = stream.set_nodelay(true);
         // Taken now so a drain that starts while the express lane serves it still counts it.
         let watcher = graceful.watcher();
         let builder = builder.clone();

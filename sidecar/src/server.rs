@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use serval_shards::Dealer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -131,20 +132,15 @@ impl Sidecar {
     }
 }
 
-/// Connections dealt to one I/O thread and not yet taken up; a thread this far behind is
-/// skipped for the next one.
-const IO_QUEUE: usize = 1024;
-
 /// A connection handed to an I/O thread, with its place in the graceful shutdown.
 type Dealt = (std::net::TcpStream, Watcher);
 
-/// The I/O threads: each runs its own single-threaded runtime and serves the connections it
-/// is dealt, so a request is read, run (inline, for a small model) and answered on one thread,
-/// with no work stealing and no wake-up of a second thread (the layout the router uses).
+/// The I/O threads (see [`serval_shards`]): each serves the connections it is dealt on its own
+/// single-threaded runtime, so a request is read, run (inline, for a small model) and answered
+/// on one thread.
 struct IoThreads {
-    senders: Vec<mpsc::Sender<Dealt>>,
+    dealer: Dealer<Dealt>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    next: usize,
 }
 
 impl IoThreads {
@@ -153,43 +149,29 @@ impl IoThreads {
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
-            let (tx, rx) = mpsc::channel::<Dealt>(IO_QUEUE);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(StartupError::Threads)?;
+            let (tx, rx) = mpsc::channel::<Dealt>(serval_shards::SHARD_QUEUE);
             let state = state.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("serval-io-{i}"))
-                .spawn(move || runtime.block_on(serve_dealt(state, rx)))
-                .map_err(StartupError::Threads)?;
+            let thread =
+                serval_shards::spawn(format!("serval-io-{i}"), move || serve_dealt(state, rx))
+                    .map_err(StartupError::Threads)?;
             senders.push(tx);
             threads.push(thread);
         }
         Ok(Self {
-            senders,
+            dealer: Dealer::new(senders),
             threads,
-            next: 0,
         })
     }
 
-    /// Deals `stream` to the next I/O thread with room.
     fn deal(&mut self, stream: std::net::TcpStream, watcher: Watcher) {
-        let mut dealt = (stream, watcher);
-        for _ in 0..self.senders.len() {
-            let to = &self.senders[self.next % self.senders.len()];
-            self.next = self.next.wrapping_add(1);
-            match to.try_send(dealt) {
-                Ok(()) => return,
-                Err(TrySendError::Full(d) | TrySendError::Closed(d)) => dealt = d,
-            }
+        if self.dealer.deal((stream, watcher)).is_err() {
+            tracing::warn!("every I/O thread is backed up or gone; connection dropped");
         }
-        tracing::warn!("every I/O thread is backed up or gone; connection dropped");
     }
 
     /// Stops the threads; connections still open are closed.
     async fn stop(self) {
-        drop(self.senders);
+        drop(self.dealer);
         let threads = self.threads;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -205,18 +187,13 @@ impl IoThreads {
 /// One I/O thread's loop: serves each dealt connection until the dealer closes, then returns
 /// (its runtime then drops the connections left, after the graceful shutdown's bound).
 async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Bounds how long a client may take to send its headers (slowloris).
-    builder.http1().timer(TokioTimer::new());
+    // No timer, so no header-read timeout: hyper 1.12 would apply it to idle keep-alive
+    // connections too, closing them under the router's pool (idle timeout 50 s).
+    let builder = auto::Builder::new(TokioExecutor::new());
     while let Some((stream, watcher)) = dealt.recv().await {
-        let stream = match tokio::net::TcpStream::from_std(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register connection");
-                continue;
-            }
+        let Some(stream) = serval_shards::register(stream) else {
+            continue;
         };
-        let _ = stream.set_nodelay(true);
         let state = state.clone();
         let svc = service_fn(move |req| handlers::handle(state.clone(), req));
         let conn = watcher.watch(

@@ -1,0 +1,130 @@
+//! Connection shards, the layout the router and the sidecar share (and nginx uses: one event
+//! loop per core). One thread accepts; each shard is a thread with its own single-threaded
+//! runtime serving the connections dealt to it, so a request is read, handled and answered on
+//! one thread, with no work stealing and no wake-up of a second thread.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+/// Connections dealt to one shard and not yet taken up; a shard this far behind is skipped.
+pub const SHARD_QUEUE: usize = 1024;
+
+/// Deals items round-robin to shards' queues, skipping a full or closed one.
+pub struct Dealer<T> {
+    shards: Vec<mpsc::Sender<T>>,
+    next: usize,
+}
+
+impl<T> Dealer<T> {
+    /// A dealer over `shards`' queues.
+    pub fn new(shards: Vec<mpsc::Sender<T>>) -> Self {
+        Self { shards, next: 0 }
+    }
+
+    /// Hands `item` to the next shard with room. `Err(item)`: every queue is full or closed.
+    pub fn deal(&mut self, mut item: T) -> Result<(), T> {
+        for _ in 0..self.shards.len() {
+            let to = &self.shards[self.next % self.shards.len()];
+            self.next = self.next.wrapping_add(1);
+            match to.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(i) | TrySendError::Closed(i)) => item = i,
+            }
+        }
+        Err(item)
+    }
+}
+
+/// Starts a thread named `name` running `make()` on its own single-threaded runtime until the
+/// future completes; the runtime then drops the tasks it still has. The future is made on the
+/// thread, so it need not be `Send`.
+pub fn spawn<F, Fut>(name: String, make: F) -> std::io::Result<JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || runtime.block_on(make()))
+}
+
+/// Registers a dealt connection, in non-blocking mode (as `tokio::net::TcpStream::into_std`
+/// leaves it), with the calling shard's runtime, with Nagle off (answers are written whole). `None` (logged): the descriptor could not be registered.
+pub fn register(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register connection");
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Some(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deals_round_robin_and_skips_full_or_closed_shards() {
+        let (a, mut ra) = mpsc::channel(1);
+        let (b, rb) = mpsc::channel(8);
+        let (c, mut rc) = mpsc::channel(8);
+        drop(rb);
+        let mut dealer = Dealer::new(vec![a, b, c]);
+        // a takes 1; b is closed, so 2 goes to c; a is full, so 3 and 4 go to c too.
+        for i in 1..=4 {
+            assert_eq!(dealer.deal(i), Ok(()));
+        }
+        assert_eq!(ra.try_recv(), Ok(1));
+        assert_eq!(ra.try_recv().ok(), None);
+        let to_c: Vec<_> = std::iter::from_fn(|| rc.try_recv().ok()).collect();
+        assert_eq!(to_c, [2, 3, 4]);
+        drop((ra, rc));
+        assert_eq!(
+            dealer.deal(5),
+            Err(5),
+            "every shard gone: the item comes back"
+        );
+    }
+
+    #[test]
+    fn a_shard_serves_a_dealt_connection_on_its_own_thread() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, mut rx) = mpsc::channel::<std::net::TcpStream>(SHARD_QUEUE);
+        let shard = spawn("test-shard".into(), move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Some(stream) = rx.recv().await {
+                let mut conn = register(stream).expect("register");
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).await.expect("read");
+                conn.write_all(name.as_bytes()).await.expect("write");
+            }
+        })
+        .expect("spawn");
+        let mut dealer = Dealer::new(vec![tx]);
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        accepted.set_nonblocking(true).expect("nonblocking");
+        assert!(dealer.deal(accepted).is_ok());
+        use std::io::{Read, Write};
+        client.write_all(b"x").expect("send");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("answer");
+        assert_eq!(answer, "test-shard");
+        drop(dealer);
+        shard
+            .join()
+            .expect("the shard ends once the dealer is gone");
+    }
+}
