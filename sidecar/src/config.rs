@@ -49,6 +49,11 @@ pub const DEFAULT_INLINE_MAX_MICROS: u64 = 200;
 /// many pods on a node would each spin. 200 (KVM guest halt-polling's default) suits a
 /// latency-critical server with CPU to spare.
 pub const DEFAULT_IDLE_POLL_MICROS: u64 = 0;
+/// How long a connection may sit between requests, or take to send a request's head, before
+/// it is closed (hyper applies one bound to both). Above the router's 50 s upstream pool idle
+/// timeout and the 60 s of common load balancers, so a client's pool always retires an idle
+/// connection first and no request races the close; nginx's `keepalive_timeout` default.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 75;
 /// Header a caller sets to bound its own wait, in milliseconds.
 pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
 
@@ -100,6 +105,10 @@ pub struct Args {
     /// Largest accepted request body, bytes.
     #[arg(long, env = "SERVAL_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Seconds a connection may stay idle between requests, or take to send a request's
+    /// head, before it is closed; 0: never.
+    #[arg(long, env = "SERVAL_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
+    pub idle_timeout_secs: u64,
     /// Longest graceful shutdown, seconds.
     #[arg(long, env = "SERVAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     pub shutdown_timeout_secs: u64,
@@ -157,6 +166,8 @@ pub struct Config {
     pub default_deadline: Duration,
     /// Body size bound.
     pub max_body_bytes: usize,
+    /// Idle and request-head bound of a connection; zero: none.
+    pub idle_timeout: Duration,
     /// Graceful shutdown bound.
     pub shutdown_timeout: Duration,
     /// Least time answering 503 after a shutdown signal.
@@ -189,6 +200,7 @@ impl Config {
             postprocess: None,
             default_deadline: Duration::from_millis(DEFAULT_DEADLINE_MS),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             shutdown_timeout: Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MILLIS),
             calibrate: true,
@@ -246,6 +258,7 @@ impl Config {
             postprocess,
             default_deadline: Duration::from_millis(args.default_deadline_ms),
             max_body_bytes: args.max_body_bytes,
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             drain_delay: Duration::from_millis(args.drain_delay_millis),
             calibrate: args.calibrate,
@@ -389,6 +402,11 @@ mod tests {
         assert!(parse(&["--sha256", "xyz"]).is_err());
         assert!(parse(&["--max-batch-size", "0"]).is_err());
         assert!(parse(&["--io-threads", "0"]).is_err());
+        assert_eq!(
+            cfg.idle_timeout,
+            Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)
+        );
+        assert!(parse(&["--idle-timeout-secs", "0"]).is_ok_and(|c| c.idle_timeout.is_zero()));
         assert!(parse(&["--workers", "1", "--io-threads", "3"]).is_ok_and(|c| c.io_threads == 3));
         assert!(parse(&["--max-batch-size", "64", "--max-queue", "8"]).is_err());
         assert!(parse(&["--preprocess", "{not json"]).is_err());

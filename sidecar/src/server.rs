@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serval_shards::Dealer;
@@ -187,9 +187,14 @@ impl IoThreads {
 /// One I/O thread's loop: serves each dealt connection until the dealer closes, then returns
 /// (its runtime then drops the connections left, after the graceful shutdown's bound).
 async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
-    // No timer, so no header-read timeout: hyper 1.12 would apply it to idle keep-alive
-    // connections too, closing them under the router's pool (idle timeout 50 s).
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header-read timeout also runs while a keep-alive connection waits for its next
+    // request, so it is the idle bound as well (`--idle-timeout-secs`).
+    let idle = Some(state.config.idle_timeout).filter(|d| !d.is_zero());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
     while let Some((stream, watcher)) = dealt.recv().await {
         let Some(stream) = serval_shards::register(stream) else {
             continue;

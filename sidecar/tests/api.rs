@@ -410,3 +410,79 @@ async fn a_fixed_batch_one_model_serves_requests_of_many_rows() {
     s.shutdown();
     bounded("shutdown", s.wait()).await;
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` body from `conn`; its text.
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        let n = bounded("response", conn.read(&mut chunk))
+            .await
+            .expect("read");
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A keep-alive connection is reused within `--idle-timeout-secs` and closed once idle past
+/// it; a client that never finishes its request head is cut off at the same bound, so neither
+/// holds a connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_and_stalled_connections_are_closed_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let idle = std::time::Duration::from_millis(800);
+    let mut cfg = identity_config();
+    cfg.idle_timeout = idle;
+    let s = start(cfg).await;
+    let get = b"GET /v2/health/live HTTP/1.1\r\nhost: sidecar\r\n\r\n";
+    let mut conn = TcpStream::connect(s.local_addr()).await.expect("connect");
+    for _ in 0..3 {
+        conn.write_all(get).await.expect("send");
+        let answer = read_response(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Well within the bound: the next request reuses the connection.
+        tokio::time::sleep(idle / 4).await;
+    }
+    let quiet = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let n = bounded("idle connection closed", conn.read_to_end(&mut rest))
+        .await
+        .expect("read");
+    assert_eq!(n, 0, "nothing is sent on an idle connection");
+    assert!(
+        quiet.elapsed() >= idle / 2,
+        "closed after {:?} of {idle:?}: too early for an idle bound",
+        quiet.elapsed()
+    );
+
+    let mut stalled = TcpStream::connect(s.local_addr()).await.expect("connect");
+    stalled
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost:")
+        .await
+        .expect("send");
+    let mut rest = Vec::new();
+    bounded("stalled connection closed", stalled.read_to_end(&mut rest))
+        .await
+        .expect("read");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "a stalled head gets no answer but a timeout: {rest}"
+    );
+    // The server itself is unaffected.
+    let answer = send(client().get(format!("{}/v2/health/ready", base(&s)))).await;
+    assert_eq!(answer.status, 200);
+}
