@@ -46,6 +46,11 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Slow-loris guard: a client must send its request head within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client connection idle between requests is closed after this: above the 60 s idle
+/// timeout of common load balancers and proxies, so their pools retire an idle connection
+/// before the router closes it and no request races the close (nginx's `keepalive_timeout`
+/// default).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Window after each answered request during which one `SCHED_IDLE` thread keeps a CPU awake
 /// for the next (see `serval_idle_poll`); 0 disables.
 /// Off by default, measured on this 2-vCPU VM: it halves a lone request's latency (digits,
@@ -122,10 +127,16 @@ pub struct Config {
     /// the connections dealt to it (0 = one per core).
     #[arg(long, env = "SERVAL_ROUTER_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
-    /// Time a client has to send its request head.
+    /// Time a client has to send its request head, from its first byte.
     #[arg(long, env = "SERVAL_ROUTER_HEADER_READ_TIMEOUT", value_parser = parse_duration,
           default_value = "30s")]
     pub header_read_timeout: Duration,
+    /// Time a client connection may stay idle between requests before it is closed. On the
+    /// hyper path (requests the express lane hands over) it also bounds the head's reading,
+    /// since hyper times both with one timer.
+    #[arg(long, env = "SERVAL_ROUTER_IDLE_TIMEOUT", value_parser = parse_duration,
+          default_value = "75s")]
+    pub idle_timeout: Duration,
     /// Serve plain HTTP/1.1 requests with sized bodies on the express lane (parsed in place,
     /// relayed over raw pooled sockets); `false` sends every request through hyper.
     #[arg(long, env = "SERVAL_ROUTER_FAST_PATH", default_value_t = true,
@@ -163,6 +174,7 @@ impl Config {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             worker_threads: 0,
             fast_path: true,
             idle_poll_micros: DEFAULT_IDLE_POLL_MICROS,
@@ -208,6 +220,7 @@ mod tests {
         assert_eq!(c.shutdown_delay, DEFAULT_SHUTDOWN_DELAY);
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(c.port, DEFAULT_PORT);
         assert!(c.fast_path);
         assert!(

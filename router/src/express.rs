@@ -152,15 +152,19 @@ fn is_unhandled(name: &[u8]) -> bool {
 
 /// Serves `stream` on the express lane until it closes or needs the hyper path.
 /// `header_timeout` bounds reading the first head from the connection's start and each later
-/// head from its first byte (as hyper does); `drain` turns true when the shard drains.
+/// head from its first byte; `idle_timeout` bounds the wait for a later head's first byte.
+/// `drain` turns true when the shard drains.
 pub async fn serve(
     proxy: &Proxy,
     mut stream: TcpStream,
     header_timeout: Duration,
+    idle_timeout: Duration,
     mut drain: watch::Receiver<bool>,
 ) -> Outcome {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut deadline = Some(tokio::time::Instant::now() + header_timeout);
+    // Set while idle between requests (`deadline` is then `None`).
+    let mut idle_until = tokio::time::Instant::now() + idle_timeout;
     loop {
         // Read until a whole head is buffered.
         let head = loop {
@@ -180,7 +184,7 @@ pub async fn serve(
                     Ok(r) => r,
                     Err(_) => return Outcome::Closed,
                 },
-                // Idle between requests: wait for a byte or for drain.
+                // Idle between requests: wait for a byte, for drain, or for the idle bound.
                 None => tokio::select! {
                     r = read_some(&stream, &mut buf) => r,
                     changed = drain.changed() => {
@@ -189,6 +193,7 @@ pub async fn serve(
                         }
                         continue;
                     }
+                    () = tokio::time::sleep_until(idle_until) => return Outcome::Closed,
                 },
             };
             match read {
@@ -212,6 +217,7 @@ pub async fn serve(
             let _ = stream.shutdown().await;
             return Outcome::Closed;
         }
+        idle_until = tokio::time::Instant::now() + idle_timeout;
     }
 }
 

@@ -257,7 +257,9 @@ async fn run_shard(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+        // hyper 1.12 starts this timer as soon as a connection waits for a head, idle or not:
+        // the idle bound, so a client's pool is never closed under (see `--idle-timeout`).
+        .header_read_timeout(config.idle_timeout);
     let graceful = GracefulShutdown::new();
     // Express-lane connections learn of the drain from this; hyper's from `graceful`.
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -270,10 +272,16 @@ async fn run_shard(
         let builder = builder.clone();
         let drain = drain_rx.clone();
         let shard = shard.clone();
-        let (fast_path, header_timeout) = (config.fast_path, config.header_read_timeout);
+        let (fast_path, header_timeout, idle_timeout) = (
+            config.fast_path,
+            config.header_read_timeout,
+            config.idle_timeout,
+        );
         tokio::spawn(async move {
             let (stream, buffered) = if fast_path {
-                match express::serve(&shard.proxy, stream, header_timeout, drain).await {
+                match express::serve(&shard.proxy, stream, header_timeout, idle_timeout, drain)
+                    .await
+                {
                     Outcome::Closed => return,
                     Outcome::Handover { stream, buffered } => (stream, buffered),
                 }

@@ -390,3 +390,69 @@ async fn both_paths_drop_the_same_hop_by_hop_response_headers() {
         assert_eq!(header(&hs, "x-kept"), Some("yes"), "fast_path={fast_path}");
     }
 }
+
+/// On both paths a client connection idle past `--idle-timeout` is closed, one used within it
+/// is kept, and a request head stalled past its bound is cut off: no connection is held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_stalled_client_connections_are_closed() {
+    fn ok(_: &Seen) -> Reply {
+        (
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()],
+            false,
+        )
+    }
+    let (up, _) = raw_upstream(ok).await;
+    let idle = Duration::from_millis(800);
+    let bound = Duration::from_secs(20);
+    for fast_path in [true, false] {
+        let r = router_with(&one_route(up.clone()), |c| {
+            c.fast_path = fast_path;
+            c.idle_timeout = idle;
+            c.header_read_timeout = idle;
+        })
+        .await;
+        let mut s = TcpStream::connect(r.addr).await.unwrap();
+        let mut carry = Vec::new();
+        for _ in 0..3 {
+            s.write_all(b"GET /e/x HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let (status, _, body) = read_response(&mut s, &mut carry, false).await;
+            assert_eq!(
+                (status, body.as_slice()),
+                (200, &b"ok"[..]),
+                "fast_path={fast_path}"
+            );
+            // Well within the bound: the next request reuses the connection.
+            tokio::time::sleep(idle / 4).await;
+        }
+        let quiet = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(bound, s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("fast_path={fast_path}: idle connection kept open"))
+            .unwrap();
+        assert!(rest.is_empty(), "fast_path={fast_path}: {rest:?}");
+        assert!(
+            quiet.elapsed() >= idle / 2,
+            "fast_path={fast_path}: closed after {:?}, before the idle bound",
+            quiet.elapsed()
+        );
+
+        let mut stalled = TcpStream::connect(r.addr).await.unwrap();
+        stalled
+            .write_all(b"GET /e/x HTTP/1.1\r\nHost:")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(bound, stalled.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("fast_path={fast_path}: stalled head kept open"))
+            .unwrap();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+            "fast_path={fast_path}: {rest}"
+        );
+    }
+}
