@@ -54,6 +54,10 @@ pub const DEFAULT_IDLE_POLL_MICROS: u64 = 0;
 /// timeout and the 60 s of common load balancers, so a client's pool always retires an idle
 /// connection first and no request races the close; nginx's `keepalive_timeout` default.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 75;
+/// Most connections served at once; past it new ones wait in the kernel's listen backlog until
+/// one closes, so a flood of connections cannot exhaust memory or file descriptors. Far above
+/// what a router or a few client pools open to one model server.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Header a caller sets to bound its own wait, in milliseconds.
 pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
 
@@ -109,6 +113,9 @@ pub struct Args {
     /// head, before it is closed; 0: never.
     #[arg(long, env = "SERVAL_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
     pub idle_timeout_secs: u64,
+    /// Most connections served at once; further ones wait until one closes.
+    #[arg(long, env = "SERVAL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Longest graceful shutdown, seconds.
     #[arg(long, env = "SERVAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     pub shutdown_timeout_secs: u64,
@@ -168,6 +175,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Idle and request-head bound of a connection; zero: none.
     pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
     /// Graceful shutdown bound.
     pub shutdown_timeout: Duration,
     /// Least time answering 503 after a shutdown signal.
@@ -201,6 +210,7 @@ impl Config {
             default_deadline: Duration::from_millis(DEFAULT_DEADLINE_MS),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_timeout: Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MILLIS),
             calibrate: true,
@@ -259,6 +269,7 @@ impl Config {
             default_deadline: Duration::from_millis(args.default_deadline_ms),
             max_body_bytes: args.max_body_bytes,
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_connections: args.max_connections,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             drain_delay: Duration::from_millis(args.drain_delay_millis),
             calibrate: args.calibrate,
@@ -287,6 +298,9 @@ impl Config {
         }
         if self.io_threads == 0 {
             return bad("--io-threads must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1");
         }
         if let Some(img) = self.preprocess.as_ref().and_then(|p| p.image.as_ref()) {
             let channels = match img.color {
@@ -402,6 +416,7 @@ mod tests {
         assert!(parse(&["--sha256", "xyz"]).is_err());
         assert!(parse(&["--max-batch-size", "0"]).is_err());
         assert!(parse(&["--io-threads", "0"]).is_err());
+        assert!(parse(&["--max-connections", "0"]).is_err());
         assert_eq!(
             cfg.idle_timeout,
             Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)

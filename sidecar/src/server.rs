@@ -11,8 +11,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serval_shards::Dealer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -132,8 +132,9 @@ impl Sidecar {
     }
 }
 
-/// A connection handed to an I/O thread, with its place in the graceful shutdown.
-type Dealt = (std::net::TcpStream, Watcher);
+/// A connection handed to an I/O thread, with its place in the graceful shutdown and its slot
+/// under `--max-connections` (freed when it closes).
+type Dealt = (std::net::TcpStream, Watcher, OwnedSemaphorePermit);
 
 /// The I/O threads (see [`serval_shards`]): each serves the connections it is dealt on its own
 /// single-threaded runtime, so a request is read, run (inline, for a small model) and answered
@@ -163,8 +164,8 @@ impl IoThreads {
         })
     }
 
-    fn deal(&mut self, stream: std::net::TcpStream, watcher: Watcher) {
-        if self.dealer.deal((stream, watcher)).is_err() {
+    fn deal(&mut self, dealt: Dealt) {
+        if self.dealer.deal(dealt).is_err() {
             tracing::warn!("every I/O thread is backed up or gone; connection dropped");
         }
     }
@@ -195,7 +196,7 @@ async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle);
-    while let Some((stream, watcher)) = dealt.recv().await {
+    while let Some((stream, watcher, slot)) = dealt.recv().await {
         let Some(stream) = serval_shards::register(stream) else {
             continue;
         };
@@ -210,6 +211,7 @@ async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 }
@@ -234,12 +236,21 @@ async fn serve(
         (started, complete)
     };
     tokio::pin!(drained);
+    let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    // At the bound nothing is accepted: new connections wait in the listen backlog.
+    let next = || async {
+        let slot = slots.clone().acquire_owned().await;
+        (slot, listener.accept().await)
+    };
     let (drain_started, _) = loop {
         tokio::select! {
             done = &mut drained => break done,
-            accepted = listener.accept() => {
+            (slot, accepted) = next() => {
+                let Ok(slot) = slot else {
+                    unreachable!("the connection semaphore is never closed")
+                };
                 match accepted.and_then(|(s, _)| s.into_std()) {
-                    Ok(stream) => io.deal(stream, graceful.watcher()),
+                    Ok(stream) => io.deal((stream, graceful.watcher(), slot)),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(DEFAULT_ACCEPT_BACKOFF).await;

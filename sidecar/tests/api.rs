@@ -486,3 +486,37 @@ async fn idle_and_stalled_connections_are_closed_at_the_idle_timeout() {
     let answer = send(client().get(format!("{}/v2/health/ready", base(&s)))).await;
     assert_eq!(answer.status, 200);
 }
+
+/// Past `--max-connections` a new connection is not served until an open one closes; then it
+/// is, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_past_the_bound_wait_for_a_free_slot() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let mut cfg = identity_config();
+    cfg.max_connections = 2;
+    let s = start(cfg).await;
+    let get = b"GET /v2/health/live HTTP/1.1\r\nhost: sidecar\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut conn = TcpStream::connect(s.local_addr()).await.expect("connect");
+        conn.write_all(get).await.expect("send");
+        assert!(read_response(&mut conn).await.starts_with("HTTP/1.1 200"));
+        open.push(conn);
+    }
+    // The kernel completes the handshake (listen backlog), but the sidecar does not serve it.
+    let mut third = TcpStream::connect(s.local_addr()).await.expect("connect");
+    third.write_all(get).await.expect("send");
+    let waiting = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        read_response(&mut third),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past the bound of 2"
+    );
+    drop(open.pop());
+    let answer = read_response(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
