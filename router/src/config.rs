@@ -46,6 +46,10 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Slow-loris guard: a client must send its request head within this.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most client connections served at once; past it new ones wait in the kernel's listen
+/// backlog until one closes. With an upstream connection each, twice this stays below the
+/// common 65536 file-descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 /// A client connection idle between requests is closed after this: above the 60 s idle
 /// timeout of common load balancers and proxies, so their pools retire an idle connection
 /// before the router closes it and no request races the close (nginx's `keepalive_timeout`
@@ -137,6 +141,10 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_IDLE_TIMEOUT", value_parser = parse_duration,
           default_value = "75s")]
     pub idle_timeout: Duration,
+    /// Most client connections served at once; further ones wait until one closes.
+    #[arg(long, env = "SERVAL_ROUTER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
     /// Serve plain HTTP/1.1 requests with sized bodies on the express lane (parsed in place,
     /// relayed over raw pooled sockets); `false` sends every request through hyper.
     #[arg(long, env = "SERVAL_ROUTER_FAST_PATH", default_value_t = true,
@@ -175,6 +183,7 @@ impl Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             worker_threads: 0,
             fast_path: true,
             idle_poll_micros: DEFAULT_IDLE_POLL_MICROS,
@@ -221,6 +230,11 @@ mod tests {
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
         assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert!(
+            Config::try_parse_from(["serval-router", "--table", "/t", "--max-connections", "0"])
+                .is_err()
+        );
         assert_eq!(c.port, DEFAULT_PORT);
         assert!(c.fast_path);
         assert!(

@@ -20,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serval_idle_poll::IdlePoller;
 use serval_shards::Dealer;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
@@ -43,6 +43,9 @@ pub const RESERVED_PREFIX: &str = "/-/";
 
 /// Pause after a failed accept (usually out of file descriptors) instead of spinning.
 const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A connection dealt to a shard, with its slot under `--max-connections`.
+type Dealt = (std::net::TcpStream, OwnedSemaphorePermit);
 
 /// Floor on how often idle upstream connections are swept, whatever the idle timeout.
 const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
@@ -158,7 +161,7 @@ impl Router {
         let mut senders = Vec::with_capacity(shards);
         let mut finished = Vec::with_capacity(shards);
         for i in 0..shards {
-            let (tx, rx) = mpsc::channel::<std::net::TcpStream>(serval_shards::SHARD_QUEUE);
+            let (tx, rx) = mpsc::channel::<Dealt>(serval_shards::SHARD_QUEUE);
             let (done_tx, done_rx) = oneshot::channel::<()>();
             senders.push(tx);
             finished.push(done_rx);
@@ -173,26 +176,37 @@ impl Router {
             }
         }
         let mut dealer = Dealer::new(senders);
-        let mut accept = |accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
-            match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(stream) => {
-                    // A shard that failed to start has dropped its receiver: the next is tried.
-                    if dealer.deal(stream).is_err() {
-                        tracing::warn!("every shard is busy or gone; connection dropped");
-                    }
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    false
-                }
-            }
+        let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        // At `--max-connections` nothing is accepted: new connections wait in the backlog.
+        let next = || async {
+            let slot = slots.clone().acquire_owned().await;
+            (slot, listener.accept().await)
         };
+        let mut accept =
+            |slot: std::result::Result<OwnedSemaphorePermit, AcquireError>,
+             accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
+                let Ok(slot) = slot else {
+                    unreachable!("the connection semaphore is never closed")
+                };
+                match accepted.and_then(|(s, _)| s.into_std()) {
+                    Ok(stream) => {
+                        // A shard that failed to start has dropped its receiver: the next is tried.
+                        if dealer.deal((stream, slot)).is_err() {
+                            tracing::warn!("every shard is busy or gone; connection dropped");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        false
+                    }
+                }
+            };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    if !accept(accepted) {
+                (slot, accepted) = next() => {
+                    if !accept(slot, accepted) {
                         // Usually out of file descriptors: back off instead of spinning.
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     }
@@ -207,8 +221,8 @@ impl Router {
         let mut delay = std::pin::pin!(tokio::time::sleep(config.shutdown_delay));
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    if !accept(accepted) {
+                (slot, accepted) = next() => {
+                    if !accept(slot, accepted) {
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     }
                 }
@@ -231,7 +245,7 @@ impl Router {
 async fn run_shard(
     state: Arc<State>,
     config: Config,
-    mut connections: mpsc::Receiver<std::net::TcpStream>,
+    mut connections: mpsc::Receiver<Dealt>,
     done: oneshot::Sender<()>,
 ) {
     let proxy = Proxy::new(
@@ -263,7 +277,7 @@ async fn run_shard(
     let graceful = GracefulShutdown::new();
     // Express-lane connections learn of the drain from this; hyper's from `graceful`.
     let (drain_tx, drain_rx) = watch::channel(false);
-    while let Some(stream) = connections.recv().await {
+    while let Some((stream, slot)) = connections.recv().await {
         let Some(stream) = serval_shards::register(stream) else {
             continue;
         };
@@ -278,6 +292,8 @@ async fn run_shard(
             config.idle_timeout,
         );
         tokio::spawn(async move {
+            // Held until the connection closes, on either path.
+            let _slot = slot;
             let (stream, buffered) = if fast_path {
                 match express::serve(&shard.proxy, stream, header_timeout, idle_timeout, drain)
                     .await

@@ -456,3 +456,42 @@ async fn idle_and_stalled_client_connections_are_closed() {
         );
     }
 }
+
+/// Past `--max-connections` a new client connection is not served until an open one closes;
+/// then it is, and its request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_bound_wait_for_a_free_slot() {
+    fn ok(_: &Seen) -> Reply {
+        (
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()],
+            false,
+        )
+    }
+    let (up, _) = raw_upstream(ok).await;
+    let r = router_with(&one_route(up), |c| c.max_connections = 2).await;
+    let get = b"GET /e/x HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(r.addr).await.unwrap();
+        s.write_all(get).await.unwrap();
+        let (status, _, _) = read_response(&mut s, &mut Vec::new(), false).await;
+        assert_eq!(status, 200);
+        open.push(s);
+    }
+    let mut third = TcpStream::connect(r.addr).await.unwrap();
+    third.write_all(get).await.unwrap();
+    let mut byte = [0u8; 1];
+    let waiting = tokio::time::timeout(Duration::from_millis(300), third.peek(&mut byte)).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past the bound of 2"
+    );
+    drop(open.pop());
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        read_response(&mut third, &mut Vec::new(), false),
+    )
+    .await
+    .expect("served once a slot is free");
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+}
