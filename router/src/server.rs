@@ -18,9 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serval_idle_poll::IdlePoller;
-use serval_shards::Dealer;
+use serval_shards::{Acceptor, Dealer, Slot};
 use tokio::net::TcpListener;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
@@ -45,7 +45,7 @@ pub const RESERVED_PREFIX: &str = "/-/";
 const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A connection dealt to a shard, with its slot under `--max-connections`.
-type Dealt = (std::net::TcpStream, OwnedSemaphorePermit);
+type Dealt = (std::net::TcpStream, Slot);
 
 /// Floor on how often idle upstream connections are swept, whatever the idle timeout.
 const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
@@ -176,37 +176,27 @@ impl Router {
             }
         }
         let mut dealer = Dealer::new(senders);
-        let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
-        // At `--max-connections` nothing is accepted: new connections wait in the backlog.
-        let next = || async {
-            let slot = slots.clone().acquire_owned().await;
-            (slot, listener.accept().await)
-        };
-        let mut accept =
-            |slot: std::result::Result<OwnedSemaphorePermit, AcquireError>,
-             accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| {
-                let Ok(slot) = slot else {
-                    unreachable!("the connection semaphore is never closed")
-                };
-                match accepted.and_then(|(s, _)| s.into_std()) {
-                    Ok(stream) => {
-                        // A shard that failed to start has dropped its receiver: the next is tried.
-                        if dealer.deal((stream, slot)).is_err() {
-                            tracing::warn!("every shard is busy or gone; connection dropped");
-                        }
-                        true
+        let listener = Acceptor::new(listener, config.max_connections);
+        let mut accept = |accepted: std::io::Result<(std::net::TcpStream, Slot)>| {
+            match accepted {
+                Ok(dealt) => {
+                    // A shard that failed to start has dropped its receiver: the next is tried.
+                    if dealer.deal(dealt).is_err() {
+                        tracing::warn!("every shard is busy or gone; connection dropped");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        false
-                    }
+                    true
                 }
-            };
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    false
+                }
+            }
+        };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
-                (slot, accepted) = next() => {
-                    if !accept(slot, accepted) {
+                accepted = listener.accept() => {
+                    if !accept(accepted) {
                         // Usually out of file descriptors: back off instead of spinning.
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     }
@@ -221,8 +211,8 @@ impl Router {
         let mut delay = std::pin::pin!(tokio::time::sleep(config.shutdown_delay));
         loop {
             tokio::select! {
-                (slot, accepted) = next() => {
-                    if !accept(slot, accepted) {
+                accepted = listener.accept() => {
+                    if !accept(accepted) {
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     }
                 }

@@ -391,16 +391,18 @@ async fn both_paths_drop_the_same_hop_by_hop_response_headers() {
     }
 }
 
+/// A raw upstream's reply: `200 ok`, connection kept.
+fn ok(_: &Seen) -> Reply {
+    (
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()],
+        false,
+    )
+}
+
 /// On both paths a client connection idle past `--idle-timeout` is closed, one used within it
 /// is kept, and a request head stalled past its bound is cut off: no connection is held forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_stalled_client_connections_are_closed() {
-    fn ok(_: &Seen) -> Reply {
-        (
-            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()],
-            false,
-        )
-    }
     let (up, _) = raw_upstream(ok).await;
     let idle = Duration::from_millis(800);
     let bound = Duration::from_secs(20);
@@ -461,12 +463,6 @@ async fn idle_and_stalled_client_connections_are_closed() {
 /// then it is, and its request is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_bound_wait_for_a_free_slot() {
-    fn ok(_: &Seen) -> Reply {
-        (
-            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()],
-            false,
-        )
-    }
     let (up, _) = raw_upstream(ok).await;
     let r = router_with(&one_route(up), |c| c.max_connections = 2).await;
     let get = b"GET /e/x HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -6,14 +6,17 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Connections dealt to one shard and not yet taken up; a shard this far behind is skipped.
 pub const SHARD_QUEUE: usize = 1024;
 
-/// Deals items round-robin to shards' queues, skipping a full or closed one.
+/// Deals items round-robin to shards' queues, passing over a full or closed one.
 pub struct Dealer<T> {
     shards: Vec<mpsc::Sender<T>>,
     next: usize,
@@ -39,6 +42,41 @@ impl<T> Dealer<T> {
     }
 }
 
+/// A connection's place under the accept bound; the place frees when this is dropped, so it
+/// travels with the connection to the task serving it.
+pub type Slot = OwnedSemaphorePermit;
+
+/// Accepts connections with at most `max` open at once. At the bound it stops accepting, so
+/// new connections wait in the kernel's listen backlog instead of exhausting memory or file
+/// descriptors.
+pub struct Acceptor {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    /// `max` open connections (at least one).
+    pub fn new(listener: TcpListener, max: usize) -> Self {
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max.max(1))),
+        }
+    }
+
+    /// Waits for a free slot, then for a connection, handed out in non-blocking std form to be
+    /// dealt to a shard. Cancel-safe: a slot taken by a cancelled call is freed.
+    pub async fn accept(&self) -> std::io::Result<(std::net::TcpStream, Slot)> {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("the connection bound was closed"))?;
+        let (stream, _) = self.listener.accept().await?;
+        Ok((stream.into_std()?, slot))
+    }
+}
+
 /// Starts a thread named `name` running `make()` on its own single-threaded runtime until the
 /// future completes; the runtime then drops the tasks it still has. The future is made on the
 /// thread, so it need not be `Send`.
@@ -55,8 +93,9 @@ where
         .spawn(move || runtime.block_on(make()))
 }
 
-/// Registers a dealt connection, in non-blocking mode (as `tokio::net::TcpStream::into_std`
-/// leaves it), with the calling shard's runtime, with Nagle off (answers are written whole). `None` (logged): the descriptor could not be registered.
+/// Registers a dealt connection, in non-blocking mode (as [`Acceptor::accept`] hands it out),
+/// with the calling shard's runtime, with Nagle off (answers are written whole). `None`
+/// (logged): the descriptor could not be registered.
 pub fn register(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
     let stream = match tokio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
@@ -93,6 +132,23 @@ mod tests {
             dealer.deal(5),
             Err(5),
             "every shard gone: the item comes back"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_acceptor_holds_connections_past_the_bound_until_one_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = Acceptor::new(listener, 1);
+        let _client_a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (_a, slot) = acceptor.accept().await.expect("first");
+        let _client_b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), acceptor.accept());
+        assert!(waited.await.is_err(), "accepted past the bound of 1");
+        drop(slot);
+        assert!(
+            acceptor.accept().await.is_ok(),
+            "accepted once the slot is free"
         );
     }
 

@@ -9,10 +9,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use serval_shards::Dealer;
+use serval_shards::{Acceptor, Dealer, Slot};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -134,7 +134,7 @@ impl Sidecar {
 
 /// A connection handed to an I/O thread, with its place in the graceful shutdown and its slot
 /// under `--max-connections` (freed when it closes).
-type Dealt = (std::net::TcpStream, Watcher, OwnedSemaphorePermit);
+type Dealt = (std::net::TcpStream, Watcher, Slot);
 
 /// The I/O threads (see [`serval_shards`]): each serves the connections it is dealt on its own
 /// single-threaded runtime, so a request is read, run (inline, for a small model) and answered
@@ -236,21 +236,13 @@ async fn serve(
         (started, complete)
     };
     tokio::pin!(drained);
-    let slots = Arc::new(Semaphore::new(state.config.max_connections));
-    // At the bound nothing is accepted: new connections wait in the listen backlog.
-    let next = || async {
-        let slot = slots.clone().acquire_owned().await;
-        (slot, listener.accept().await)
-    };
+    let listener = Acceptor::new(listener, state.config.max_connections);
     let (drain_started, _) = loop {
         tokio::select! {
             done = &mut drained => break done,
-            (slot, accepted) = next() => {
-                let Ok(slot) = slot else {
-                    unreachable!("the connection semaphore is never closed")
-                };
-                match accepted.and_then(|(s, _)| s.into_std()) {
-                    Ok(stream) => io.deal((stream, graceful.watcher(), slot)),
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, slot)) => io.deal((stream, graceful.watcher(), slot)),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(DEFAULT_ACCEPT_BACKOFF).await;
