@@ -2,12 +2,15 @@
 //! sharing the sidecar's schema (`requests_total{code}`, `request_duration_seconds` with the
 //! same buckets).
 
+use std::sync::OnceLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serval_shards::OpenConnections;
 
 /// `{endpoint, backend, code}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +110,9 @@ pub struct Metrics {
     pub table_rejections: Counter,
     /// Time the idle-polling thread spun.
     pub idle_poll: serval_idle_poll::SecondsCounter,
+    /// Client connections open, read from `open` at each scrape.
+    connections: Gauge,
+    open: OnceLock<OpenConnections>,
 }
 
 impl Default for Metrics {
@@ -132,6 +138,8 @@ impl Metrics {
             table_reloads: Counter::default(),
             table_rejections: Counter::default(),
             idle_poll: serval_idle_poll::SecondsCounter::default(),
+            connections: Gauge::default(),
+            open: OnceLock::new(),
             registry: Registry::default(),
         };
         registry.register("requests", "Proxied requests", m.requests.clone());
@@ -183,11 +191,25 @@ impl Metrics {
              nothing else wanted)",
             m.idle_poll.clone(),
         );
+        registry.register(
+            "connections",
+            "Client connections open (at most --max-connections)",
+            m.connections.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Reports `open` as the connection count from now on.
+    pub fn count_connections(&self, open: OpenConnections) {
+        let _ = self.open.set(open);
     }
 
     /// Text exposition format.
     pub fn encode(&self) -> String {
+        if let Some(open) = self.open.get() {
+            self.connections
+                .set(i64::try_from(open.count()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

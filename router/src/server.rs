@@ -177,6 +177,7 @@ impl Router {
         }
         let mut dealer = Dealer::new(senders);
         let listener = Acceptor::new(listener, config.max_connections);
+        state.metrics.count_connections(listener.open_connections());
         let mut accept = |accepted: std::io::Result<(std::net::TcpStream, Slot)>| {
             match accepted {
                 Ok(dealt) => {

@@ -460,7 +460,7 @@ async fn idle_and_stalled_client_connections_are_closed() {
 }
 
 /// Past `--max-connections` a new client connection is not served until an open one closes;
-/// then it is, and its request is answered.
+/// then it is, and its request is answered. `serval_router_connections` counts the open ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_bound_wait_for_a_free_slot() {
     let (up, _) = raw_upstream(ok).await;
@@ -490,4 +490,16 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
     .await
     .expect("served once a slot is free");
     assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    // The gauge counts the one left open and this one.
+    third
+        .write_all(b"GET /-/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut third, &mut Vec::new(), false).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200);
+    assert!(
+        text.lines().any(|l| l == "serval_router_connections 2"),
+        "{text}"
+    );
 }

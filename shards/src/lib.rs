@@ -46,20 +46,45 @@ impl<T> Dealer<T> {
 /// travels with the connection to the task serving it.
 pub type Slot = OwnedSemaphorePermit;
 
+/// How many connections an [`Acceptor`] has open now (for a gauge read at scrape time).
+#[derive(Debug, Clone)]
+pub struct OpenConnections {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl OpenConnections {
+    /// Connections accepted and not yet closed.
+    pub fn count(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
+}
+
 /// Accepts connections with at most `max` open at once. At the bound it stops accepting, so
 /// new connections wait in the kernel's listen backlog instead of exhausting memory or file
 /// descriptors.
 pub struct Acceptor {
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    max: usize,
 }
 
 impl Acceptor {
     /// `max` open connections (at least one).
     pub fn new(listener: TcpListener, max: usize) -> Self {
+        let max = max.max(1);
         Self {
             listener,
-            slots: Arc::new(Semaphore::new(max.max(1))),
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A live count of the connections open.
+    pub fn open_connections(&self) -> OpenConnections {
+        OpenConnections {
+            slots: self.slots.clone(),
+            max: self.max,
         }
     }
 
@@ -140,8 +165,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let acceptor = Acceptor::new(listener, 1);
+        let open = acceptor.open_connections();
+        assert_eq!(open.count(), 0);
         let _client_a = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (_a, slot) = acceptor.accept().await.expect("first");
+        assert_eq!(open.count(), 1);
         let _client_b = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), acceptor.accept());
         assert!(waited.await.is_err(), "accepted past the bound of 1");

@@ -1,8 +1,10 @@
 //! Prometheus metrics, names prefixed `serval_`, labelled by `model`. The router shares this
 //! schema: `requests_total{code}`, `request_duration_seconds`, `queue_wait_seconds`,
 //! `inference_seconds`, `batch_size`, `queue_depth`, `inflight`, `rejections_total{reason}`,
-//! `model_load_seconds`, plus the sidecar's calibration curve and idle-polling time.
+//! `model_load_seconds`, `connections`, plus the sidecar's calibration curve and idle-polling
+//! time.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serval_shards::OpenConnections;
 
 use crate::idle_poll::SecondsCounter;
 
@@ -80,6 +83,9 @@ pub struct Metrics {
     calibration: Family<CurveLabels, FloatGauge>,
     ready: Family<ModelLabels, Gauge>,
     idle_poll: Family<ModelLabels, SecondsCounter>,
+    connections: Family<ModelLabels, Gauge>,
+    /// Read into `connections` at each scrape, once the server is accepting.
+    open: OnceLock<OpenConnections>,
     hot: Hot,
 }
 
@@ -132,6 +138,8 @@ impl Metrics {
             calibration: Family::default(),
             ready: Family::default(),
             idle_poll: Family::default(),
+            connections: Family::default(),
+            open: OnceLock::new(),
             hot: Hot::detached(),
         };
         registry.register(
@@ -191,6 +199,11 @@ impl Metrics {
              nothing else wanted)",
             m.idle_poll.clone(),
         );
+        registry.register(
+            "connections",
+            "Client connections open (at most --max-connections)",
+            m.connections.clone(),
+        );
         // Create the model's series up front so dashboards see zeros, not gaps; the handles
         // share their values with the families.
         let _ = m.ready.get_or_create(&m.model).get();
@@ -212,8 +225,17 @@ impl Metrics {
         Self { registry, hot, ..m }
     }
 
+    /// Reports `open` as the connection count from now on.
+    pub fn count_connections(&self, open: OpenConnections) {
+        let _ = self.open.set(open);
+    }
+
     /// Text exposition format.
     pub fn encode(&self) -> String {
+        if let Some(open) = self.open.get() {
+            let n = i64::try_from(open.count()).unwrap_or(i64::MAX);
+            self.connections.get_or_create(&self.model).set(n);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

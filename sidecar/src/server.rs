@@ -237,6 +237,7 @@ async fn serve(
     };
     tokio::pin!(drained);
     let listener = Acceptor::new(listener, state.config.max_connections);
+    state.metrics.count_connections(listener.open_connections());
     let (drain_started, _) = loop {
         tokio::select! {
             done = &mut drained => break done,

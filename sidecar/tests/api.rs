@@ -488,7 +488,7 @@ async fn idle_and_stalled_connections_are_closed_at_the_idle_timeout() {
 }
 
 /// Past `--max-connections` a new connection is not served until an open one closes; then it
-/// is, and nothing is lost.
+/// is, and nothing is lost. `serval_connections` counts the open ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_past_the_bound_wait_for_a_free_slot() {
     use tokio::io::AsyncWriteExt;
@@ -519,4 +519,16 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
     drop(open.pop());
     let answer = read_response(&mut third).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The gauge counts the one left open and this one.
+    third
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: sidecar\r\n\r\n")
+        .await
+        .expect("send");
+    let metrics = read_response(&mut third).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "serval_connections{model=\"identity\"} 2"),
+        "{metrics}"
+    );
 }
