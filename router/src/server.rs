@@ -41,9 +41,6 @@ pub const METRICS_PATH: &str = "/-/metrics";
 /// The router's own paths; never routed to an Endpoint.
 pub const RESERVED_PREFIX: &str = "/-/";
 
-/// Pause after a failed accept (usually out of file descriptors) instead of spinning.
-const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// A connection dealt to a shard, with its slot under `--max-connections`.
 type Dealt = (std::net::TcpStream, Slot);
 
@@ -178,30 +175,16 @@ impl Router {
         let mut dealer = Dealer::new(senders);
         let listener = Acceptor::new(listener, config.max_connections);
         state.metrics.count_connections(listener.open_connections());
-        let mut accept = |accepted: std::io::Result<(std::net::TcpStream, Slot)>| {
-            match accepted {
-                Ok(dealt) => {
-                    // A shard that failed to start has dropped its receiver: the next is tried.
-                    if dealer.deal(dealt).is_err() {
-                        tracing::warn!("every shard is busy or gone; connection dropped");
-                    }
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    false
-                }
+        // A shard that failed to start has dropped its receiver: the next is tried.
+        let mut accept = |dealt: (std::net::TcpStream, Slot)| {
+            if dealer.deal(dealt).is_err() {
+                tracing::warn!("every shard is busy or gone; connection dropped");
             }
         };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    if !accept(accepted) {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    }
-                }
+                dealt = listener.accept() => accept(dealt),
                 () = &mut shutdown => break,
             }
         }
@@ -212,11 +195,7 @@ impl Router {
         let mut delay = std::pin::pin!(tokio::time::sleep(config.shutdown_delay));
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    if !accept(accepted) {
-                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    }
-                }
+                dealt = listener.accept() => accept(dealt),
                 () = &mut delay => break,
             }
         }

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Pause after a failed accept, so the loop does not spin.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 /// Connections dealt to one shard and not yet taken up; a shard this far behind is skipped.
 pub const SHARD_QUEUE: usize = 1024;
 
@@ -89,16 +91,23 @@ impl Acceptor {
     }
 
     /// Waits for a free slot, then for a connection, handed out in non-blocking std form to be
-    /// dealt to a shard. Cancel-safe: a slot taken by a cancelled call is freed.
-    pub async fn accept(&self) -> std::io::Result<(std::net::TcpStream, Slot)> {
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| std::io::Error::other("the connection bound was closed"))?;
-        let (stream, _) = self.listener.accept().await?;
-        Ok((stream.into_std()?, slot))
+    /// dealt to a shard. A failed accept (usually out of file descriptors) is logged and
+    /// retried after [`ACCEPT_BACKOFF`] instead of spinning. Cancel-safe: a slot taken by a
+    /// cancelled call is freed.
+    pub async fn accept(&self) -> (std::net::TcpStream, Slot) {
+        loop {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                unreachable!("the acceptor never closes its semaphore")
+            };
+            match self.listener.accept().await.and_then(|(s, _)| s.into_std()) {
+                Ok(stream) => return (stream, slot),
+                Err(e) => {
+                    drop(slot);
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
     }
 }
 
@@ -168,16 +177,14 @@ mod tests {
         let open = acceptor.open_connections();
         assert_eq!(open.count(), 0);
         let _client_a = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (_a, slot) = acceptor.accept().await.expect("first");
+        let (_a, slot) = acceptor.accept().await;
         assert_eq!(open.count(), 1);
         let _client_b = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), acceptor.accept());
         assert!(waited.await.is_err(), "accepted past the bound of 1");
         drop(slot);
-        assert!(
-            acceptor.accept().await.is_ok(),
-            "accepted once the slot is free"
-        );
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(20), acceptor.accept());
+        assert!(accepted.await.is_ok(), "accepted once the slot is free");
     }
 
     #[test]

@@ -20,8 +20,6 @@ use crate::errors::{StartupError, StartupResult};
 use crate::handlers;
 use crate::state::{AppState, LoadedModel};
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-pub const DEFAULT_ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Least time given to open connections to close after the drain, even when the drain used
 /// the whole shutdown budget: enough to flush the last responses.
 pub const DEFAULT_CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -241,15 +239,7 @@ async fn serve(
     let (drain_started, _) = loop {
         tokio::select! {
             done = &mut drained => break done,
-            accepted = listener.accept() => {
-                match accepted {
-                    Ok((stream, slot)) => io.deal((stream, graceful.watcher(), slot)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(DEFAULT_ACCEPT_BACKOFF).await;
-                    }
-                }
-            }
+            (stream, slot) = listener.accept() => io.deal((stream, graceful.watcher(), slot)),
         }
     };
     drop(listener);
