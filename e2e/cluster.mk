@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/serval/target
 
 .PHONY: cluster e2e
 
-# Builds etcd, kube (apiserver/controller-manager/scheduler), kwok and helm; a no-op when cached.
+# Builds etcd, kube (apiserver/controller-manager/scheduler), kwok, helm and promtool; a no-op when cached.
 cluster:
 	SERVAL_CACHE=$(SERVAL_CACHE) bash e2e/cluster/build.sh
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the e2e control plane (etcd, kube-apiserver/controller-manager/scheduler as one `kube`
-# dispatcher, kwok, helm) from the Go module proxy into a cache outside the repo, keyed by the
+# dispatcher, kwok, helm; and promtool, which tests the chart's alerts) from the Go module proxy into a cache outside the repo, keyed by the
 # pinned versions. A warm cache exits at once.
 #
 # Environment: SERVAL_CACHE (default $HOME/.cache/serval), GO (default `go`), and the *_VERSION
@@ -11,18 +11,27 @@ K8S_VERSION="${K8S_VERSION:-v1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+# Prometheus's Go module: v0.3XX.Y is Prometheus 3.XX.Y.
+PROMTOOL_VERSION="${PROMTOOL_VERSION:-v0.316.0}"
 
 CACHE_ROOT="${SERVAL_CACHE:-$HOME/.cache/serval}"
 KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}"
 DIR="${CACHE_ROOT}/cluster/${KEY}"
 BIN="${DIR}/bin"
-OUTPUTS=(etcd kube kwok helm kwok-stages.yaml)
+OUTPUTS=(etcd kube kwok helm kwok-stages.yaml promtool)
+
+# promtool came later than the rest: its version is a stamp beside it rather than part of KEY,
+# so adding or moving it rebuilds only promtool.
+promtool_current() {
+  [[ -s "${BIN}/promtool" && "$(cat "${BIN}/promtool.version" 2>/dev/null)" == "${PROMTOOL_VERSION}" ]]
+}
 
 all_present() {
   local f
   for f in "${OUTPUTS[@]}"; do
     [[ -s "${BIN}/${f}" ]] || return 1
   done
+  promtool_current
 }
 
 # Warm path: no Go, no lock, no network.
@@ -139,6 +148,11 @@ log "cold build into ${DIR} with $("${GO}" version)"
   "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION}"
 [[ -s "${BIN}/helm" ]] || build_tool helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "${HELM_VERSION}" \
   "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+promtool_current || {
+  build_tool promtool github.com/prometheus/prometheus github.com/prometheus/prometheus/cmd/promtool \
+    "${PROMTOOL_VERSION}" ""
+  echo "${PROMTOOL_VERSION}" >"${BIN}/promtool.version"
+}
 write_stages
 log "done in $(($(date +%s) - start)) s"
 echo "${BIN}"

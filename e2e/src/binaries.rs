@@ -11,12 +11,19 @@ use crate::logs::tail_file;
 pub const BIN_DIR_ENV: &str = "SERVAL_CLUSTER_BIN";
 
 /// Files the harness needs from the binary directory.
-const REQUIRED: [&str; 5] = ["etcd", "kube", "kwok", "helm", "kwok-stages.yaml"];
+const REQUIRED: [&str; 6] = [
+    "etcd",
+    "kube",
+    "kwok",
+    "helm",
+    "kwok-stages.yaml",
+    "promtool",
+];
 
 /// The control-plane binaries of one cached build.
 #[derive(Clone, Debug)]
 pub struct Binaries {
-    /// Directory holding `etcd`, `kube`, `kwok`, `helm` and `kwok-stages.yaml`.
+    /// Directory holding `etcd`, `kube`, `kwok`, `helm`, `kwok-stages.yaml` and `promtool`.
     pub dir: PathBuf,
 }
 
@@ -52,6 +59,11 @@ impl Binaries {
     /// `helm`.
     pub fn helm(&self) -> PathBuf {
         self.dir.join("helm")
+    }
+
+    /// Prometheus's `promtool`, which checks and unit-tests the chart's alert rules.
+    pub fn promtool(&self) -> PathBuf {
+        self.dir.join("promtool")
     }
 
     /// kwok's stage configuration (node initialize and heartbeat, pod ready/complete/delete).

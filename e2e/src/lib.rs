@@ -1,7 +1,7 @@
 //! End-to-end harness: a real Kubernetes control plane on loopback.
 //!
 //! `e2e/cluster/build.sh` builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler
-//! (one `kube` dispatcher binary), kwok and helm from the Go module proxy into
+//! (one `kube` dispatcher binary), kwok, helm and promtool from the Go module proxy into
 //! `$SERVAL_CACHE/cluster/<versions>/bin`. [`Cluster::start`] runs them on random loopback
 //! ports with fresh certificates, three fake kwok nodes and an admin kubeconfig. [`Operator`]
 //! runs the `serval-operator` binary against it.

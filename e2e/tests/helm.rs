@@ -2,7 +2,9 @@
 //!
 //! Offline: the chart's CRDs are the generated ones, `helm lint` passes, `helm template`
 //! renders a restricted, least-privilege operator with defaults and honours edited values,
-//! and the values schema rejects typos. The image archives are valid OCI layouts (and docker
+//! and the values schema rejects typos. Monitoring: the PodMonitors select the pods the
+//! operator creates, promtool checks and unit-tests the alert rules, and every metric the
+//! dashboard and alerts query is one a component exports. The image archives are valid OCI layouts (and docker
 //! archives) whose one layer holds the binary, its libraries and the loader.
 //!
 //! Against the real control plane: `helm install --wait`, then the real operator binary runs
@@ -93,7 +95,8 @@ fn helm_lint_passes() {
         "--strict",
         &chart(),
         "--set",
-        "dashboard.enabled=true,metrics.serviceMonitor.enabled=true,operator.watchNamespace=models",
+        "dashboard.enabled=true,metrics.serviceMonitor.enabled=true,operator.watchNamespace=models,\
+         metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
     ])
     .unwrap();
 }
@@ -234,7 +237,9 @@ fn template_defaults() {
         .join(" ");
     assert!(script.contains("/healthz"), "{script}");
 
-    assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(!docs.iter().any(|d| d["kind"] == kind), "{kind} rendered");
+    }
     assert!(!has_kind(&docs, "ConfigMap", "serval-dashboard"));
 
     // `--include-crds` renders both CRDs from crds/.
@@ -349,6 +354,276 @@ fn template_with_edited_values() {
         "serval_ready",
     ] {
         assert!(exprs.contains(metric), "the dashboard lacks {metric}");
+    }
+}
+
+/// The PodMonitors select exactly the router and model-server pods the operator creates
+/// (their labels, their `http` port, each one's metrics path), in every namespace or the one
+/// watched; the PrometheusRule is the rule file promtool tests.
+#[test]
+fn monitoring_targets_what_the_operator_creates() {
+    use serval_operator::desired::{backend, router};
+
+    let ns = "serval-system";
+    let docs = render(
+        ns,
+        &[
+            "--set",
+            "metrics.podMonitor.enabled=true,metrics.podMonitor.labels.release=prom",
+            "--set",
+            "metrics.prometheusRule.enabled=true,metrics.prometheusRule.labels.release=prom",
+        ],
+    )
+    .unwrap();
+
+    let mut digits: serval_api::Backend = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("examples/digits-v1.yaml")).unwrap(),
+    )
+    .unwrap();
+    digits.metadata.namespace = Some("models".to_owned());
+    let backend_pods = backend::deployment_for(
+        &digits,
+        &backend::BackendDefaults {
+            sidecar_image: "serval-sidecar".to_owned(),
+        },
+    );
+    let router_pods = router::deployment_for(
+        "models",
+        &router::RouterDefaults {
+            router_image: "serval-router".to_owned(),
+        },
+        &[],
+    );
+    for (name, pods, path) in [
+        (
+            "serval-router",
+            router_pods,
+            serval_router::server::METRICS_PATH,
+        ),
+        ("serval-model-servers", backend_pods, "/metrics"),
+    ] {
+        let monitor = docs
+            .iter()
+            .find(|d| d["kind"] == "PodMonitor" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no PodMonitor {name}"));
+        assert_eq!(monitor["metadata"]["namespace"], ns);
+        assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
+        assert_eq!(monitor["spec"]["namespaceSelector"]["any"], true);
+        let template = pods.spec.unwrap().template;
+        let labels = template.metadata.unwrap().labels.unwrap();
+        let selector = monitor["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap();
+        assert!(!selector.is_empty());
+        for (k, v) in selector {
+            assert_eq!(
+                labels.get(k).map(String::as_str),
+                v.as_str(),
+                "{name} selects {k}={v}, which the operator's pods do not carry"
+            );
+        }
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["path"], path, "{name}");
+        let port = endpoint["port"].as_str().unwrap();
+        assert!(
+            template.spec.unwrap().containers.iter().any(|c| c
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some(port))),
+            "{name}: no container port named {port}"
+        );
+        // The router's own `endpoint` label must survive the target label of that name.
+        assert_eq!(endpoint["relabelings"][0]["action"], "labeldrop");
+        assert_eq!(endpoint["relabelings"][0]["regex"], "endpoint");
+    }
+
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prom");
+    let file: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("alerts/serval.rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
+
+    // One watched namespace: scrape only there.
+    let docs = render(
+        ns,
+        &[
+            "--set",
+            "metrics.podMonitor.enabled=true,operator.watchNamespace=models",
+        ],
+    )
+    .unwrap();
+    for d in docs.iter().filter(|d| d["kind"] == "PodMonitor") {
+        assert_eq!(
+            d["spec"]["namespaceSelector"],
+            serde_json::json!({"matchNames": ["models"]})
+        );
+    }
+}
+
+/// promtool (Prometheus's own checker) accepts the rule file, and its unit tests pass: each
+/// alert fires on the failure it names and stays quiet beside normal traffic.
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = chart_dir().join("alerts");
+    let promtool = binaries().unwrap().promtool();
+    for args in [
+        ["check", "rules", "serval.rules.yaml"],
+        ["test", "rules", "serval.rules.test.yaml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every metric the dashboard and the alerts query is one the operator, router or model
+/// server exports: a renamed metric would otherwise leave a panel empty or an alert silent.
+/// (The encodings list only families with a series, so one of each is recorded first.)
+#[tokio::test]
+async fn dashboard_and_alerts_query_only_exported_metrics() {
+    use serval_router::metrics::{
+        AddressLabels, CodeLabels, EndpointLabels, ErrorLabels, MirrorLabels, RevisionLabels,
+        RouteLabels,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let acceptor = serval_shards::Acceptor::new(listener, 8);
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let m = serval_operator::metrics::Metrics::register(&mut registry);
+    m.observe(
+        "backend",
+        Duration::ZERO,
+        Some(&serval_operator::Error::MissingField("uid")),
+    );
+    let mut operator = String::new();
+    prometheus_client::encoding::text::encode(&mut operator, &registry).unwrap();
+
+    let m = serval_router::metrics::Metrics::new();
+    let (endpoint, backend) = ("digits".to_owned(), "v1".to_owned());
+    let route = RouteLabels {
+        endpoint: endpoint.clone(),
+        backend: backend.clone(),
+    };
+    m.requests
+        .get_or_create(&CodeLabels {
+            endpoint: endpoint.clone(),
+            backend: backend.clone(),
+            code: 200,
+        })
+        .inc();
+    m.request_duration.get_or_create(&route).observe(0.001);
+    m.retries.get_or_create(&route).inc();
+    m.upstream_errors
+        .get_or_create(&ErrorLabels {
+            endpoint: endpoint.clone(),
+            backend: backend.clone(),
+            kind: "connect",
+        })
+        .inc();
+    m.retry_budget_exhausted
+        .get_or_create(&EndpointLabels {
+            endpoint: endpoint.clone(),
+        })
+        .inc();
+    m.ejections
+        .get_or_create(&AddressLabels {
+            backend: backend.clone(),
+            address: "10.0.0.1:8080".to_owned(),
+        })
+        .inc();
+    m.mirror
+        .get_or_create(&MirrorLabels {
+            endpoint,
+            backend,
+            result: "agree",
+        })
+        .inc();
+    m.table_info
+        .get_or_create(&RevisionLabels {
+            revision: "r1".to_owned(),
+        })
+        .set(1);
+    m.count_connections(acceptor.open_connections());
+    let router = m.encode();
+
+    let m = serval_sidecar::metrics::Metrics::new("digits");
+    m.request(429, Duration::ZERO);
+    m.reject("queue_full");
+    m.batch(1, Duration::ZERO);
+    m.queue_wait(Duration::ZERO);
+    m.set_queue_depth(0);
+    m.add_inflight(0);
+    m.set_model_load(Duration::ZERO);
+    m.calibration_point(1, 1.0, true);
+    m.idle_poll_counter().inc_by(0.0);
+    m.set_ready(true);
+    m.count_connections(acceptor.open_connections());
+    let sidecar = m.encode();
+
+    let exported: BTreeSet<String> = [operator, router, sidecar]
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(exported.contains("serval_router_requests"), "{exported:?}");
+
+    // The queries: the dashboard's panel targets and the alert rules' expressions.
+    let read = |f: &str| std::fs::read_to_string(chart_dir().join(f)).unwrap();
+    let dashboard: Value = serde_json::from_str(&read("dashboards/serval.json")).unwrap();
+    let rules: Value = serde_yaml::from_str(&read("alerts/serval.rules.yaml")).unwrap();
+    let exprs = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .chain(
+            rules["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()),
+        )
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned));
+    let mut queried = BTreeSet::new();
+    for expr in exprs {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("serval_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            queried.insert(name);
+        }
+    }
+    assert!(queried.len() > 20, "{queried:?}");
+    for name in queried {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| exported.contains(*f)))
+            .unwrap_or(&name);
+        assert!(
+            exported.contains(family),
+            "{name} is queried but no component exports it"
+        );
     }
 }
 
@@ -965,16 +1240,21 @@ fn helm_home() -> &'static Path {
     .path()
 }
 
+/// The cached control-plane tools (helm, promtool), built on first use.
+fn binaries() -> anyhow::Result<&'static Binaries> {
+    static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    BINARIES
+        .get_or_init(|| Binaries::locate().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
 fn helm<I, S>(args: I) -> anyhow::Result<Output>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    static BINARIES: OnceLock<Result<Binaries, String>> = OnceLock::new();
-    let binaries = BINARIES
-        .get_or_init(|| Binaries::locate().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow!("{e}"))?;
+    let binaries = binaries()?;
     let home = helm_home();
     Command::new(binaries.helm())
         .args(args)

@@ -112,6 +112,7 @@ pub struct Metrics {
     pub idle_poll: serval_idle_poll::SecondsCounter,
     /// Client connections open, read from `open` at each scrape.
     connections: Gauge,
+    max_connections: Gauge,
     open: OnceLock<OpenConnections>,
 }
 
@@ -139,6 +140,7 @@ impl Metrics {
             table_rejections: Counter::default(),
             idle_poll: serval_idle_poll::SecondsCounter::default(),
             connections: Gauge::default(),
+            max_connections: Gauge::default(),
             open: OnceLock::new(),
             registry: Registry::default(),
         };
@@ -196,11 +198,19 @@ impl Metrics {
             "Client connections open (at most --max-connections)",
             m.connections.clone(),
         );
+        registry.register(
+            "max_connections",
+            "The bound on open client connections (--max-connections): past it new ones wait \
+             in the listen backlog",
+            m.max_connections.clone(),
+        );
         Self { registry, ..m }
     }
 
     /// Reports `open` as the connection count from now on.
     pub fn count_connections(&self, open: OpenConnections) {
+        self.max_connections
+            .set(i64::try_from(open.max()).unwrap_or(i64::MAX));
         let _ = self.open.set(open);
     }
 

@@ -502,4 +502,8 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
         text.lines().any(|l| l == "serval_router_connections 2"),
         "{text}"
     );
+    assert!(
+        text.lines().any(|l| l == "serval_router_max_connections 2"),
+        "{text}"
+    );
 }

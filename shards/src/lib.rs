@@ -60,6 +60,11 @@ impl OpenConnections {
     pub fn count(&self) -> usize {
         self.max.saturating_sub(self.slots.available_permits())
     }
+
+    /// The bound: at most this many are open at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 /// Accepts connections with at most `max` open at once. At the bound it stops accepting, so

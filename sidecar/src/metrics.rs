@@ -84,6 +84,7 @@ pub struct Metrics {
     ready: Family<ModelLabels, Gauge>,
     idle_poll: Family<ModelLabels, SecondsCounter>,
     connections: Family<ModelLabels, Gauge>,
+    max_connections: Family<ModelLabels, Gauge>,
     /// Read into `connections` at each scrape, once the server is accepting.
     open: OnceLock<OpenConnections>,
     hot: Hot,
@@ -139,6 +140,7 @@ impl Metrics {
             ready: Family::default(),
             idle_poll: Family::default(),
             connections: Family::default(),
+            max_connections: Family::default(),
             open: OnceLock::new(),
             hot: Hot::detached(),
         };
@@ -204,6 +206,12 @@ impl Metrics {
             "Client connections open (at most --max-connections)",
             m.connections.clone(),
         );
+        registry.register(
+            "max_connections",
+            "The bound on open client connections (--max-connections): past it new ones wait \
+             in the listen backlog",
+            m.max_connections.clone(),
+        );
         // Create the model's series up front so dashboards see zeros, not gaps; the handles
         // share their values with the families.
         let _ = m.ready.get_or_create(&m.model).get();
@@ -227,6 +235,8 @@ impl Metrics {
 
     /// Reports `open` as the connection count from now on.
     pub fn count_connections(&self, open: OpenConnections) {
+        let max = i64::try_from(open.max()).unwrap_or(i64::MAX);
+        self.max_connections.get_or_create(&self.model).set(max);
         let _ = self.open.set(open);
     }
 

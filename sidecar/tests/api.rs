@@ -519,7 +519,7 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
     drop(open.pop());
     let answer = read_response(&mut third).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    // The gauge counts the one left open and this one.
+    // The gauge counts the one left open and this one, next to the bound.
     third
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: sidecar\r\n\r\n")
         .await
@@ -529,6 +529,12 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
         metrics
             .lines()
             .any(|l| l == "serval_connections{model=\"identity\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "serval_max_connections{model=\"identity\"} 2"),
         "{metrics}"
     );
 }
