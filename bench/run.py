@@ -665,7 +665,8 @@ def headline(summary: list, conc: list, raw: dict, floor_us: float | None = None
         lines.append({"name": "digits: router / nginx req/s", "by_concurrency": r, "goal": 1.0,
                       "added_p50_us": {"serval-router": added_router, "nginx": added_nginx},
                       "text": "router vs nginx req/s: "
-                      + ", ".join(f"c={c} {fmt_x(v)}" for c, v in r.items())
+                      + ", ".join(f"c={c} {'n/a' if v is None else f'{v:.2f}x'}"
+                                  for c, v in r.items())
                       + f" (goal >= 1.0); added p50 at c={c1}: router {fmt_us(added_router)} "
                       f"(goal <= 100 us), nginx {fmt_us(added_nginx)}"})
     return lines
@@ -813,7 +814,16 @@ def main() -> int:
     ap.add_argument("--out", default=None,
                     help="output folder (default: bench/results, or $SERVAL_CACHE/bench-quick "
                     "with --quick so iterating never overwrites the published results)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite README.md, the plots and the headline from "
+                    "the results.json already in --out (after a change to the report itself)")
     args = ap.parse_args()
+    if args.report_only:
+        out_dir = Path(args.out or HERE / "results")
+        data = json.loads((out_dir / "results.json").read_text())
+        names = list(dict.fromkeys(r["model"] for r in data["runs"]))
+        return write_report(out_dir, data["meta"], data["runs"], data["raw_engine_rps"],
+                            data["tcp_floor"], data["failures"], names)
     if args.quick:
         args.reps, args.concurrency = 1, "1,32"
         args.warmup, args.duration, args.start_warmup = 0.5, 2.0, 1.0
@@ -901,21 +911,27 @@ def main() -> int:
 
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["total_min"] = round((time.time() - t_start) / 60, 1)
+    return write_report(out_dir, meta, rows, raw, floors, failures, [m.name for m in chosen])
+
+
+def write_report(out_dir: Path, meta: dict, rows: list, raw: dict, floors: list, failures: list,
+                 names: list) -> int:
+    """results.json, README.md and one plot per model, all from the measured rows."""
     summary = summarize(rows)
     floor_p50 = [f["p50_us"] for f in floors]
     if floor_p50:
         meta["tcp_floor_p50_us"] = {"median": statistics.median(floor_p50),
                                     "min": min(floor_p50), "max": max(floor_p50)}
-    lines = headline(summary, args.concurrency, raw,
+    conc = meta["concurrency"]
+    lines = headline(summary, conc, raw,
                      statistics.median(floor_p50) if floor_p50 else None)
     (out_dir / "results.json").write_text(json.dumps(
         {"meta": meta, "runs": rows, "medians": summary, "raw_engine_rps": raw,
          "tcp_floor": floors,
          "headline": lines, "failures": failures}, indent=1) + "\n")
-    names = [m.name for m in chosen]
     for m in names:
-        plot(summary, m, args.concurrency, out_dir / f"{m}.png")
-    (out_dir / "README.md").write_text(markdown(meta, summary, lines, args.concurrency, names))
+        plot(summary, m, conc, out_dir / f"{m}.png")
+    (out_dir / "README.md").write_text(markdown(meta, summary, lines, conc, names))
     log(f"wrote {out_dir}/results.json, README.md and {', '.join(n + '.png' for n in names)} "
         f"in {meta['total_min']} min")
     for line in lines:
