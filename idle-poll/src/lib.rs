@@ -23,6 +23,7 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::{Metric, Registry};
 use thread_priority::{
     NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
     set_thread_priority_and_policy, thread_native_id,
@@ -34,6 +35,16 @@ const PREEMPTED: Duration = Duration::from_micros(20);
 
 /// A counter of seconds, as prometheus-client encodes floats.
 pub type SecondsCounter = Counter<f64, AtomicU64>;
+
+/// Registers the time spun, `idle_poll_seconds`, under `registry`'s prefix.
+pub fn register_metric(registry: &mut Registry, spun: impl Metric) {
+    registry.register(
+        "idle_poll_seconds",
+        "Time the idle-polling thread spun keeping a CPU awake (SCHED_IDLE: only time nothing \
+         else wanted)",
+        spun,
+    );
+}
 
 /// Handle to the spinning thread; stops and joins it when dropped.
 #[derive(Debug)]

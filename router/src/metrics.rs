@@ -187,21 +187,10 @@ impl Metrics {
             "Routing tables refused",
             m.table_rejections.clone(),
         );
-        registry.register(
-            "idle_poll_seconds",
-            "Time the idle-polling thread spun keeping a CPU awake (SCHED_IDLE: only time \
-             nothing else wanted)",
-            m.idle_poll.clone(),
-        );
-        registry.register(
-            "connections",
-            "Client connections open (at most --max-connections)",
+        serval_idle_poll::register_metric(&mut registry, m.idle_poll.clone());
+        serval_shards::register_metrics(
+            &mut registry,
             m.connections.clone(),
-        );
-        registry.register(
-            "max_connections",
-            "The bound on open client connections (--max-connections): past it new ones wait \
-             in the listen backlog",
             m.max_connections.clone(),
         );
         Self { registry, ..m }

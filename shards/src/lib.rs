@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -65,6 +66,26 @@ impl OpenConnections {
     pub fn max(&self) -> usize {
         self.max
     }
+}
+
+/// Registers the connection gauges both servers export, under `registry`'s prefix:
+/// `connections` (set from [`OpenConnections::count`] at each scrape) and `max_connections`.
+pub fn register_metrics(
+    registry: &mut Registry,
+    connections: impl Metric,
+    max_connections: impl Metric,
+) {
+    registry.register(
+        "connections",
+        "Client connections open (at most --max-connections)",
+        connections,
+    );
+    registry.register(
+        "max_connections",
+        "The bound on open client connections (--max-connections): past it new ones wait in \
+         the listen backlog",
+        max_connections,
+    );
 }
 
 /// Accepts connections with at most `max` open at once. At the bound it stops accepting, so

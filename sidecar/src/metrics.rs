@@ -195,21 +195,10 @@ impl Metrics {
             "1 when the model serves, 0 otherwise",
             m.ready.clone(),
         );
-        registry.register(
-            "idle_poll_seconds",
-            "Time the idle-polling thread spun keeping a CPU awake (SCHED_IDLE: only time \
-             nothing else wanted)",
-            m.idle_poll.clone(),
-        );
-        registry.register(
-            "connections",
-            "Client connections open (at most --max-connections)",
+        serval_idle_poll::register_metric(&mut registry, m.idle_poll.clone());
+        serval_shards::register_metrics(
+            &mut registry,
             m.connections.clone(),
-        );
-        registry.register(
-            "max_connections",
-            "The bound on open client connections (--max-connections): past it new ones wait \
-             in the listen backlog",
             m.max_connections.clone(),
         );
         // Create the model's series up front so dashboards see zeros, not gaps; the handles
