@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the e2e control plane (etcd, kube-apiserver/controller-manager/scheduler as one `kube`
-# dispatcher, kwok, helm; and promtool, which tests the chart's alerts) from the Go module proxy into a cache outside the repo, keyed by the
-# pinned versions. A warm cache exits at once.
+# dispatcher, kwok, helm), promtool (which tests the chart's alerts) and the Prometheus
+# Operator's CRDs (which the chart's monitoring objects must fit) from the Go module proxy into
+# a cache outside the repo, keyed by the pinned versions. A warm cache exits at once.
 #
 # Environment: SERVAL_CACHE (default $HOME/.cache/serval), GO (default `go`), and the *_VERSION
 # pins below. GOCACHE/GOMODCACHE are Go's defaults unless set, so rebuilds reuse them.
@@ -13,17 +14,22 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 # Prometheus's Go module: v0.3XX.Y is Prometheus 3.XX.Y.
 PROMTOOL_VERSION="${PROMTOOL_VERSION:-v0.316.0}"
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 
 CACHE_ROOT="${SERVAL_CACHE:-$HOME/.cache/serval}"
 KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}"
 DIR="${CACHE_ROOT}/cluster/${KEY}"
 BIN="${DIR}/bin"
-OUTPUTS=(etcd kube kwok helm kwok-stages.yaml promtool)
+OUTPUTS=(etcd kube kwok helm kwok-stages.yaml promtool monitoring-crds.yaml)
 
-# promtool came later than the rest: its version is a stamp beside it rather than part of KEY,
-# so adding or moving it rebuilds only promtool.
-promtool_current() {
-  [[ -s "${BIN}/promtool" && "$(cat "${BIN}/promtool.version" 2>/dev/null)" == "${PROMTOOL_VERSION}" ]]
+# Outputs added later than the rest carry their version in a stamp beside them rather than in
+# KEY, so adding or moving one rebuilds only that one. current FILE VERSION.
+current() {
+  [[ -s "${BIN}/$1" && "$(cat "${BIN}/$1.version" 2>/dev/null)" == "$2" ]]
+}
+stamped_current() {
+  current promtool "${PROMTOOL_VERSION}" &&
+    current monitoring-crds.yaml "${PROMETHEUS_OPERATOR_VERSION}"
 }
 
 all_present() {
@@ -31,7 +37,7 @@ all_present() {
   for f in "${OUTPUTS[@]}"; do
     [[ -s "${BIN}/${f}" ]] || return 1
   done
-  promtool_current
+  stamped_current
 }
 
 # Warm path: no Go, no lock, no network.
@@ -139,6 +145,19 @@ write_stages() {
   mv "${out}" "${BIN}/kwok-stages.yaml"
 }
 
+# The Prometheus Operator's CRDs for the kinds the chart can render, from its Go module.
+write_monitoring_crds() {
+  local dir out="${BIN}/monitoring-crds.yaml.tmp" kind
+  dir="$(mod_field "github.com/prometheus-operator/prometheus-operator@${PROMETHEUS_OPERATOR_VERSION}" Dir)/example/prometheus-operator-crd"
+  : >"${out}"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    [[ -f "${dir}/monitoring.coreos.com_${kind}.yaml" ]] || { echo "CRD ${kind} missing in ${dir}" >&2; exit 1; }
+    { echo "---"; cat "${dir}/monitoring.coreos.com_${kind}.yaml"; } >>"${out}"
+  done
+  mv "${out}" "${BIN}/monitoring-crds.yaml"
+  echo "${PROMETHEUS_OPERATOR_VERSION}" >"${BIN}/monitoring-crds.yaml.version"
+}
+
 start=$(date +%s)
 log "cold build into ${DIR} with $("${GO}" version)"
 [[ -s "${BIN}/kube" ]] || build_kube
@@ -148,11 +167,12 @@ log "cold build into ${DIR} with $("${GO}" version)"
   "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION}"
 [[ -s "${BIN}/helm" ]] || build_tool helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "${HELM_VERSION}" \
   "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-promtool_current || {
+current promtool "${PROMTOOL_VERSION}" || {
   build_tool promtool github.com/prometheus/prometheus github.com/prometheus/prometheus/cmd/promtool \
     "${PROMTOOL_VERSION}" ""
   echo "${PROMTOOL_VERSION}" >"${BIN}/promtool.version"
 }
+current monitoring-crds.yaml "${PROMETHEUS_OPERATOR_VERSION}" || write_monitoring_crds
 write_stages
 log "done in $(($(date +%s) - start)) s"
 echo "${BIN}"

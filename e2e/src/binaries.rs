@@ -11,19 +11,20 @@ use crate::logs::tail_file;
 pub const BIN_DIR_ENV: &str = "SERVAL_CLUSTER_BIN";
 
 /// Files the harness needs from the binary directory.
-const REQUIRED: [&str; 6] = [
+const REQUIRED: [&str; 7] = [
     "etcd",
     "kube",
     "kwok",
     "helm",
     "kwok-stages.yaml",
     "promtool",
+    "monitoring-crds.yaml",
 ];
 
 /// The control-plane binaries of one cached build.
 #[derive(Clone, Debug)]
 pub struct Binaries {
-    /// Directory holding `etcd`, `kube`, `kwok`, `helm`, `kwok-stages.yaml` and `promtool`.
+    /// Directory holding the files in `REQUIRED`.
     pub dir: PathBuf,
 }
 
@@ -64,6 +65,11 @@ impl Binaries {
     /// Prometheus's `promtool`, which checks and unit-tests the chart's alert rules.
     pub fn promtool(&self) -> PathBuf {
         self.dir.join("promtool")
+    }
+
+    /// The Prometheus Operator's CRDs for ServiceMonitor, PodMonitor and PrometheusRule.
+    pub fn monitoring_crds(&self) -> PathBuf {
+        self.dir.join("monitoring-crds.yaml")
     }
 
     /// kwok's stage configuration (node initialize and heartbeat, pod ready/complete/delete).

@@ -7,7 +7,8 @@
 //! dashboard and alerts query is one a component exports. The image archives are valid OCI layouts (and docker
 //! archives) whose one layer holds the binary, its libraries and the loader.
 //!
-//! Against the real control plane: `helm install --wait`, then the real operator binary runs
+//! Against the real control plane: the monitoring objects fit the Prometheus Operator's CRDs;
+//! `helm install --wait`, then the real operator binary runs
 //! as a local process with a TokenRequest token for the chart's ServiceAccount and reconciles
 //! `examples/` (the RBAC is sufficient), while the same identity is refused on Secrets (the
 //! RBAC is minimal). `helm test` passes, `helm upgrade` applies, `helm uninstall` leaves the
@@ -687,6 +688,100 @@ async fn install_reconcile_as_the_chart_service_account_and_uninstall() {
             logs.unwrap_or_default(),
             cluster.log_tails(LOG_TAIL_LINES / 3)
         );
+    }
+}
+
+/// The chart's ServiceMonitor, PodMonitors and PrometheusRule fit the Prometheus Operator's
+/// own CRDs: the API server accepts them with strict field validation (an unknown or misspelt
+/// field is an error, not silently pruned) and stores every field as rendered.
+#[test]
+fn monitoring_objects_fit_the_prometheus_operator_crds() {
+    let cluster = Cluster::shared().unwrap_or_else(|e| panic!("{e:#}"));
+    let crds = binaries().unwrap().monitoring_crds().display().to_string();
+    cluster
+        .kubectl_ok(["apply", "--server-side", "-f", &crds])
+        .unwrap();
+    cluster
+        .kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/podmonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+            "--timeout=60s",
+        ])
+        .unwrap();
+    let ns = cluster.create_namespace("serval-monitoring").unwrap();
+    let rendered: Vec<Value> = render(
+        &ns,
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,\
+             metrics.prometheusRule.enabled=true",
+        ],
+    )
+    .unwrap()
+    .into_iter()
+    .filter(|d| {
+        d["apiVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+    })
+    .collect();
+    assert_eq!(
+        rendered.len(),
+        4,
+        "ServiceMonitor, 2 PodMonitors, PrometheusRule"
+    );
+    let file = cluster.dir().join(format!("{ns}-monitoring.json"));
+    std::fs::write(
+        &file,
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": rendered}).to_string(),
+    )
+    .unwrap();
+    cluster
+        .kubectl_ok([
+            "apply",
+            "--server-side",
+            "--validate=strict",
+            "-n",
+            &ns,
+            "-f",
+            &file.display().to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("the API server refused the chart's monitoring objects: {e:#}"));
+    for doc in &rendered {
+        let (kind, name) = (
+            doc["kind"].as_str().unwrap(),
+            doc["metadata"]["name"].as_str().unwrap(),
+        );
+        let stored: Value = serde_json::from_str(
+            &cluster
+                .kubectl_ok(["-n", &ns, "get", kind, name, "-o", "json"])
+                .unwrap(),
+        )
+        .unwrap();
+        if let Some(path) = missing(&doc["spec"], &stored["spec"], "spec") {
+            panic!("{kind} {name}: the API server did not keep {path}");
+        }
+    }
+}
+
+/// The first path at which `rendered` has something `stored` lacks or holds differently
+/// (fields the server added, such as defaults, are fine).
+fn missing(rendered: &Value, stored: &Value, path: &str) -> Option<String> {
+    match (rendered, stored) {
+        (Value::Object(r), Value::Object(s)) => r.iter().find_map(|(k, v)| match s.get(k) {
+            Some(sv) => missing(v, sv, &format!("{path}.{k}")),
+            None => Some(format!("{path}.{k}")),
+        }),
+        (Value::Array(r), Value::Array(s)) if r.len() == s.len() => r
+            .iter()
+            .zip(s)
+            .enumerate()
+            .find_map(|(i, (rv, sv))| missing(rv, sv, &format!("{path}[{i}]"))),
+        _ if rendered == stored => None,
+        _ => Some(path.to_owned()),
     }
 }
 
