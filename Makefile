@@ -21,6 +21,10 @@ INCREMENTAL_MAX_GIB ?= 8
 # least daily under the default `relatime` mount option; under `noatime` this rebuilds
 # everything older than the limit, which costs time but never correctness.
 DEPS_MAX_IDLE_DAYS ?= 3
+# And past this many GiB the least recently read artifacts go first, down to the cap: many runs
+# in one day (each clean clone at a new path, each commit) grew deps/ to 51 GiB and filled this
+# machine's disk before any file was 3 days old.
+DEPS_MAX_GIB ?= 30
 
 all: build
 
@@ -76,7 +80,12 @@ prune-cache:
 	@d="$(RELEASE)/deps"; \
 	if [ -d "$$d" ]; then \
 		n=$$(find "$$d" -maxdepth 1 -type f -atime +$(DEPS_MAX_IDLE_DAYS) -print -delete | wc -l); \
-		[ "$$n" -eq 0 ] || echo "pruned $$n artifacts unread for $(DEPS_MAX_IDLE_DAYS)+ days from $$d"; fi
+		[ "$$n" -eq 0 ] || echo "pruned $$n artifacts unread for $(DEPS_MAX_IDLE_DAYS)+ days from $$d"; \
+		n=$$(find "$$d" -maxdepth 1 -type f -printf '%A@ %s %p\n' | sort -n | \
+			awk -v cap=$$(( $(DEPS_MAX_GIB) * 1073741824 )) \
+				'{ f[NR] = $$3; s[NR] = $$2; t += $$2 } END { for (i = 1; i <= NR && t > cap; i++) { print f[i]; t -= s[i] } }' | \
+			xargs -r rm -f -v | wc -l); \
+		[ "$$n" -eq 0 ] || echo "pruned $$n least recently read artifacts to keep $$d under $(DEPS_MAX_GIB) GiB"; fi
 
 ## Tests
 
