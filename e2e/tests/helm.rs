@@ -335,14 +335,7 @@ fn template_with_edited_values() {
     );
     let json = dashboard.data.unwrap()["serval.json"].clone();
     let parsed: Value = serde_json::from_str(&json).expect("the dashboard is JSON");
-    let exprs = parsed["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let exprs = dashboard_exprs(&parsed).join("\n");
     // The metric schema of all three components.
     for metric in [
         "serval_operator_reconciles_total",
@@ -590,19 +583,13 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
     let read = |f: &str| std::fs::read_to_string(chart_dir().join(f)).unwrap();
     let dashboard: Value = serde_json::from_str(&read("dashboards/serval.json")).unwrap();
     let rules: Value = serde_yaml::from_str(&read("alerts/serval.rules.yaml")).unwrap();
-    let exprs = dashboard["panels"]
+    let rule_exprs = rules["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .chain(
-            rules["groups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()),
-        )
-        .filter_map(|t| t["expr"].as_str().map(str::to_owned));
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["expr"].as_str().map(str::to_owned));
+    let exprs = dashboard_exprs(&dashboard).into_iter().chain(rule_exprs);
     let mut queried = BTreeSet::new();
     for expr in exprs {
         let mut rest = expr.as_str();
@@ -1411,6 +1398,17 @@ fn render(namespace: &str, extra: &[&str]) -> anyhow::Result<Vec<Value>> {
         }
     }
     Ok(docs)
+}
+
+/// Every panel query of a Grafana dashboard.
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect()
 }
 
 fn has_kind(docs: &[Value], kind: &str, name: &str) -> bool {
