@@ -7,6 +7,11 @@
 //!  [--model path[:max_batch]]...`
 //! (defaults: models/digits.onnx and, if generated, ~/.cache/serval/models/mobilenetv2.onnx).
 //!
+//! Run it pinned to one CPU (`taskset -c 0 …`, as `make bench-sidecar` does for its second,
+//! c = 1 pass) to read a lone request's cost without the machine's cross-CPU wake-ups: on a VM
+//! each of the two a round trip takes (client → server → client) costs tens of µs that no
+//! server code can remove. Pinned, the client's own CPU time is inside the figure instead.
+//!
 //! Shared, noisy machines: the three configurations are interleaved point by point (their order
 //! rotates every repetition), every point has a warm-up whose completions are not counted, and
 //! each figure is the median over the repetitions with its min–max. Ratios are taken per
@@ -233,6 +238,43 @@ async fn bench_http(
     stats(lat, window)
 }
 
+/// The bare loopback TCP round trip: 1 byte to an echo thread and back over blocking sockets,
+/// no HTTP, no runtime; p50 in µs over `window` after `warmup`. What every request at c = 1
+/// pays on this machine before any server code runs (both threads' wake-ups included).
+fn tcp_floor(warmup: Duration, window: Duration) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        while s.read(&mut b)? == 1 {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let (from, mut lat, mut b) = (Instant::now() + warmup, Vec::new(), [7u8; 1]);
+    let until = from + window;
+    loop {
+        let t = Instant::now();
+        if t >= until {
+            break;
+        }
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        if t >= from {
+            lat.push(t.elapsed());
+        }
+    }
+    drop(c);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    Ok(stats(lat, window).p50.as_secs_f64() * 1e6)
+}
+
 /// `(sum, count)` of a histogram in the sidecar's own metrics.
 fn histogram(s: &Sidecar, name: &str) -> (f64, f64) {
     let text = s.state().metrics.encode();
@@ -347,8 +389,20 @@ fn main() -> anyhow::Result<()> {
         warmup.as_secs_f64(),
         load()
     );
+    // `available_parallelism` follows the CPU affinity this process was started with.
+    let pinned = workers == 1;
+    if pinned {
+        println!(
+            "# pinned to one CPU: client, sidecar and raw engine share it, so no request crosses \
+             CPUs (no cross-CPU wake-up); latencies include the client's own CPU time"
+        );
+    }
     for (model, max_batch) in models {
-        println!("\n## {model} (max batch {max_batch})");
+        // The file name only: the output is published, and the directory is this machine's.
+        let file = std::path::Path::new(&model)
+            .file_name()
+            .map_or(model.clone(), |f| f.to_string_lossy().into_owned());
+        println!("\n## {file} (max batch {max_batch})");
         let batched = server_rt.block_on(sidecar(&model, max_batch, inline_max))?;
         let single = server_rt.block_on(sidecar(&model, 1, inline_max))?;
         let engine = batched
@@ -380,6 +434,7 @@ fn main() -> anyhow::Result<()> {
         // The transport floor: a liveness probe on one keep-alive connection to the same
         // server (loopback TCP, both threads' wake-ups, HTTP framing; no inference path).
         let mut floor: Vec<f64> = Vec::new();
+        let mut tcp: Vec<f64> = Vec::new();
         // A slow model needs time to reach its steady queue at high concurrency (c requests
         // queued take c * run / workers to drain once): warm-up and window grow with that.
         let run1 = engine.run_time(1).unwrap_or_default();
@@ -391,6 +446,8 @@ fn main() -> anyhow::Result<()> {
                 for k in 0..KINDS.len() {
                     let kind = KINDS[(k + rep + li) % KINDS.len()];
                     let (cpu0, wall0) = (process_cpu(), Instant::now());
+                    // Server-side histogram means over the point, for the batched sidecar at c=1.
+                    let mut side = None;
                     let mut s = match kind {
                         Kind::Raw => bench_engine(
                             engine.clone(),
@@ -416,24 +473,36 @@ fn main() -> anyhow::Result<()> {
                                 window,
                             ));
                             if c == 1 && kind == Kind::Batched {
-                                let probe = client_rt.block_on(bench_http(
-                                    sc.local_addr(),
-                                    "/v2/health/live",
-                                    "",
-                                    &Bytes::new(),
-                                    1,
-                                    warmup.min(Duration::from_millis(200)),
-                                    window.min(Duration::from_secs(1)),
-                                ));
-                                floor.push(probe.p50.as_secs_f64() * 1e6);
                                 let after: Vec<_> =
                                     names.iter().map(|n| histogram(sc, n)).collect();
-                                server_side.push([0, 1, 2].map(|i| mean_us(before[i], after[i])));
+                                side = Some([0, 1, 2].map(|i| mean_us(before[i], after[i])));
                             }
                             s
                         }
                     };
                     s.cores = (process_cpu() - cpu0) / wall0.elapsed().as_secs_f64();
+                    // The floors, measured after the point so they count in neither its CPU
+                    // nor its histograms.
+                    if let Some(side) = side {
+                        server_side.push(side);
+                        let probe = client_rt.block_on(bench_http(
+                            batched.local_addr(),
+                            "/v2/health/live",
+                            "",
+                            &Bytes::new(),
+                            1,
+                            warmup.min(Duration::from_millis(200)),
+                            window.min(Duration::from_secs(1)),
+                        ));
+                        floor.push(probe.p50.as_secs_f64() * 1e6);
+                        match tcp_floor(
+                            warmup.min(Duration::from_millis(200)),
+                            window.min(Duration::from_secs(1)),
+                        ) {
+                            Ok(us) => tcp.push(us),
+                            Err(e) => eprintln!("tcp floor failed: {e:#}"),
+                        }
+                    }
                     results[kind as usize][li].push(s);
                     // Let abandoned requests and their connections clear.
                     std::thread::sleep(Duration::from_millis(50));
@@ -565,6 +634,18 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "  transport floor (GET /v2/health/live p50, same kind of connection): {:.0} us ({:.0}–{:.0})",
                 f.median, f.min, f.max
+            );
+            let t = spread(tcp.clone());
+            println!(
+                "  bare loopback TCP round trip (1 byte to an echo thread, blocking sockets, no HTTP) p50: {:.0} us ({:.0}–{:.0}){}",
+                t.median,
+                t.min,
+                t.max,
+                if pinned {
+                    ""
+                } else {
+                    "; pinned to one CPU (taskset -c 0) the cross-CPU wake-ups inside it vanish"
+                }
             );
             let side = |i: usize| spread(server_side.iter().map(|s| s[i]).collect()).median;
             println!(
