@@ -111,14 +111,16 @@ bench: bench-sidecar bench-router bench-compare
 # Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
 # MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).
 # A second pass pins the whole process to one CPU at c = 1: a lone request's cost without the
-# VM's cross-CPU wake-ups (see the header of sidecar/examples/bench.rs). Both passes' output
+# VM's cross-CPU wake-ups (see the header of sidecar/examples/bench.rs); a third, unpinned,
+# turns on the sidecar's opt-in idle polling, which keeps a CPU awake instead. All output
 # goes to bench/results/sidecar.txt (progress on stderr meanwhile).
 bench-sidecar: venv
 	@command -v taskset >/dev/null || { echo "bench-sidecar needs taskset (util-linux)" >&2; exit 1; }
 	$(MAKE) -C models mobilenet VENV=$(VENV)
 	$(CARGO) build --release -p serval-sidecar --example bench
 	{ $(RELEASE)/examples/bench && \
-		taskset -c 0 $(RELEASE)/examples/bench --model models/digits.onnx:32 --concurrency 1 --reps 7; } \
+		taskset -c 0 $(RELEASE)/examples/bench --model models/digits.onnx:32 --concurrency 1 --reps 7 && \
+		$(RELEASE)/examples/bench --model models/digits.onnx:32 --concurrency 1 --reps 5 --idle-poll-micros 200; } \
 		> $(SERVAL_CACHE)/bench-sidecar.txt
 	cp $(SERVAL_CACHE)/bench-sidecar.txt bench/results/sidecar.txt
 	cat bench/results/sidecar.txt

@@ -3,7 +3,7 @@
 //! sidecar with `maxBatchSize: 1`, all in the same run. Prints the ratios the issue asks for.
 //!
 //! `cargo run --release -p serval-sidecar --example bench -- [--seconds 2] [--warmup 0.5]
-//!  [--reps 3] [--concurrency 1,8,32,64] [--inline-max-micros N]
+//!  [--reps 3] [--concurrency 1,8,32,64] [--inline-max-micros N] [--idle-poll-micros N]
 //!  [--model path[:max_batch]]...`
 //! (defaults: models/digits.onnx and, if generated, ~/.cache/serval/models/mobilenetv2.onnx).
 //!
@@ -296,10 +296,12 @@ async fn sidecar(
     model: &str,
     max_batch: usize,
     inline_max: Option<Duration>,
+    idle_poll: Duration,
 ) -> anyhow::Result<Sidecar> {
     let mut cfg = Config::for_model(model);
     cfg.max_batch_size = max_batch;
     cfg.drain_delay = Duration::ZERO;
+    cfg.idle_poll = idle_poll;
     if let Some(d) = inline_max {
         cfg.inline_max_run = d;
     }
@@ -336,6 +338,8 @@ fn main() -> anyhow::Result<()> {
     let inline_max = arg("--inline-max-micros")
         .map(|s| s.parse().map(Duration::from_micros))
         .transpose()?;
+    // The sidecar's opt-in idle polling (`--idle-poll-micros`), for both sidecars.
+    let idle_poll = Duration::from_micros(arg("--idle-poll-micros").map_or(Ok(0), |s| s.parse())?);
     let levels: Vec<usize> = arg("--concurrency")
         .unwrap_or_else(|| "1,8,32,64".into())
         .split(',')
@@ -397,14 +401,20 @@ fn main() -> anyhow::Result<()> {
              CPUs (no cross-CPU wake-up); latencies include the client's own CPU time"
         );
     }
+    if !idle_poll.is_zero() {
+        println!(
+            "# idle polling on in both sidecars: one SCHED_IDLE thread spins {} us after each answer",
+            idle_poll.as_micros()
+        );
+    }
     for (model, max_batch) in models {
         // The file name only: the output is published, and the directory is this machine's.
         let file = std::path::Path::new(&model)
             .file_name()
             .map_or(model.clone(), |f| f.to_string_lossy().into_owned());
         println!("\n## {file} (max batch {max_batch})");
-        let batched = server_rt.block_on(sidecar(&model, max_batch, inline_max))?;
-        let single = server_rt.block_on(sidecar(&model, 1, inline_max))?;
+        let batched = server_rt.block_on(sidecar(&model, max_batch, inline_max, idle_poll))?;
+        let single = server_rt.block_on(sidecar(&model, 1, inline_max, idle_poll))?;
         let engine = batched
             .model()
             .ok_or_else(|| anyhow::anyhow!("no model"))?
