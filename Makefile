@@ -118,6 +118,7 @@ bench-sidecar: venv
 	@command -v taskset >/dev/null || { echo "bench-sidecar needs taskset (util-linux)" >&2; exit 1; }
 	$(MAKE) -C models mobilenet VENV=$(VENV)
 	$(CARGO) build --release -p serval-sidecar --example bench
+	$(CARGO) build --release -p serval-loadgen
 	{ $(RELEASE)/examples/bench && \
 		taskset -c 0 $(RELEASE)/examples/bench --model models/digits.onnx:32 --concurrency 1 --reps 7 && \
 		$(RELEASE)/examples/bench --model models/digits.onnx:32 --concurrency 1 --reps 5 --idle-poll-micros 200; } \

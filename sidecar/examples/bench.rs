@@ -238,41 +238,39 @@ async fn bench_http(
     stats(lat, window)
 }
 
-/// The bare loopback TCP round trip: 1 byte to an echo thread and back over blocking sockets,
-/// no HTTP, no runtime; p50 in µs over `window` after `warmup`. What every request at c = 1
-/// pays on this machine before any server code runs (both threads' wake-ups included).
+/// The bare loopback TCP round trip, p50 in µs: `serval-loadgen --tcp-floor` (1 byte to an echo
+/// thread and back over blocking sockets, no HTTP), the floor `bench/run.py` prints too. What
+/// every request at c = 1 pays on this machine before any server code runs. The binary is
+/// expected beside this example's directory (`make bench-sidecar` builds it); it inherits this
+/// process's CPU affinity.
 fn tcp_floor(warmup: Duration, window: Duration) -> anyhow::Result<f64> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut b = [0u8; 1];
-        while s.read(&mut b)? == 1 {
-            s.write_all(&b)?;
-        }
-        Ok(())
-    });
-    let mut c = std::net::TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let (from, mut lat, mut b) = (Instant::now() + warmup, Vec::new(), [7u8; 1]);
-    let until = from + window;
-    loop {
-        let t = Instant::now();
-        if t >= until {
-            break;
-        }
-        c.write_all(&b)?;
-        c.read_exact(&mut b)?;
-        if t >= from {
-            lat.push(t.elapsed());
-        }
-    }
-    drop(c);
-    echo.join()
-        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
-    Ok(stats(lat, window).p50.as_secs_f64() * 1e6)
+    use anyhow::Context;
+    let loadgen = std::env::current_exe()?
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|release| release.join("serval-loadgen"))
+        .context("no directory above this example's")?;
+    let out = std::process::Command::new(&loadgen)
+        .args(["--tcp-floor", "--warmup"])
+        .arg(warmup.as_secs_f64().to_string())
+        .arg("--duration")
+        .arg(window.as_secs_f64().to_string())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (cargo build --release -p serval-loadgen)",
+                loadgen.display()
+            )
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "serval-loadgen --tcp-floor failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    report["p50_us"]
+        .as_f64()
+        .context("serval-loadgen printed no p50_us")
 }
 
 /// `(sum, count)` of a histogram in the sidecar's own metrics.
@@ -647,7 +645,7 @@ fn main() -> anyhow::Result<()> {
             );
             let t = spread(tcp.clone());
             println!(
-                "  bare loopback TCP round trip (1 byte to an echo thread, blocking sockets, no HTTP) p50: {:.0} us ({:.0}–{:.0}){}",
+                "  bare loopback TCP round trip (serval-loadgen --tcp-floor: 1 byte, blocking sockets, no HTTP) p50: {:.0} us ({:.0}–{:.0}){}",
                 t.median,
                 t.min,
                 t.max,
