@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// Port the model-server sidecar listens on inside a Backend pod.
 pub const SIDECAR_PORT: u16 = 8080;
+/// Port of the sidecar's admin listener (health and metrics, outside the traffic port's
+/// connection bound): the operator's probes and the chart's PodMonitor use it.
+pub const SIDECAR_ADMIN_PORT: u16 = 8081;
 /// Default number of replicas: one is enough to try a model; raise it for availability.
 pub const DEFAULT_REPLICAS: i32 = 1;
 /// Default rows per batch: large enough for MLPs and short transformers to benefit, and the

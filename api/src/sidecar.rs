@@ -17,6 +17,8 @@ pub mod flags {
     pub const HOST: &str = "--host";
     /// Listen port.
     pub const PORT: &str = "--port";
+    /// Admin port: health and metrics only, outside the connection bound.
+    pub const ADMIN_PORT: &str = "--admin-port";
     /// Most rows per batch.
     pub const MAX_BATCH_SIZE: &str = "--max-batch-size";
     /// Longest batch fill wait, microseconds.

@@ -352,8 +352,9 @@ fn template_with_edited_values() {
 }
 
 /// The PodMonitors select exactly the router and model-server pods the operator creates
-/// (their labels, their `http` port, each one's metrics path), in every namespace or the one
-/// watched; the PrometheusRule is the rule file promtool tests.
+/// (their labels, their `admin` port, the one their probes use outside the traffic port's
+/// connection bound, and each one's metrics path), in every namespace or the one watched; the
+/// PrometheusRule is the rule file promtool tests.
 #[test]
 fn monitoring_targets_what_the_operator_creates() {
     use serval_operator::desired::{backend, router};
@@ -419,14 +420,31 @@ fn monitoring_targets_what_the_operator_creates() {
         let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
         assert_eq!(endpoint["path"], path, "{name}");
         let port = endpoint["port"].as_str().unwrap();
-        assert!(
-            template.spec.unwrap().containers.iter().any(|c| c
-                .ports
-                .iter()
-                .flatten()
-                .any(|p| p.name.as_deref() == Some(port))),
-            "{name}: no container port named {port}"
+        let containers = template.spec.unwrap().containers;
+        let served = containers
+            .iter()
+            .find(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some(port))
+            })
+            .unwrap_or_else(|| panic!("{name}: no container port named {port}"));
+        // Scrapes go where the probes go: the admin port, which a flood of traffic
+        // connections cannot block.
+        let probed = served
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| g.port.clone());
+        assert_eq!(
+            probed,
+            Some(
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(port.to_owned())
+            ),
+            "{name}: scraped on {port}, probed elsewhere"
         );
+        assert_eq!(port, "admin", "{name}");
         // The router's own `endpoint` label must survive the target label of that name.
         assert_eq!(endpoint["relabelings"][0]["action"], "labeldrop");
         assert_eq!(endpoint["relabelings"][0]["regex"], "endpoint");

@@ -81,6 +81,11 @@ pub struct Config {
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "SERVAL_ROUTER_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// Also serve `/-/healthz`, `/-/readyz` and `/-/metrics` on this port (and nothing else),
+    /// outside `--max-connections`, so probes pass while traffic connections are at the bound
+    /// (what the operator's probes use). Off when not given.
+    #[arg(long, env = "SERVAL_ROUTER_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
     /// Table file poll interval.
     #[arg(long, env = "SERVAL_ROUTER_TABLE_POLL", value_parser = parse_duration,
           default_value = "250ms")]
@@ -168,6 +173,7 @@ impl Config {
             configmap_namespace: None,
             host: IpAddr::from([127, 0, 0, 1]),
             port: 0,
+            admin_port: None,
             table_poll: DEFAULT_TABLE_POLL,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,

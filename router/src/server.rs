@@ -102,9 +102,12 @@ struct ShardState {
 pub struct Router {
     /// Address actually bound (useful with port 0).
     pub addr: SocketAddr,
+    /// Admin address actually bound, with `--admin-port`.
+    pub admin_addr: Option<SocketAddr>,
     /// Shared state, for embedders and tests.
     pub state: Arc<State>,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     source: JoinHandle<()>,
     config: Config,
 }
@@ -135,6 +138,27 @@ impl Router {
             .await
             .map_err(Error::Listen)?;
         let addr = listener.local_addr().map_err(Error::Listen)?;
+        if config
+            .admin_port
+            .is_some_and(|p| p != 0 && p == config.port)
+        {
+            return Err(Error::Listen(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "--admin-port must differ from --port",
+            )));
+        }
+        let admin = match config.admin_port {
+            Some(port) => Some(
+                TcpListener::bind((config.host, port))
+                    .await
+                    .map_err(Error::Listen)?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin {
+            Some(l) => Some(l.local_addr().map_err(Error::Listen)?),
+            None => None,
+        };
         let idle_poll = IdlePoller::start(
             Duration::from_micros(config.idle_poll_micros),
             metrics.idle_poll.clone(),
@@ -149,8 +173,10 @@ impl Router {
         });
         Ok(Self {
             addr,
+            admin_addr,
             state,
             listener,
+            admin,
             source,
             config,
         })
@@ -166,16 +192,23 @@ impl Router {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Router {
             addr,
+            admin_addr,
             state,
             listener,
+            admin,
             source,
             config,
         } = self;
+        // Health and metrics outside `--max-connections`, answered until the router stops.
+        let admin = admin.map(|l| {
+            let state = state.clone();
+            serval_shards::serve_admin(l, move |req| admin_answer(state.clone(), req))
+        });
         let shards = match config.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        tracing::info!(%addr, shards, "serval-router listening");
+        tracing::info!(%addr, admin = ?admin_addr, shards, "serval-router listening");
         let mut senders = Vec::with_capacity(shards);
         let mut finished = Vec::with_capacity(shards);
         for i in 0..shards {
@@ -228,6 +261,9 @@ impl Router {
             let _ = done.await;
         }
         source.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
     }
 }
 
@@ -323,8 +359,17 @@ async fn run_shard(
 }
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
-    let state = &shard.state;
-    let resp = match req.uri().path() {
+    let resp = match own_path(&shard.state, req.uri().path()) {
+        Some(resp) => resp,
+        None => shard.proxy.handle(req).await,
+    };
+    shard.proxy.answered();
+    resp
+}
+
+/// The router's own answer for `path`, or `None` for a path to route.
+fn own_path(state: &State, path: &str) -> Option<Response<ProxyBody>> {
+    Some(match path {
         HEALTHZ_PATH => text(StatusCode::OK, "ok", "text/plain"),
         READYZ_PATH if state.is_ready() => text(StatusCode::OK, "ready", "text/plain"),
         READYZ_PATH => json_error(
@@ -336,10 +381,18 @@ async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyB
             state.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        _ => shard.proxy.handle(req).await,
-    };
-    shard.proxy.answered();
-    resp
+        _ => return None,
+    })
+}
+
+/// The admin port (`--admin-port`): the router's own paths only, never a route.
+async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
+    own_path(&state, req.uri().path()).unwrap_or_else(|| {
+        json_error(
+            StatusCode::NOT_FOUND,
+            "the admin port serves /-/healthz, /-/readyz and /-/metrics only",
+        )
+    })
 }
 
 fn text(

@@ -507,3 +507,63 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
         "{text}"
     );
 }
+
+/// With `--admin-port`, health, readiness and metrics are answered there while the traffic port
+/// is at `--max-connections` (so a connection flood cannot fail the kubelet's probes), and
+/// nothing is ever routed from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_answers_probes_while_traffic_connections_are_at_the_bound() {
+    let (up, _) = raw_upstream(ok).await;
+    let r = router_with(&one_route(up), |c| {
+        c.max_connections = 1;
+        c.admin_port = Some(0);
+    })
+    .await;
+    let admin = r.admin_addr.expect("admin port bound");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut held = TcpStream::connect(r.addr).await.unwrap();
+    held.write_all(get("/e/x").as_bytes()).await.unwrap();
+    let (status, _, _) = read_response(&mut held, &mut Vec::new(), false).await;
+    assert_eq!(status, 200);
+    let mut waiting = TcpStream::connect(r.addr).await.unwrap();
+    waiting
+        .write_all(get("/-/healthz").as_bytes())
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let blocked = tokio::time::timeout(Duration::from_millis(300), waiting.peek(&mut byte)).await;
+    assert!(blocked.is_err(), "the traffic port served past its bound");
+
+    let mut probe = TcpStream::connect(admin).await.unwrap();
+    let mut ask = async |path: &str| {
+        probe.write_all(get(path).as_bytes()).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            read_response(&mut probe, &mut Vec::new(), false),
+        )
+        .await
+        .expect("the admin port did not answer while the traffic port was at its bound")
+    };
+    assert_eq!(ask("/-/healthz").await.0, 200);
+    assert_eq!(ask("/-/readyz").await.0, 200);
+    let (status, _, body) = ask("/-/metrics").await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200);
+    assert!(
+        text.lines().any(|l| l == "serval_router_connections 1"),
+        "{text}"
+    );
+    // A route's path is not proxied from the admin port.
+    let (status, _, body) = ask("/e/x").await;
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("admin port"));
+
+    drop(held);
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        read_response(&mut waiting, &mut Vec::new(), false),
+    )
+    .await
+    .expect("served once a slot is free");
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+}

@@ -5,9 +5,16 @@
 
 #![forbid(unsafe_code)]
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
@@ -166,6 +173,60 @@ pub fn register(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
     };
     let _ = stream.set_nodelay(true);
     Some(stream)
+}
+
+/// Most connections the admin listener serves at once; one more is closed at once. Probes
+/// and scrapes need a handful.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// An admin connection idle this long, or this slow to send a request head, is closed, so
+/// idle ones cannot hold every admin slot. Above the common 30 s scrape interval.
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves `handler` over HTTP/1.1 on `listener`, on the calling runtime, until the returned
+/// task is aborted: the admin port for health probes and metrics. It sits outside the traffic
+/// port's `--max-connections` bound, so a flood of traffic connections, which makes new ones
+/// wait in the listen backlog, cannot fail the kubelet's probes and get a healthy server
+/// restarted.
+pub fn serve_admin<F, Fut, B>(listener: TcpListener, handler: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!("admin connection bound reached; connection closed");
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(ADMIN_IDLE_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+    })
 }
 
 #[cfg(test)]

@@ -80,6 +80,11 @@ pub struct Args {
     /// Listen port (0 picks a free one).
     #[arg(long, env = "SERVAL_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// Also serve health (`/v2/health/live`, `/v2/health/ready`) and `/metrics` on this port,
+    /// outside `--max-connections`, so probes pass while traffic connections are at the bound
+    /// (what the operator's probes use). Off when not given.
+    #[arg(long, env = "SERVAL_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
     /// Most rows per inference call; larger requests are split. 1 disables batching.
     #[arg(long, env = "SERVAL_MAX_BATCH_SIZE", default_value_t = DEFAULT_MAX_BATCH_SIZE)]
     pub max_batch_size: u32,
@@ -155,6 +160,8 @@ pub struct Config {
     pub name: String,
     /// Listen address.
     pub listen: SocketAddr,
+    /// Admin listen address (health and metrics only), if any.
+    pub admin_listen: Option<SocketAddr>,
     /// Most rows per batch.
     pub max_batch_size: usize,
     /// Extra latency batching may add.
@@ -200,6 +207,7 @@ impl Config {
             model,
             sha256: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: None,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE as usize,
             max_delay: Duration::from_micros(DEFAULT_MAX_DELAY_MICROS.into()),
             max_queue: DEFAULT_MAX_QUEUE as usize,
@@ -256,6 +264,9 @@ impl Config {
             model: args.model,
             sha256,
             listen,
+            admin_listen: args
+                .admin_port
+                .map(|port| SocketAddr::new(listen.ip(), port)),
             max_batch_size: args.max_batch_size as usize,
             max_delay: Duration::from_micros(args.max_delay_micros.into()),
             max_queue: args.max_queue as usize,
@@ -301,6 +312,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1");
+        }
+        if self
+            .admin_listen
+            .is_some_and(|a| a.port() != 0 && a.port() == self.listen.port())
+        {
+            return bad("--admin-port must differ from --port");
         }
         if let Some(img) = self.preprocess.as_ref().and_then(|p| p.image.as_ref()) {
             let channels = match img.color {
@@ -378,7 +395,16 @@ mod tests {
             "::1",
             9000,
         ));
+        // What the operator appends for its probes.
+        argv.extend([
+            serval_api::sidecar::flags::ADMIN_PORT.to_owned(),
+            serval_api::backend::SIDECAR_ADMIN_PORT.to_string(),
+        ]);
         let cfg = Config::from_args(Args::try_parse_from(argv).expect("parse")).expect("valid");
+        assert_eq!(
+            cfg.admin_listen.map(|a| a.port()),
+            Some(serval_api::backend::SIDECAR_ADMIN_PORT)
+        );
         assert_eq!(cfg.name, "digits");
         assert_eq!(cfg.max_batch_size, 8);
         assert_eq!(cfg.max_queue, 64);

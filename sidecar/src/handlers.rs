@@ -151,6 +151,23 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     Ok(resp)
 }
 
+/// Serves the admin port (`--admin-port`): health, readiness and metrics as on the traffic
+/// port; everything else 404, so inference never bypasses the traffic port's bounds.
+pub async fn admin(state: Arc<AppState>, req: Request<Incoming>) -> Resp {
+    if Route::parse(req.uri().path(), &state.config.name).is_probe() {
+        match handle(state, req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    } else {
+        RequestError::NotFound(format!(
+            "{} is not served on the admin port: it serves health, readiness and /metrics",
+            req.uri().path()
+        ))
+        .into_response()
+    }
+}
+
 async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> RequestResult<Resp> {
     match route {
         Route::Live => Ok(json_response(StatusCode::OK, &json!({ "live": true }))),

@@ -38,6 +38,7 @@ pub enum LoadStatus {
 /// A running sidecar.
 pub struct Sidecar {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     status: watch::Receiver<LoadStatus>,
@@ -59,8 +60,26 @@ impl Sidecar {
             addr: config.listen.to_string(),
             source,
         })?;
-        tracing::info!(%addr, model = %config.name, "listening");
+        let admin = match config.admin_listen {
+            Some(at) => {
+                let bind_error = |source| StartupError::Bind {
+                    addr: at.to_string(),
+                    source,
+                };
+                let l = TcpListener::bind(at).await.map_err(bind_error)?;
+                let admin_addr = l.local_addr().map_err(bind_error)?;
+                Some((l, admin_addr))
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|(_, a)| *a);
+        tracing::info!(%addr, admin = ?admin_addr, model = %config.name, "listening");
         let state = Arc::new(AppState::new(config));
+        // Health and metrics outside `--max-connections`; stopped when the server stops.
+        let admin = admin.map(|(l, _)| {
+            let state = state.clone();
+            serval_shards::serve_admin(l, move |req| handlers::admin(state.clone(), req))
+        });
         let (status_tx, status) = watch::channel(LoadStatus::Loading);
         let loader = state.clone();
         tokio::spawn(async move {
@@ -75,9 +94,16 @@ impl Sidecar {
         });
         let io = IoThreads::start(&state)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, state.clone(), io, shutdown_rx));
+        let state_for_serve = state.clone();
+        let task = tokio::spawn(async move {
+            serve(listener, state_for_serve, io, shutdown_rx).await;
+            if let Some(admin) = admin {
+                admin.abort();
+            }
+        });
         Ok(Self {
             addr,
+            admin_addr,
             state,
             shutdown,
             status,
@@ -88,6 +114,11 @@ impl Sidecar {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound admin address, when `--admin-port` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Waits until the model is ready, or returns why it never will be.

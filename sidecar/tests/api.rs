@@ -538,3 +538,93 @@ async fn connections_past_the_bound_wait_for_a_free_slot() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_port_answers_probes_while_traffic_connections_are_at_the_bound() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let mut cfg = identity_config();
+    cfg.max_connections = 1;
+    cfg.admin_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let s = start(cfg).await;
+    let admin = s.admin_addr().expect("admin port bound");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: sidecar\r\n\r\n");
+    // The one traffic slot is taken; a second traffic connection waits in the backlog.
+    let mut held = TcpStream::connect(s.local_addr()).await.expect("connect");
+    held.write_all(get("/v2/health/live").as_bytes())
+        .await
+        .expect("send");
+    assert!(read_response(&mut held).await.starts_with("HTTP/1.1 200"));
+    let mut waiting = TcpStream::connect(s.local_addr()).await.expect("connect");
+    waiting
+        .write_all(get("/v2/health/live").as_bytes())
+        .await
+        .expect("send");
+    let blocked = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        read_response(&mut waiting),
+    )
+    .await;
+    assert!(blocked.is_err(), "the traffic port served past its bound");
+    // What the kubelet's probes and Prometheus ask still gets answered, on one connection.
+    let mut probe = TcpStream::connect(admin).await.expect("connect admin");
+    for path in ["/v2/health/live", "/v2/health/ready"] {
+        probe.write_all(get(path).as_bytes()).await.expect("send");
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), read_response(&mut probe))
+                .await
+                .expect("the admin port did not answer while the traffic port was at its bound");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    probe
+        .write_all(get("/metrics").as_bytes())
+        .await
+        .expect("send");
+    let metrics = read_response(&mut probe).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "serval_connections{model=\"identity\"} 1"),
+        "{metrics}"
+    );
+    // Inference is never served there, so it cannot bypass the traffic port's bounds.
+    probe
+        .write_all(
+            b"POST /v2/models/identity/infer HTTP/1.1\r\nhost: sidecar\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .expect("send");
+    let refused = read_response(&mut probe).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 404") && refused.contains("not served on the admin port"),
+        "{refused}"
+    );
+    // The waiting connection is served once the slot frees.
+    drop(held);
+    assert!(
+        read_response(&mut waiting)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[test]
+fn the_admin_port_must_differ_from_the_traffic_port() {
+    use clap::Parser;
+    let args = serval_sidecar::config::Args::try_parse_from([
+        "serval-sidecar",
+        "--model",
+        "m.onnx",
+        "--port",
+        "9000",
+        "--admin-port",
+        "9000",
+    ])
+    .expect("parses");
+    let err = serval_sidecar::Config::from_args(args).expect_err("same port refused");
+    assert!(
+        err.to_string()
+            .contains("--admin-port must differ from --port"),
+        "{err}"
+    );
+}

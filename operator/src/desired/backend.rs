@@ -16,9 +16,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use serval_api::backend::SIDECAR_PORT;
+use serval_api::backend::{SIDECAR_ADMIN_PORT, SIDECAR_PORT};
 use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
-use serval_api::sidecar::sidecar_args;
+use serval_api::sidecar::{flags, sidecar_args};
 use serval_api::{Backend, BackendStatus};
 
 use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context};
@@ -104,7 +104,8 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("http".to_owned()),
+            // The admin port: probes pass while traffic connections are at the bound.
+            port: IntOrString::String("admin".to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -145,24 +146,31 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
                 .unwrap_or_else(|| defaults.sidecar_image.clone()),
         ),
         image_pull_policy: overrides.image_pull_policy,
-        args: Some(sidecar_args(
-            &name,
-            spec,
-            &model_path,
-            "0.0.0.0",
-            SIDECAR_PORT,
-        )),
+        args: Some(
+            sidecar_args(&name, spec, &model_path, "0.0.0.0", SIDECAR_PORT)
+                .into_iter()
+                .chain([flags::ADMIN_PORT.to_owned(), SIDECAR_ADMIN_PORT.to_string()])
+                .collect(),
+        ),
         env: Some(vec![EnvVar {
             name: "TMPDIR".to_owned(),
             value: Some("/tmp".to_owned()),
             ..EnvVar::default()
         }]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".to_owned()),
-            container_port: i32::from(SIDECAR_PORT),
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: i32::from(SIDECAR_PORT),
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".to_owned()),
+                container_port: i32::from(SIDECAR_ADMIN_PORT),
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
         // Ready means loaded, warmed up and batching; the startup probe covers the download.
         startup_probe: Some(http_probe("/v2/health/live", 5, STARTUP_FAILURE_THRESHOLD)),
         readiness_probe: Some(http_probe("/v2/health/ready", 5, 3)),

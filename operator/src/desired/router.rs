@@ -26,6 +26,9 @@ use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_con
 pub const ROUTER_NAME: &str = "serval-router";
 /// Port the router container listens on.
 pub const ROUTER_PORT: u16 = 8080;
+/// The router's admin port: `/-/healthz`, `/-/readyz` and `/-/metrics` outside the traffic
+/// port's connection bound, for the probes and the chart's PodMonitor.
+pub const ROUTER_ADMIN_PORT: u16 = 8081;
 /// Port the router's Service exposes.
 pub const ROUTER_SERVICE_PORT: u16 = 80;
 /// Router replicas: two, so a node loss or a rollout never takes an Endpoint offline.
@@ -151,7 +154,8 @@ fn probe(path: &str) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("http".to_owned()),
+            // The admin port: probes pass while traffic connections are at the bound.
+            port: IntOrString::String("admin".to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(5),
@@ -192,13 +196,23 @@ pub fn deployment_for(
                             "0.0.0.0".to_owned(),
                             "--port".to_owned(),
                             ROUTER_PORT.to_string(),
+                            "--admin-port".to_owned(),
+                            ROUTER_ADMIN_PORT.to_string(),
                         ]),
-                        ports: Some(vec![ContainerPort {
-                            name: Some("http".to_owned()),
-                            container_port: i32::from(ROUTER_PORT),
-                            protocol: Some("TCP".to_owned()),
-                            ..ContainerPort::default()
-                        }]),
+                        ports: Some(vec![
+                            ContainerPort {
+                                name: Some("http".to_owned()),
+                                container_port: i32::from(ROUTER_PORT),
+                                protocol: Some("TCP".to_owned()),
+                                ..ContainerPort::default()
+                            },
+                            ContainerPort {
+                                name: Some("admin".to_owned()),
+                                container_port: i32::from(ROUTER_ADMIN_PORT),
+                                protocol: Some("TCP".to_owned()),
+                                ..ContainerPort::default()
+                            },
+                        ]),
                         readiness_probe: Some(probe("/-/readyz")),
                         liveness_probe: Some(probe("/-/healthz")),
                         security_context: Some(restricted_security_context()),

@@ -151,6 +151,8 @@ pub fn table(routes: Vec<Value>, backends: &[(&str, Vec<String>)]) -> Value {
 /// A router serving a watched table file.
 pub struct TestRouter {
     pub addr: SocketAddr,
+    /// With `--admin-port`.
+    pub admin_addr: Option<SocketAddr>,
     pub path: PathBuf,
     pub state: Arc<serval_router::server::State>,
     _dir: tempfile::TempDir,
@@ -177,13 +179,14 @@ pub async fn router_with(doc: &Value, tweak: impl FnOnce(&mut Config)) -> TestRo
     let mut config = test_config(path.clone());
     tweak(&mut config);
     let r = Router::bind(config).await.unwrap();
-    let (addr, state) = (r.addr, r.state.clone());
+    let (addr, admin_addr, state) = (r.addr, r.admin_addr, r.state.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(r.serve(async move {
         let _ = rx.await;
     }));
     TestRouter {
         addr,
+        admin_addr,
         path,
         state,
         _dir: dir,
