@@ -6,9 +6,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -21,7 +20,7 @@ use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
 use serval_api::sidecar::{flags, sidecar_args};
 use serval_api::{Backend, BackendStatus};
 
-use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context};
+use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context, tcp_port};
 use crate::conditions::{Observed, settle};
 
 /// Label that selects a Backend's pods.
@@ -158,18 +157,8 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
             ..EnvVar::default()
         }]),
         ports: Some(vec![
-            ContainerPort {
-                name: Some("http".to_owned()),
-                container_port: i32::from(SIDECAR_PORT),
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("admin".to_owned()),
-                container_port: i32::from(SIDECAR_ADMIN_PORT),
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
+            tcp_port("http", i32::from(SIDECAR_PORT)),
+            tcp_port("admin", i32::from(SIDECAR_ADMIN_PORT)),
         ]),
         // Ready means loaded, warmed up and batching; the startup probe covers the download.
         startup_probe: Some(http_probe("/v2/health/live", 5, STARTUP_FAILURE_THRESHOLD)),
@@ -202,12 +191,7 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
                     }])
                     .collect(),
             ),
-            ports: Some(vec![ContainerPort {
-                name: Some("user-http".to_owned()),
-                container_port: user.port,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            }]),
+            ports: Some(vec![tcp_port("user-http", user.port)]),
             resources: user.resources.clone(),
             security_context: Some(restricted_security_context()),
             volume_mounts: Some(vec![VolumeMount {

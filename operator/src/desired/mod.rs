@@ -8,11 +8,21 @@ pub mod router;
 pub mod routing;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, PodSecurityContext, SeccompProfile, SecurityContext,
+    Capabilities, ContainerPort, PodSecurityContext, SeccompProfile, SecurityContext,
 };
 
 /// `app.kubernetes.io/managed-by` value on everything the operator creates.
 pub const MANAGED_BY: &str = "serval-operator";
+
+/// A named TCP container port (probes, Services and PodMonitors refer to it by name).
+pub fn tcp_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
 
 /// A container security context that passes the `restricted` Pod Security Standard.
 pub fn restricted_security_context() -> SecurityContext {

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service,
-    ServiceAccount, ServicePort, ServiceSpec,
+    ConfigMap, Container, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
+    ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
@@ -20,7 +20,7 @@ use kube::api::ObjectMeta;
 use serval_api::Endpoint;
 use serval_api::routing::{ROUTING_CONFIGMAP, ROUTING_TABLE_KEY, RoutingTable};
 
-use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context};
+use super::{MANAGED_BY, restricted_pod_security_context, restricted_security_context, tcp_port};
 
 /// Name of the router's Deployment, Service, ServiceAccount, Role and RoleBinding.
 pub const ROUTER_NAME: &str = "serval-router";
@@ -200,18 +200,8 @@ pub fn deployment_for(
                             ROUTER_ADMIN_PORT.to_string(),
                         ]),
                         ports: Some(vec![
-                            ContainerPort {
-                                name: Some("http".to_owned()),
-                                container_port: i32::from(ROUTER_PORT),
-                                protocol: Some("TCP".to_owned()),
-                                ..ContainerPort::default()
-                            },
-                            ContainerPort {
-                                name: Some("admin".to_owned()),
-                                container_port: i32::from(ROUTER_ADMIN_PORT),
-                                protocol: Some("TCP".to_owned()),
-                                ..ContainerPort::default()
-                            },
+                            tcp_port("http", i32::from(ROUTER_PORT)),
+                            tcp_port("admin", i32::from(ROUTER_ADMIN_PORT)),
                         ]),
                         readiness_probe: Some(probe("/-/readyz")),
                         liveness_probe: Some(probe("/-/healthz")),
