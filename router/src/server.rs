@@ -78,6 +78,8 @@ pub struct State {
     /// Shadow requests in flight, bounded across every shard.
     mirror_permits: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Metrics are served on the admin port only (`--admin-port` given).
+    metrics_on_admin: bool,
     /// Keeps a CPU awake briefly after each answer; shared by every shard.
     idle_poll: Option<Arc<IdlePoller>>,
 }
@@ -169,6 +171,7 @@ impl Router {
             metrics,
             mirror_permits: Arc::new(Semaphore::new(config.mirror_concurrency)),
             draining: AtomicBool::new(false),
+            metrics_on_admin: admin.is_some(),
             idle_poll,
         });
         Ok(Self {
@@ -359,9 +362,17 @@ async fn run_shard(
 }
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
-    let resp = match own_path(&shard.state, req.uri().path()) {
-        Some(resp) => resp,
-        None => shard.proxy.handle(req).await,
+    let path = req.uri().path();
+    let resp = if path == METRICS_PATH && shard.state.metrics_on_admin {
+        // Any client of the router could read them here; the admin port is the pod's own.
+        json_error(
+            StatusCode::NOT_FOUND,
+            "/-/metrics is served on the admin port",
+        )
+    } else if let Some(resp) = own_path(&shard.state, path) {
+        resp
+    } else {
+        shard.proxy.handle(req).await
     };
     shard.proxy.answered();
     resp

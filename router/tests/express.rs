@@ -566,4 +566,12 @@ async fn the_admin_port_answers_probes_while_traffic_connections_are_at_the_boun
     .await
     .expect("served once a slot is free");
     assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    // With an admin port, metrics are not handed to any client of the traffic port.
+    waiting
+        .write_all(get("/-/metrics").as_bytes())
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut waiting, &mut Vec::new(), false).await;
+    assert_eq!(status, 404);
+    assert!(String::from_utf8_lossy(&body).contains("served on the admin port"));
 }

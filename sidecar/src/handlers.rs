@@ -115,11 +115,26 @@ impl Route {
     }
 }
 
-/// Serves one request. Never fails: errors become JSON answers.
+/// Serves one request on the traffic port. Never fails: errors become JSON answers.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    respond(state, req, false).await
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    on_admin: bool,
+) -> Result<Resp, Infallible> {
     let started = Instant::now();
     let route = Route::parse(req.uri().path(), &state.config.name);
+    // With an admin port, metrics are served there only: the traffic port can be reached
+    // through the router (an Endpoint's `pathPrefix`), so it would hand them to any client.
+    let hidden =
+        matches!(route, Route::Metrics) && !on_admin && state.config.admin_listen.is_some();
     let result = match route.method() {
+        _ if hidden => Err(RequestError::NotFound(
+            "/metrics is served on the admin port".to_owned(),
+        )),
         Some(m) if m != req.method() && !(m == Method::GET && req.method() == Method::HEAD) => {
             Err(RequestError::MethodNotAllowed)
         }
@@ -155,7 +170,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 /// port; everything else 404, so inference never bypasses the traffic port's bounds.
 pub async fn admin(state: Arc<AppState>, req: Request<Incoming>) -> Resp {
     if Route::parse(req.uri().path(), &state.config.name).is_probe() {
-        match handle(state, req).await {
+        match respond(state, req, true).await {
             Ok(resp) => resp,
             Err(never) => match never {},
         }

@@ -606,6 +606,16 @@ async fn the_admin_port_answers_probes_while_traffic_connections_are_at_the_boun
             .await
             .starts_with("HTTP/1.1 200")
     );
+    // With an admin port, metrics are not handed to whoever reaches the traffic port.
+    waiting
+        .write_all(get("/metrics").as_bytes())
+        .await
+        .expect("send");
+    let hidden = read_response(&mut waiting).await;
+    assert!(
+        hidden.starts_with("HTTP/1.1 404") && hidden.contains("served on the admin port"),
+        "{hidden}"
+    );
 }
 
 #[test]
