@@ -75,11 +75,6 @@ impl Sidecar {
         let admin_addr = admin.as_ref().map(|(_, a)| *a);
         tracing::info!(%addr, admin = ?admin_addr, model = %config.name, "listening");
         let state = Arc::new(AppState::new(config));
-        // Health and metrics outside `--max-connections`; stopped when the server stops.
-        let admin = admin.map(|(l, _)| {
-            let state = state.clone();
-            serval_shards::serve_admin(l, move |req| handlers::admin(state.clone(), req))
-        });
         let (status_tx, status) = watch::channel(LoadStatus::Loading);
         let loader = state.clone();
         tokio::spawn(async move {
@@ -93,6 +88,11 @@ impl Sidecar {
             let _ = status_tx.send(outcome);
         });
         let io = IoThreads::start(&state)?;
+        // Health and metrics outside `--max-connections`; stopped when the server stops.
+        let admin = admin.map(|(l, _)| {
+            let state = state.clone();
+            serval_shards::serve_admin(l, move |req| handlers::admin(state.clone(), req))
+        });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state_for_serve = state.clone();
         let task = tokio::spawn(async move {
