@@ -362,30 +362,29 @@ async fn run_shard(
 }
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    let resp = if path == METRICS_PATH && shard.state.metrics_on_admin {
-        // Any client of the router could read them here; the admin port is the pod's own.
-        json_error(
-            StatusCode::NOT_FOUND,
-            "/-/metrics is served on the admin port",
-        )
-    } else if let Some(resp) = own_path(&shard.state, path) {
-        resp
-    } else {
-        shard.proxy.handle(req).await
+    let resp = match own_path(&shard.state, req.uri().path(), false) {
+        Some(resp) => resp,
+        None => shard.proxy.handle(req).await,
     };
     shard.proxy.answered();
     resp
 }
 
-/// The router's own answer for `path`, or `None` for a path to route.
-fn own_path(state: &State, path: &str) -> Option<Response<ProxyBody>> {
+/// The router's own answer for `path` on the traffic port or (`on_admin`) the admin port, or
+/// `None` for a path to route.
+fn own_path(state: &State, path: &str, on_admin: bool) -> Option<Response<ProxyBody>> {
     Some(match path {
         HEALTHZ_PATH => text(StatusCode::OK, "ok", "text/plain"),
         READYZ_PATH if state.is_ready() => text(StatusCode::OK, "ready", "text/plain"),
         READYZ_PATH => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no routing table loaded, or draining",
+        ),
+        // With an admin port, any client of the router could read them here; that port is
+        // the pod's own.
+        METRICS_PATH if state.metrics_on_admin && !on_admin => json_error(
+            StatusCode::NOT_FOUND,
+            "/-/metrics is served on the admin port",
         ),
         METRICS_PATH => text(
             StatusCode::OK,
@@ -398,7 +397,7 @@ fn own_path(state: &State, path: &str) -> Option<Response<ProxyBody>> {
 
 /// The admin port (`--admin-port`): the router's own paths only, never a route.
 async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
-    own_path(&state, req.uri().path()).unwrap_or_else(|| {
+    own_path(&state, req.uri().path(), true).unwrap_or_else(|| {
         json_error(
             StatusCode::NOT_FOUND,
             "the admin port serves /-/healthz, /-/readyz and /-/metrics only",

@@ -175,7 +175,7 @@ pub fn register(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
     Some(stream)
 }
 
-/// Most connections the admin listener serves at once; one more is closed at once. Probes
+/// Most connections the admin listener serves at once; further ones are closed at once. Probes
 /// and scrapes need a handful.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// An admin connection idle this long, or this slow to send a request head, is closed, so
