@@ -16,6 +16,10 @@ pub const ROUTING_TABLE_API_VERSION: &str = "serval.dev/routing/v1";
 pub const ROUTING_CONFIGMAP: &str = "serval-routing";
 /// Key of the table inside the ConfigMap's `data`.
 pub const ROUTING_TABLE_KEY: &str = "routing.json";
+/// Request header the router sets to the Endpoint a request was addressed to; the model server
+/// names that Endpoint (not its own Backend) as the model in its answers, so a client sees
+/// the name it called.
+pub const ENDPOINT_HEADER: &str = "serval-endpoint";
 
 /// A complete routing table.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -304,3 +304,62 @@ fn children_exit_when_serval_local_is_killed() {
         (processes_with(&needle).is_empty() && processes_with(&router).is_empty()).then_some(())
     });
 }
+
+/// The real `tritonclient` through the router, as a user of the Endpoint `digits` would call
+/// it: one inference server (live, ready, server metadata), the Endpoint's model metadata, and
+/// inference in JSON and binary tensors, every answer naming `digits` (not the Backend).
+#[test]
+fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() {
+    let python = std::env::var_os("SERVAL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/serval/venv"))
+        .join("bin/python");
+    assert!(
+        python.exists(),
+        "this test needs the Python venv at {} (make venv, or set SERVAL_VENV)",
+        python.display()
+    );
+    let dir = examples_copy();
+    let model = dir.path().join("models/digits.onnx");
+    let needle = dir.path().display().to_string();
+    let local = start(dir);
+    let port = local.port;
+    let client = reqwest::blocking::Client::new();
+    wait_until("every replica ready", Duration::from_secs(120), || {
+        let ready = client
+            .get(format!("http://127.0.0.1:{port}/v2/health/ready"))
+            .send()
+            .ok()?
+            .status()
+            .is_success();
+        (ready && processes_with(&format!("{needle}.*--name digits")).len() == 3).then_some(())
+    });
+    let script = repo().join("sidecar/tests/python/test_tritonclient.py");
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(&script)
+        .env("SERVAL_URL", format!("127.0.0.1:{port}"))
+        .env("SERVAL_MODEL", &model)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "tritonclient through the router:\n{text}"
+    );
+    assert!(text.contains("passed"), "{text}");
+    // Metadata answers for the Endpoint from its primary (digits-v1, weight 90), every time.
+    for _ in 0..20 {
+        let resp = client
+            .get(format!("http://127.0.0.1:{port}/v2/models/digits"))
+            .send()
+            .unwrap();
+        assert_eq!(resp.headers()["serval-backend"], "digits-v1");
+        let meta: serde_json::Value = resp.json().unwrap();
+        assert_eq!(meta["name"], "digits");
+    }
+}

@@ -1,8 +1,14 @@
-//! The response body the router sends: a fixed body (errors, health) or the upstream's stream,
-//! which holds the address's in-flight count until it ends and, for mirrored requests, copies
-//! what it forwards so the shadow's answer can be compared without delaying the client.
+//! Bodies on both sides of the hop. The response body the router sends: a fixed body (errors,
+//! health) or the upstream's stream, which holds the address's in-flight count until it ends
+//! and, for mirrored requests, copies what it forwards so the shadow's answer can be compared
+//! without delaying the client. The request body read from the client: read ahead up to the
+//! buffering bound ([`read_ahead`]), and streamed past it through [`ClientBody`], which remembers
+//! when the *client* was at fault, so a malformed or abandoned upload is never taken for an
+//! upstream's failure.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -10,7 +16,6 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 
-use crate::pool::Lease;
 use crate::upstream::{BoxError, InflightGuard};
 
 /// Router response body.
@@ -18,7 +23,6 @@ use crate::upstream::{BoxError, InflightGuard};
 pub struct ProxyBody {
     kind: Kind,
     guard: Option<InflightGuard>,
-    lease: Option<Lease>,
     tee: Option<Tee>,
 }
 
@@ -78,24 +82,20 @@ impl ProxyBody {
         Self {
             kind: Kind::Full(Some(bytes)),
             guard: None,
-            lease: None,
             tee: None,
         }
     }
 
-    /// The upstream's streamed body; its connection goes back to the pool when it ends.
-    pub fn upstream(body: Incoming, guard: InflightGuard, lease: Lease, tee: Option<Tee>) -> Self {
+    /// The upstream's streamed body (hyper-util returns its connection to the pool once the
+    /// body has been read to its end).
+    pub fn upstream(body: Incoming, guard: InflightGuard, tee: Option<Tee>) -> Self {
         let mut this = Self {
             kind: Kind::Upstream(body),
             guard: Some(guard),
-            lease: Some(lease),
             tee,
         };
         if this.is_end_stream() {
             this.guard = None;
-            if let Some(l) = this.lease.take() {
-                l.release();
-            }
             if let Some(t) = this.tee.as_mut() {
                 t.finish(true);
             }
@@ -131,10 +131,6 @@ impl Body for ProxyBody {
                 };
                 if let Some(ok) = ended {
                     this.guard = None;
-                    // Only a body read to its end leaves the connection reusable.
-                    if let Some(l) = this.lease.take().filter(|_| ok) {
-                        l.release();
-                    }
                     if let Some(tee) = this.tee.as_mut() {
                         tee.finish(ok);
                     }
@@ -171,4 +167,220 @@ where
         .await
         .ok()
         .map(|c| c.to_bytes())
+}
+
+/// How a client's request body went wrong; recorded by [`ClientBody`] and read once the
+/// upstream exchange has failed, to tell the client's fault from the upstream's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Bad framing (e.g. an invalid chunk size): 400.
+    Malformed,
+    /// More than the body limit: 413.
+    TooLarge,
+    /// The client went away mid-upload: nobody to answer, nothing to count.
+    HungUp,
+}
+
+impl ClientFault {
+    fn code(self) -> u8 {
+        match self {
+            ClientFault::Malformed => 1,
+            ClientFault::TooLarge => 2,
+            ClientFault::HungUp => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(ClientFault::Malformed),
+            2 => Some(ClientFault::TooLarge),
+            3 => Some(ClientFault::HungUp),
+            _ => None,
+        }
+    }
+
+    /// Classifies an error reading the client's body.
+    pub fn of(e: &hyper::Error) -> Self {
+        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || is_hang_up(e) {
+            ClientFault::HungUp
+        } else {
+            ClientFault::Malformed
+        }
+    }
+}
+
+/// Whether an I/O error under `e` is the peer going away.
+fn is_hang_up(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Where a [`ClientBody`] records its fault; shared with the request's handler.
+#[derive(Debug, Clone, Default)]
+pub struct FaultCell(Arc<AtomicU8>);
+
+impl FaultCell {
+    fn set(&self, fault: ClientFault) {
+        let _ = self
+            .0
+            .compare_exchange(0, fault.code(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The client's fault, if its body failed.
+    pub fn get(&self) -> Option<ClientFault> {
+        ClientFault::from_code(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// The rest of a client's request body, streamed upstream after an already-read `prefix`,
+/// bounded to `limit` bytes in all. Its own failures are recorded in a [`FaultCell`].
+#[derive(Debug)]
+pub struct ClientBody {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+    sent: u64,
+    limit: u64,
+    fault: FaultCell,
+}
+
+impl ClientBody {
+    /// Streams `prefix` then `rest`.
+    pub fn new(prefix: Bytes, rest: Incoming, limit: u64, fault: FaultCell) -> Self {
+        Self {
+            sent: prefix.len() as u64,
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+            limit,
+            fault,
+        }
+    }
+}
+
+/// The error a [`ClientBody`] ends the upstream request with.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0:?}")]
+pub struct ClientBodyError(pub ClientFault);
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        let res = ready!(Pin::new(&mut self.rest).poll_frame(cx));
+        let fail = |this: &mut Self, fault: ClientFault| {
+            this.fault.set(fault);
+            Poll::Ready(Some(Err(Box::new(ClientBodyError(fault)) as BoxError)))
+        };
+        match res {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    self.sent += data.len() as u64;
+                    if self.sent > self.limit {
+                        return fail(&mut self, ClientFault::TooLarge);
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                // Request trailers are dropped: a recipient that removes the chunked coding
+                // MAY discard the trailer fields it received (RFC 9110 §6.5.1).
+                Err(_) => Poll::Ready(None),
+            },
+            Some(Err(e)) => {
+                let fault = ClientFault::of(&e);
+                fail(&mut self, fault)
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        hint.set_lower(hint.lower() + prefix);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
+    }
+}
+
+/// A client body after reading ahead: whole, or too long to buffer and so streamed on.
+#[derive(Debug)]
+pub enum ReadAhead {
+    /// The whole body, at most the buffering bound: retryable and mirrorable.
+    Whole(Bytes),
+    /// What was read, and the rest still in the connection.
+    Partial(Bytes, Incoming),
+}
+
+/// Reads a client's body until it ends or passes `buffer_limit` bytes; fails with the client's
+/// fault, or [`ClientFault::TooLarge`] past `body_limit`. A body whose declared length is
+/// already past the buffering bound is not read at all.
+pub async fn read_ahead(
+    mut body: Incoming,
+    buffer_limit: usize,
+    body_limit: u64,
+) -> Result<ReadAhead, ClientFault> {
+    let hint = body.size_hint();
+    if hint.lower() > body_limit {
+        return Err(ClientFault::TooLarge);
+    }
+    if hint.lower() > buffer_limit as u64 {
+        return Ok(ReadAhead::Partial(Bytes::new(), body));
+    }
+    let mut buf = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    loop {
+        if body.is_end_stream() {
+            break;
+        }
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(ClientFault::of(&e)),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers end the body (and are dropped, RFC 9110 §6.5.1).
+                    break;
+                };
+                // The common case, one frame: no copy.
+                match first.take() {
+                    None if buf.is_empty() => first = Some(data),
+                    prev => {
+                        if let Some(p) = prev {
+                            buf.extend_from_slice(&p);
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                let len = first.as_ref().map_or(buf.len(), Bytes::len);
+                if len as u64 > body_limit {
+                    return Err(ClientFault::TooLarge);
+                }
+                if len > buffer_limit {
+                    let read = first.take().unwrap_or_else(|| buf.split().freeze());
+                    return Ok(ReadAhead::Partial(read, body));
+                }
+            }
+        }
+    }
+    Ok(ReadAhead::Whole(first.unwrap_or_else(|| buf.freeze())))
 }

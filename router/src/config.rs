@@ -44,8 +44,12 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 /// In-flight requests get this long to finish after the listener closes; below the default
 /// 30 s termination grace period together with the delay above.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
-/// Slow-loris guard: a client must send its request head within this.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body forwarded: the model server's own limit, so a body it would refuse
+/// is answered 413 here without occupying an upstream connection.
+pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
+/// Largest request head (request line and headers): nginx's default bound is about 32 KiB
+/// (four 8 KiB buffers); past it hyper answers 431. It also bounds a connection's read buffer.
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 32 << 10;
 /// Most client connections served at once; past it new ones wait in the kernel's listen
 /// backlog until one closes. With an upstream connection each, twice this stays below the
 /// common 65536 file-descriptor limit.
@@ -136,13 +140,16 @@ pub struct Config {
     /// the connections dealt to it (0 = one per core).
     #[arg(long, env = "SERVAL_ROUTER_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
-    /// Time a client has to send its request head, from its first byte.
-    #[arg(long, env = "SERVAL_ROUTER_HEADER_READ_TIMEOUT", value_parser = parse_duration,
-          default_value = "30s")]
-    pub header_read_timeout: Duration,
-    /// Time a client connection may stay idle between requests before it is closed. On the
-    /// hyper path (requests the express lane hands over) it also bounds the head's reading,
-    /// since hyper times both with one timer.
+    /// Largest request body forwarded; larger ones are answered 413.
+    #[arg(long, env = "SERVAL_ROUTER_MAX_BODY", default_value_t = DEFAULT_MAX_BODY)]
+    pub max_body: u64,
+    /// Largest request head (request line and headers), 8192 at least; past it, 431.
+    #[arg(long, env = "SERVAL_ROUTER_MAX_HEAD_BYTES", default_value_t = DEFAULT_MAX_HEAD_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8192..))]
+    pub max_head_bytes: usize,
+    /// Time a client connection may stay idle between requests before it is closed. It also
+    /// bounds the reading of a request head (slow-loris), since hyper times both with one
+    /// timer.
     #[arg(long, env = "SERVAL_ROUTER_IDLE_TIMEOUT", value_parser = parse_duration,
           default_value = "75s")]
     pub idle_timeout: Duration,
@@ -150,11 +157,6 @@ pub struct Config {
     #[arg(long, env = "SERVAL_ROUTER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
-    /// Serve plain HTTP/1.1 requests with sized bodies on the express lane (parsed in place,
-    /// relayed over raw pooled sockets); `false` sends every request through hyper.
-    #[arg(long, env = "SERVAL_ROUTER_FAST_PATH", default_value_t = true,
-          action = clap::ArgAction::Set)]
-    pub fast_path: bool,
     /// Microseconds one SCHED_IDLE thread spins after each answered request so the next finds
     /// a CPU awake (time nothing else wants, but CPU time); 0 disables.
     #[arg(long, env = "SERVAL_ROUTER_IDLE_POLL_MICROS", default_value_t = DEFAULT_IDLE_POLL_MICROS)]
@@ -187,11 +189,11 @@ impl Config {
             retry_min_per_window: DEFAULT_RETRY_MIN_PER_WINDOW,
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_body: DEFAULT_MAX_BODY,
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             worker_threads: 0,
-            fast_path: true,
             idle_poll_micros: DEFAULT_IDLE_POLL_MICROS,
             exit_with_stdin: false,
         }
@@ -234,7 +236,8 @@ mod tests {
         assert_eq!(c.retry_budget_window, DEFAULT_RETRY_BUDGET_WINDOW);
         assert_eq!(c.shutdown_delay, DEFAULT_SHUTDOWN_DELAY);
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
-        assert_eq!(c.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(c.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(c.max_head_bytes, DEFAULT_MAX_HEAD_BYTES);
         assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert!(
@@ -242,7 +245,6 @@ mod tests {
                 .is_err()
         );
         assert_eq!(c.port, DEFAULT_PORT);
-        assert!(c.fast_path);
         assert!(
             Config::try_parse_from(["serval-router"]).is_err(),
             "a source is required"

@@ -4,14 +4,27 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::ProxyBody;
+use crate::body::{ClientFault, ProxyBody};
+use crate::headers::Refused;
 
 /// Errors of the router crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No route claims the request's host and path.
-    #[error("no route for {0}")]
+    #[error("not found: no Endpoint serves {0}")]
     NoRoute(String),
+    /// The request head breaks an HTTP rule the router enforces.
+    #[error("bad request: {0}")]
+    Refused(#[from] Refused),
+    /// The client's body was malformed, too large, or abandoned; never the upstream's fault.
+    #[error("{}", client_fault_message(*.0))]
+    Client(ClientFault),
+    /// The client did not finish sending its body within the route's deadline.
+    #[error("the request body was not received within the endpoint's {timeout_ms} ms deadline")]
+    ClientTimeout {
+        /// The route's timeout.
+        timeout_ms: u64,
+    },
     /// The route exists but no backend can take traffic (all weights zero, no addresses).
     #[error("endpoint {0:?} has no ready backend")]
     NoReadyBackend(String),
@@ -59,6 +72,14 @@ pub enum Error {
     Listen(#[source] std::io::Error),
 }
 
+fn client_fault_message(fault: ClientFault) -> &'static str {
+    match fault {
+        ClientFault::Malformed => "bad request: the request body is malformed",
+        ClientFault::TooLarge => "the request body is larger than the router's limit",
+        ClientFault::HungUp => "the client closed the connection before its body was sent",
+    }
+}
+
 /// Result alias for the router crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -73,15 +94,34 @@ impl Error {
                 StatusCode::BAD_GATEWAY
             }
             Error::RequestBody(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Refused(r) => r.status(),
+            Error::Client(ClientFault::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Client(_) => StatusCode::BAD_REQUEST,
+            Error::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::Table(_) | Error::TableCompile(_) | Error::Source(_) | Error::Listen(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
     }
 
+    /// Whether the client's connection is closed after the answer: it broke the protocol, or
+    /// its body was left unread or half read, so its next bytes cannot be trusted as a request
+    /// (nginx does the same).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Error::Refused(_) | Error::Client(_) | Error::ClientTimeout { .. }
+        )
+    }
+
     /// The JSON error response for this error.
     pub fn into_response(self) -> Response<ProxyBody> {
-        json_error(self.status(), &self.to_string())
+        let mut resp = json_error(self.status(), &self.to_string());
+        if self.closes_connection() {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -123,5 +163,22 @@ mod tests {
             reason: "refused".into(),
         };
         assert_eq!(u.status(), StatusCode::BAD_GATEWAY);
+        // A client's mistakes are 4xx.
+        assert_eq!(
+            Error::Client(ClientFault::TooLarge).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            Error::Client(ClientFault::Malformed).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            Error::Refused(Refused::NoHost).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            Error::ClientTimeout { timeout_ms: 1 }.status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 }

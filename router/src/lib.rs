@@ -3,20 +3,20 @@
 //! A request is matched to an Endpoint's route ([`matching`]), a backend is chosen by header
 //! rule, sticky hash or weighted split ([`split`], [`table`]), optionally copied to a shadow
 //! ([`mirror`], [`agreement`]), and forwarded to one of the backend's addresses ([`upstream`])
-//! under the route's deadline and retry budget ([`retry`], [`proxy`]) over the shard's
-//! keep-alive connections ([`pool`]).
+//! under the route's deadline and retry budget ([`proxy`], [`table`]) over the shard's
+//! keep-alive connections (hyper-util's pooled client). Every message is parsed and framed by
+//! hyper; [`headers`] holds the rules it leaves to us, each with its RFC section.
 
 pub mod agreement;
 pub mod body;
 pub mod config;
 pub mod errors;
-pub mod express;
+pub mod headers;
 pub mod matching;
 pub mod metrics;
 pub mod mirror;
-pub mod pool;
+pub mod oip;
 pub mod proxy;
-pub mod retry;
 pub mod server;
 pub mod split;
 pub mod table;

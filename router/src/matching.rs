@@ -47,6 +47,24 @@ impl UpstreamPath {
     }
 }
 
+/// What a matched request asks of its Endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// Anything else: forwarded to the backend the traffic policy chooses.
+    Forward,
+    /// Model metadata (`/v2/models/<endpoint>[/versions/<v>]`, `/v1/models/<endpoint>`):
+    /// the primary backend's, the same for every call, not split by weight.
+    ModelMetadata,
+    /// `/v2/models/<endpoint>[/versions/<v>]/ready`: answered by the router for the Endpoint.
+    ModelReady,
+    /// `<prefix>/v2`: server metadata, answered by the router.
+    ServerMetadata,
+    /// `<prefix>/v2/health/live`: answered by the router.
+    Live,
+    /// `<prefix>/v2/health/ready`: the Endpoint has a ready backend.
+    Ready,
+}
+
 /// A matched request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -54,6 +72,8 @@ pub struct Target {
     pub route: usize,
     /// Where to send it.
     pub path: UpstreamPath,
+    /// What it asks for.
+    pub kind: PathKind,
 }
 
 /// Route lookup compiled from a table.
@@ -93,13 +113,14 @@ impl Matcher {
 
     /// The route and upstream path for a request's host (without port) and path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target> {
-        if let Some((name, rewrite)) = model_in_path(path)
+        if let Some((name, rewrite, kind)) = model_in_path(path)
             && let Some(&route) = self.by_endpoint.get(name)
             && self.host_ok(route, host)
         {
             return Some(Target {
                 route,
                 path: rewrite,
+                kind,
             });
         }
         for (prefix, want_host, route) in &self.prefixes {
@@ -113,23 +134,60 @@ impl Matcher {
                 continue;
             }
             let rest = if rest.is_empty() { "/" } else { rest };
-            let names_us =
-                model_in_path(rest).filter(|(name, _)| self.by_endpoint.get(*name) == Some(route));
-            let path = match names_us {
-                Some((_, rewrite)) => rewrite,
-                None => UpstreamPath::Verbatim(rest.to_owned()),
+            let names_us = model_in_path(rest)
+                .filter(|(name, _, _)| self.by_endpoint.get(*name) == Some(route));
+            let (path, kind) = match names_us {
+                Some((_, rewrite, kind)) => (rewrite, kind),
+                None => (
+                    UpstreamPath::Verbatim(rest.to_owned()),
+                    server_path(rest).unwrap_or(PathKind::Forward),
+                ),
             };
             return Some(Target {
                 route: *route,
                 path,
+                kind,
             });
         }
         None
     }
 }
 
-/// The model name in an OIP or V1 path, and the path around it.
-fn model_in_path(path: &str) -> Option<(&str, UpstreamPath)> {
+/// The Open Inference Protocol's server-wide paths (under an Endpoint's prefix, or at the
+/// router's root): metadata, liveness and readiness.
+pub fn server_path(path: &str) -> Option<PathKind> {
+    match path {
+        "/v2" | "/v2/" => Some(PathKind::ServerMetadata),
+        "/v2/health/live" => Some(PathKind::Live),
+        "/v2/health/ready" => Some(PathKind::Ready),
+        _ => None,
+    }
+}
+
+/// What a protocol path asks of the model, from what follows its name.
+fn model_path_kind(v2: bool, after: &str) -> PathKind {
+    if !v2 {
+        // V1: `GET /v1/models/<name>` is its status; the rest (`:predict`) is inference.
+        return if after.is_empty() {
+            PathKind::ModelMetadata
+        } else {
+            PathKind::Forward
+        };
+    }
+    // `/versions/<v>` names a version of the same model: what follows it decides.
+    let rest = match after.strip_prefix("/versions/") {
+        Some(v) => v.find('/').map_or("", |i| &v[i..]),
+        None => after,
+    };
+    match rest {
+        "" => PathKind::ModelMetadata,
+        "/ready" => PathKind::ModelReady,
+        _ => PathKind::Forward,
+    }
+}
+
+/// The model name in an OIP or V1 path, the path around it, and what it asks for.
+fn model_in_path(path: &str) -> Option<(&str, UpstreamPath, PathKind)> {
     let (before, rest, stop): (&str, &str, &[char]) =
         if let Some(r) = path.strip_prefix("/v2/models/") {
             ("/v2/models/", r, &['/'])
@@ -149,6 +207,7 @@ fn model_in_path(path: &str) -> Option<(&str, UpstreamPath)> {
             before: before.to_owned(),
             after: after.to_owned(),
         },
+        model_path_kind(before == "/v2/models/", after),
     ))
 }
 
@@ -248,6 +307,38 @@ mod tests {
             .render("m", Some("x=1"));
         assert_eq!(q, "/a?x=1");
         assert_eq!(Matcher::new([("a", "/a", None)]).find(None, "/b"), None);
+    }
+
+    #[test]
+    fn protocol_paths_say_what_they_ask() {
+        let m = matcher();
+        let kind = |p: &str| m.find(None, p).map(|t| t.kind);
+        assert_eq!(kind("/v2/models/digits"), Some(PathKind::ModelMetadata));
+        assert_eq!(
+            kind("/v2/models/digits/versions/1"),
+            Some(PathKind::ModelMetadata)
+        );
+        assert_eq!(kind("/v2/models/digits/ready"), Some(PathKind::ModelReady));
+        assert_eq!(
+            kind("/v2/models/digits/versions/1/ready"),
+            Some(PathKind::ModelReady)
+        );
+        assert_eq!(kind("/v2/models/digits/infer"), Some(PathKind::Forward));
+        assert_eq!(
+            kind("/v2/models/digits/versions/1/infer"),
+            Some(PathKind::Forward)
+        );
+        assert_eq!(kind("/v1/models/digits"), Some(PathKind::ModelMetadata));
+        assert_eq!(kind("/v1/models/digits:predict"), Some(PathKind::Forward));
+        // Under a prefix, the server-wide paths are the Endpoint's.
+        assert_eq!(kind("/digits/v2"), Some(PathKind::ServerMetadata));
+        assert_eq!(kind("/digits/v2/health/live"), Some(PathKind::Live));
+        assert_eq!(kind("/digits/v2/health/ready"), Some(PathKind::Ready));
+        assert_eq!(
+            kind("/digits/v2/models/digits"),
+            Some(PathKind::ModelMetadata)
+        );
+        assert_eq!(kind("/digits/other"), Some(PathKind::Forward));
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub mirror: Family<MirrorLabels, Counter>,
     /// Requests no route claimed.
     pub unmatched: Counter,
+    /// Requests refused before routing for breaking an HTTP rule (e.g. no Host).
+    pub refused: Counter,
     /// 1 for the revision being served.
     pub table_info: Family<RevisionLabels, Gauge>,
     /// Tables applied.
@@ -135,6 +137,7 @@ impl Metrics {
             ejections: Family::default(),
             mirror: Family::default(),
             unmatched: Counter::default(),
+            refused: Counter::default(),
             table_info: Family::default(),
             table_reloads: Counter::default(),
             table_rejections: Counter::default(),
@@ -171,6 +174,11 @@ impl Metrics {
             "unmatched_requests",
             "Requests no route claimed",
             m.unmatched.clone(),
+        );
+        registry.register(
+            "refused_requests",
+            "Requests refused with 400 before routing for breaking an HTTP rule",
+            m.refused.clone(),
         );
         registry.register(
             "table_info",

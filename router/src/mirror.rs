@@ -124,17 +124,12 @@ impl Mirror {
         .ok()?;
         req.headers_mut()
             .insert(SHADOW_HEADER, http::HeaderValue::from_static("1"));
-        match self.client.request(&copy.pool.addrs[idx], req).await {
-            Ok((resp, lease)) if resp.status().is_success() => {
+        match self.client.request(req).await {
+            Ok(resp) if resp.status().is_success() => {
                 copy.pool.record_success(idx);
-                let body = collect_limited(resp.into_body(), self.compare_limit).await;
-                // A body read whole leaves the connection reusable.
-                if body.is_some() {
-                    lease.release();
-                }
-                body
+                collect_limited(resp.into_body(), self.compare_limit).await
             }
-            Ok((resp, _lease)) => {
+            Ok(resp) => {
                 if resp.status().is_server_error() {
                     copy.pool.record_failure(idx, self.outlier, &self.metrics);
                 }

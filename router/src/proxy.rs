@@ -1,36 +1,41 @@
-//! Forwarding one request: route, choose a backend, mirror, send with retries under the route's
-//! deadline, and answer with the upstream's response tagged with the backend's name.
+//! Forwarding one request: check its head, route, choose a backend, mirror, send with retries
+//! under the route's deadline, and answer with the upstream's response tagged with the
+//! backend's name. Only what an upstream did wrong (no connection, a broken exchange, a 5xx,
+//! no answer in time) counts towards its ejection; a client's mistake never does.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
+use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
-use crate::body::{ProxyBody, Tee};
+use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, read_ahead};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
-use crate::express::RawPool;
-use crate::matching::{Target, host_of};
+use crate::headers;
+use crate::matching::{PathKind, Target, host_of};
 use crate::metrics::{CodeLabels, EndpointLabels, ErrorLabels, Metrics, RouteLabels};
 use crate::mirror::{Mirror, ShadowCopy};
-use crate::pool::Lease;
+use crate::oip;
 use crate::table::{CompiledRoute, TableStore};
 use crate::upstream::{
-    AddrState, BackendPool, HttpClient, OutlierPolicy, UpstreamBody, http_client,
+    AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
 };
 
 /// Names the backend that answered, on every routed response.
 pub const BACKEND_HEADER: &str = "serval-backend";
 const BACKEND_HEADER_NAME: HeaderName = HeaderName::from_static(BACKEND_HEADER);
+const ENDPOINT_HEADER_NAME: HeaderName =
+    HeaderName::from_static(serval_api::routing::ENDPOINT_HEADER);
 
-/// The proxy: shared by every connection.
+/// The proxy of one shard: its own upstream connections, the shared table and metrics.
 #[derive(Debug)]
 pub struct Proxy {
     store: Arc<TableStore>,
@@ -38,8 +43,8 @@ pub struct Proxy {
     client: HttpClient,
     outlier: OutlierPolicy,
     max_buffered_body: usize,
+    max_body: u64,
     mirror: Mirror,
-    raw_pool: RawPool,
     idle_poll: Option<Arc<IdlePoller>>,
 }
 
@@ -69,19 +74,14 @@ impl Proxy {
             mirror_permits,
             config.mirror_compare_limit,
         );
-        let raw_pool = RawPool::new(
-            config.connect_timeout,
-            config.pool_idle_timeout,
-            config.pool_max_idle_per_host,
-        );
         Self {
             store,
             metrics,
             client,
             outlier,
             max_buffered_body: config.max_buffered_body,
+            max_body: config.max_body,
             mirror,
-            raw_pool,
             idle_poll,
         }
     }
@@ -91,32 +91,6 @@ impl Proxy {
         if let Some(p) = &self.idle_poll {
             p.touch();
         }
-    }
-
-    /// This proxy's upstream connections.
-    pub fn client(&self) -> &HttpClient {
-        &self.client
-    }
-
-    /// This proxy's upstream connections for the express lane.
-    pub fn raw_pool(&self) -> &RawPool {
-        &self.raw_pool
-    }
-
-    pub(crate) fn store(&self) -> &TableStore {
-        &self.store
-    }
-
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    pub(crate) fn outlier(&self) -> OutlierPolicy {
-        self.outlier
-    }
-
-    pub(crate) fn max_buffered_body(&self) -> usize {
-        self.max_buffered_body
     }
 
     /// Routes and forwards one request; never fails, errors become JSON responses.
@@ -129,42 +103,48 @@ impl Proxy {
                 "no routing table loaded yet",
             );
         };
-        let host = req
-            .uri()
+        let (mut parts, body) = req.into_parts();
+        if let Err(refused) = headers::check_request(parts.version, &mut parts.headers) {
+            self.metrics.refused.inc();
+            return Error::Refused(refused).into_response();
+        }
+        let host = parts
+            .uri
             .authority()
             .map(|a| a.as_str())
             .or_else(|| {
-                req.headers()
+                parts
+                    .headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
             })
             .map(host_of);
-        let found = table.matcher.find(host.as_deref(), req.uri().path());
+        let found = table.matcher.find(host.as_deref(), parts.uri.path());
         let Some((target, route)) = found.and_then(|t| {
             let route = table.routes.get(t.route)?;
             Some((t, route))
         }) else {
             self.metrics.unmatched.inc();
-            return Error::NoRoute(req.uri().path().to_owned()).into_response();
+            return Error::NoRoute(parts.uri.path().to_owned()).into_response();
         };
-        let Some(pool) = route.choose(req.headers()).cloned() else {
+        let chosen = match target.kind {
+            PathKind::Forward => route.choose(&parts.headers),
+            PathKind::ModelMetadata => route.choose_primary(&parts.headers),
+            PathKind::ModelReady | PathKind::ServerMetadata | PathKind::Live | PathKind::Ready => {
+                return oip::endpoint_answer(route, target.kind);
+            }
+        };
+        let Some(pool) = chosen.cloned() else {
             self.count(route, None, StatusCode::SERVICE_UNAVAILABLE, start);
             return Error::NoReadyBackend(route.endpoint.clone()).into_response();
         };
-        let forwarded =
-            tokio::time::timeout(route.timeout, self.forward(route, &target, &pool, req));
-        let mut resp = match forwarded.await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => e.into_response(),
-            Err(_) => {
-                self.upstream_error(route, &pool, "timeout");
-                let timeout_ms = route.timeout.as_millis() as u64;
-                Error::Timeout {
-                    endpoint: route.endpoint.clone(),
-                    timeout_ms,
-                }
-                .into_response()
-            }
+        let deadline = tokio::time::Instant::from_std(start) + route.timeout;
+        let mut resp = match self
+            .forward(route, &target, &pool, parts, body, deadline)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
         };
         if let Some(v) = &pool.header_value {
             resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
@@ -279,28 +259,36 @@ impl Proxy {
         route: &CompiledRoute,
         target: &Target,
         pool: &Arc<BackendPool>,
-        req: Request<Incoming>,
+        mut parts: Parts,
+        body: Incoming,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<ProxyBody>> {
-        let (parts, body) = req.into_parts();
+        let timeout_ms = route.timeout.as_millis() as u64;
         let query = parts.uri.query();
         let rendered = target.path.render(&pool.model, query);
         let path = PathAndQuery::try_from(rendered)
             .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
-        // Sized bodies under the cap are buffered so they can be retried and mirrored; the
-        // rest stream through once.
-        let bounded = body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= self.max_buffered_body as u64);
-        let (buffered, mut stream) = if bounded {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| Error::RequestBody(e.to_string()))?;
-            (Some(bytes.to_bytes()), None)
-        } else {
-            (None, Some(body))
+        // Bodies up to the bound are read whole so they can be retried and mirrored; longer
+        // ones stream through once. Reading is the client's part: too slow is a 408, never an
+        // upstream's failure.
+        let read = tokio::time::timeout_at(
+            deadline,
+            read_ahead(body, self.max_buffered_body, self.max_body),
+        )
+        .await
+        .map_err(|_| Error::ClientTimeout { timeout_ms })?
+        .map_err(Error::Client)?;
+        let fault = FaultCell::default();
+        let (buffered, mut stream) = match read {
+            ReadAhead::Whole(b) => (Some(b), None),
+            ReadAhead::Partial(prefix, rest) => (
+                None,
+                Some(ClientBody::new(prefix, rest, self.max_body, fault.clone())),
+            ),
         };
+        if let Some(v) = &route.endpoint_header {
+            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
+        }
         let mut tee = self.launch_mirror(
             route,
             target,
@@ -311,6 +299,8 @@ impl Proxy {
         );
         route.budget.deposit();
         let mut tried = Vec::new();
+        // Retries stay within the backend the policy chose (another replica when it has one),
+        // so the split is exactly the configured one whatever fails.
         loop {
             let Some((idx, inflight)) = pool.pick(&tried) else {
                 return Err(Error::NoReadyBackend(route.endpoint.clone()));
@@ -319,15 +309,15 @@ impl Proxy {
             let sent = tried.len() as u32;
             let body = match (&buffered, stream.take()) {
                 (Some(b), _) => full_body(b.clone()),
-                (None, Some(s)) => s.map_err(Into::into).boxed_unsync(),
+                (None, Some(s)) => s.boxed_unsync(),
                 // Unreachable: a streamed body is never retried.
                 (None, None) => return Err(Error::RequestBody("body already sent".to_owned())),
             };
             let addr = &pool.addrs[idx];
-            let address = &addr.address;
             let upstream = upstream_request(&parts.method, addr, &path, &parts.headers, body)?;
-            match self.client.request(addr, upstream).await {
-                Ok((resp, lease)) => {
+            let answer = tokio::time::timeout_at(deadline, self.client.request(upstream)).await;
+            match answer {
+                Ok(Ok(resp)) => {
                     let status = resp.status();
                     self.record_answer(route, pool, idx, status.as_u16());
                     if status == StatusCode::SERVICE_UNAVAILABLE
@@ -341,14 +331,21 @@ impl Proxy {
                     } else {
                         None
                     };
-                    return Ok(into_proxy_response(resp, inflight, lease, tee));
+                    return Ok(into_proxy_response(resp, inflight, tee));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
+                    // The client's body failed the exchange: its fault, not the replica's.
+                    if let Some(f) = fault.get() {
+                        return Err(Error::Client(f));
+                    }
                     pool.record_failure(idx, self.outlier, &self.metrics);
                     let connect = e.is_connect();
                     self.upstream_error(route, pool, if connect { "connect" } else { "protocol" });
+                    let address = &addr.address;
                     tracing::debug!(backend = %pool.name, %address, error = %e, "upstream failed");
-                    if connect && self.may_retry(route, pool, buffered.is_some(), sent) {
+                    // No answer came: a buffered request is sent again (inference has no side
+                    // effects; a connect failure never reached the model at all).
+                    if self.may_retry(route, pool, buffered.is_some(), sent) {
                         continue;
                     }
                     let (backend, reason) = (pool.name.clone(), source_chain(&e));
@@ -356,6 +353,16 @@ impl Proxy {
                         Error::UpstreamUnreachable { backend, reason }
                     } else {
                         Error::UpstreamProtocol { backend, reason }
+                    });
+                }
+                Err(_) => {
+                    // A replica that does not answer in time counts towards its ejection, so
+                    // a hung one stops receiving traffic.
+                    pool.record_failure(idx, self.outlier, &self.metrics);
+                    self.upstream_error(route, pool, "timeout");
+                    return Err(Error::Timeout {
+                        endpoint: route.endpoint.clone(),
+                        timeout_ms,
                     });
                 }
             }
@@ -399,50 +406,9 @@ pub fn full_body(bytes: Bytes) -> UpstreamBody {
         .boxed_unsync()
 }
 
-/// Headers that describe one connection, not the message; never forwarded, on the hyper path
-/// and the express lane alike (see [`is_hop_by_hop`]).
-pub(crate) const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
-
-/// Whether a raw header name is one of [`HOP_BY_HOP`], for the express lane's parsed heads.
-pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names is cheaper than a hashed
-    // removal per name. Any listed header needs a Connection header, which this pass sees.
-    if !headers
-        .keys()
-        .any(|n| n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(n))
-    {
-        return;
-    }
-    // Headers the Connection header lists are hop-by-hop too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for h in HOP_BY_HOP.iter().chain(&listed) {
-        headers.remove(h);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-}
-
-/// The request sent to `addr`: same method and headers (minus hop-by-hop), Host naming the
-/// upstream, the rewritten path in origin form (the pool connects to `addr` itself).
+/// The request sent to `addr`: same method and headers (already checked and stripped of
+/// hop-by-hop ones by [`headers::check_request`]), Host naming the upstream, the rewritten
+/// path.
 pub fn upstream_request(
     method: &Method,
     addr: &AddrState,
@@ -450,15 +416,14 @@ pub fn upstream_request(
     headers: &HeaderMap,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>> {
-    let host = addr.host_header.clone().ok_or_else(|| {
-        Error::BadRequest(format!("upstream {:?} is not a host:port", addr.address))
-    })?;
-    let uri = Uri::from(path_and_query.clone());
+    let not_host_port =
+        || Error::BadRequest(format!("upstream {:?} is not a host:port", addr.address));
+    let host = addr.host_header.clone().ok_or_else(not_host_port)?;
+    let uri = addr.uri(path_and_query.clone()).ok_or_else(not_host_port)?;
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     let mut h = headers.clone();
-    strip_hop_by_hop(&mut h);
     h.insert(header::HOST, host);
     *req.headers_mut() = h;
     Ok(req)
@@ -466,13 +431,12 @@ pub fn upstream_request(
 
 fn into_proxy_response(
     resp: Response<Incoming>,
-    inflight: crate::upstream::InflightGuard,
-    lease: Lease,
+    inflight: InflightGuard,
     tee: Option<Tee>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ProxyBody::upstream(body, inflight, lease, tee))
+    headers::relay_response(&mut parts.headers);
+    Response::from_parts(parts, ProxyBody::upstream(body, inflight, tee))
 }
 
 /// An error with its causes, e.g. "client error (Connect): tcp connect error: refused".

@@ -1,7 +1,8 @@
 //! The listener: health and metrics under the reserved `/-/` prefix (`/-/healthz`,
-//! `/-/readyz`, `/-/metrics`; no Endpoint can be called under `/-/`), everything else proxied;
-//! and graceful drain: readiness drops, the listener closes after a delay, in-flight requests
-//! finish within a bound.
+//! `/-/readyz`, `/-/metrics`; no Endpoint can be called under `/-/`), the Open Inference
+//! Protocol's server-wide paths ([`crate::oip`]), everything else proxied; every connection is
+//! hyper's (HTTP/1.1 and HTTP/2); and graceful drain: readiness drops, the listener closes
+//! after a delay, in-flight requests finish within a bound.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,14 +21,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serval_idle_poll::IdlePoller;
 use serval_shards::{Acceptor, Dealer, Slot};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
-use crate::express::{self, Outcome, Prefixed};
 use crate::metrics::Metrics;
+use crate::oip;
 use crate::proxy::Proxy;
 use crate::table::{TableSettings, TableStore};
 use crate::table_source;
@@ -44,13 +45,13 @@ pub const RESERVED_PREFIX: &str = "/-/";
 /// A connection dealt to a shard, with its slot under `--max-connections`.
 type Dealt = (std::net::TcpStream, Slot);
 
-/// Floor on how often idle upstream connections are swept, whatever the idle timeout.
+/// Floor on how often a shard's timer driver is woken by its tick, whatever the idle timeout.
 const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-/// Ceiling on the same period. It also keeps each shard's timer driver waking at least this
+/// Ceiling on the same period. The tick keeps each shard's timer driver waking at least this
 /// often: tokio wakes the driver (an eventfd write, then an extra `epoll_wait`) whenever a timer
 /// is armed earlier than the deadline it last parked on, even from the driver's own thread. With
-/// the sweep at the 50 s pool timeout, a request's 30 s timers were that earlier timer whenever
-/// the next sweep was over 30 s away: two wasted syscalls per request, 40 % of the time. For the
+/// only the pool's 50 s idle timer, a request's 30 s timers were that earlier timer whenever
+/// the next expiry was over 30 s away: two wasted syscalls per request, 40 % of the time. For the
 /// same reason the period is also kept within the table's shortest route timeout: with a 1 s
 /// period, a route timing out after 50 ms cost 0.70 extra writes per request (100 ms: 0.49,
 /// 200 ms: 0.09); within it, none.
@@ -59,7 +60,7 @@ const IDLE_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// a timeout under this still pay the wake-up, which beats sweeping more often.
 const IDLE_SWEEP_FLOOR: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// How long a shard waits between idle-connection sweeps: about the pool's idle timeout,
+/// How long a shard waits between ticks: about the pool's idle timeout,
 /// within [`IDLE_SWEEP_MIN`, `IDLE_SWEEP_MAX`], and no longer than the shortest route timeout
 /// (not below [`IDLE_SWEEP_FLOOR`]), so no request's timeout timer is ever earlier than the
 /// deadline the shard's timer driver parked on.
@@ -285,20 +286,18 @@ async fn run_shard(
         state.mirror_permits.clone(),
         state.idle_poll.clone(),
     );
-    let client = proxy.client().clone();
     let shard = Arc::new(ShardState { state, proxy });
-    let swept = shard.clone();
-    let sweeper = tokio::spawn(async move {
+    let ticked = shard.clone();
+    let pool_idle = config.pool_idle_timeout;
+    let ticker = tokio::spawn(async move {
         loop {
             // Re-read each time: a reload may bring a shorter route timeout.
-            let shortest = swept
+            let shortest = ticked
                 .state
                 .store
                 .load()
                 .and_then(|t| t.routes.iter().map(|r| r.timeout).min());
-            tokio::time::sleep(sweep_period(client.idle_timeout(), shortest)).await;
-            client.sweep();
-            swept.proxy.raw_pool().sweep();
+            tokio::time::sleep(sweep_period(pool_idle, shortest)).await;
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -307,42 +306,25 @@ async fn run_shard(
         .timer(TokioTimer::new())
         // hyper 1.12 starts this timer as soon as a connection waits for a head, idle or not:
         // the idle bound, so a client's pool is never closed under (see `--idle-timeout`).
-        .header_read_timeout(config.idle_timeout);
+        .header_read_timeout(config.idle_timeout)
+        // Bounds the request head (431 past it) and each connection's read buffer.
+        .max_buf_size(config.max_head_bytes);
     let graceful = GracefulShutdown::new();
-    // Express-lane connections learn of the drain from this; hyper's from `graceful`.
-    let (drain_tx, drain_rx) = watch::channel(false);
     while let Some((stream, slot)) = connections.recv().await {
         let Some(stream) = serval_shards::register(stream) else {
             continue;
         };
-        // Taken now so a drain that starts while the express lane serves it still counts it.
         let watcher = graceful.watcher();
         let builder = builder.clone();
-        let drain = drain_rx.clone();
         let shard = shard.clone();
-        let (fast_path, header_timeout, idle_timeout) = (
-            config.fast_path,
-            config.header_read_timeout,
-            config.idle_timeout,
-        );
         tokio::spawn(async move {
-            // Held until the connection closes, on either path.
+            // Held until the connection closes.
             let _slot = slot;
-            let (stream, buffered) = if fast_path {
-                match express::serve(&shard.proxy, stream, header_timeout, idle_timeout, drain)
-                    .await
-                {
-                    Outcome::Closed => return,
-                    Outcome::Handover { stream, buffered } => (stream, buffered),
-                }
-            } else {
-                (stream, Bytes::new())
-            };
             let svc = service_fn(move |req| {
                 let shard = shard.clone();
                 async move { Ok::<_, Infallible>(dispatch(&shard, req).await) }
             });
-            let io = TokioIo::new(Prefixed::new(buffered, stream));
+            let io = TokioIo::new(stream);
             let conn = watcher.watch(builder.serve_connection(io, svc).into_owned());
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with error");
@@ -350,19 +332,24 @@ async fn run_shard(
         });
     }
     tracing::debug!(inflight_connections = graceful.count(), "shard draining");
-    let _ = drain_tx.send(true);
     if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing");
     }
-    sweeper.abort();
+    ticker.abort();
     let _ = done.send(());
 }
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
-    let resp = match own_path(&shard.state, req.uri().path(), false) {
+    let state = &shard.state;
+    let own = own_path(state, req.uri().path(), false).or_else(|| {
+        let table = state.store.load();
+        let draining = state.draining.load(Ordering::Relaxed);
+        oip::server_answer(req.method(), req.uri().path(), table.as_deref(), draining)
+    });
+    let resp = match own {
         Some(resp) => resp,
         None => shard.proxy.handle(req).await,
     };

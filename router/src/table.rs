@@ -6,17 +6,53 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use http::HeaderMap;
 use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serval_api::routing::RoutingTable;
+use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
 use crate::metrics::{CodeLabels, Metrics, RouteLabels};
-use crate::retry::RetryBudget;
 use crate::split::Split;
+
+/// A route's retry budget (tower's, as in Finagle and linkerd): retries may add at most a
+/// share of recent requests plus a small floor, so retrying cannot multiply the load on a
+/// backend that is already failing.
+#[derive(Debug)]
+pub struct RetryBudget {
+    percent: u32,
+    budget: TpsBudget,
+}
+
+impl RetryBudget {
+    /// `percent`% of the requests of the last `window` (1-60 s), and `min_per_window` always.
+    pub fn new(percent: u32, min_per_window: u32, window: Duration) -> Self {
+        let window = window.clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let min_per_sec = min_per_window.div_ceil(window.as_secs() as u32);
+        Self {
+            percent,
+            budget: TpsBudget::new(window, min_per_sec, percent.min(1000) as f32 / 100.0),
+        }
+    }
+
+    /// The configured percentage.
+    pub fn percent(&self) -> u32 {
+        self.percent
+    }
+
+    /// Counts a first attempt.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Takes one retry from the budget if there is one left.
+    pub fn withdraw(&self) -> bool {
+        self.budget.withdraw()
+    }
+}
 use crate::upstream::{AddrState, BackendPool};
 
 /// Settings that shape compiled tables.
@@ -62,6 +98,11 @@ pub struct CompiledRoute {
     pub budget: Arc<RetryBudget>,
     /// Metric series per backend the route can answer from (split and header rules).
     pub stats: Vec<(Arc<BackendPool>, RouteStats)>,
+    /// The backend that answers for the Endpoint as a whole (model metadata): the usable one
+    /// with the largest weight, the first listed on a tie.
+    pub primary: Option<Arc<BackendPool>>,
+    /// The Endpoint's name as the value of [`serval_api::routing::ENDPOINT_HEADER`].
+    pub endpoint_header: Option<HeaderValue>,
 }
 
 impl CompiledRoute {
@@ -75,25 +116,41 @@ impl CompiledRoute {
 
     /// The backend for a request: a header rule, else the sticky hash, else the weighted split.
     pub fn choose(&self, headers: &HeaderMap) -> Option<&Arc<BackendPool>> {
-        self.choose_by(|name| headers.get(name).map(|v| v.as_bytes()))
-    }
-
-    /// [`Self::choose`] over any header lookup (the express lane reads unparsed heads).
-    pub fn choose_by<'h>(
-        &self,
-        header: impl Fn(&HeaderName) -> Option<&'h [u8]>,
-    ) -> Option<&Arc<BackendPool>> {
-        for (name, value, pool) in &self.matches {
-            if header(name).is_some_and(|v| v == value.as_bytes()) {
-                return pool.is_usable().then_some(pool);
-            }
+        if let Some(ruled) = self.ruled(headers) {
+            return ruled;
         }
-        let sticky_key = self.sticky.as_ref().and_then(&header);
+        let sticky_key = self
+            .sticky
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .map(|v| v.as_bytes());
         let idx = match sticky_key {
             Some(key) => self.split.pick_sticky(key),
             None => self.split.pick_weighted(rand::random()),
         }?;
         self.backends.get(idx)
+    }
+
+    /// The backend answering for the Endpoint as a whole: a header rule's, else the primary.
+    pub fn choose_primary(&self, headers: &HeaderMap) -> Option<&Arc<BackendPool>> {
+        self.ruled(headers).unwrap_or(self.primary.as_ref())
+    }
+
+    /// Whether the Endpoint can answer at all.
+    pub fn has_ready_backend(&self) -> bool {
+        self.primary.is_some()
+    }
+
+    /// The first header rule the request matches, with its backend if usable.
+    fn ruled(&self, headers: &HeaderMap) -> Option<Option<&Arc<BackendPool>>> {
+        self.matches
+            .iter()
+            .find(|(name, value, _)| {
+                headers
+                    .get(name)
+                    .is_some_and(|v| v.as_bytes() == value.as_bytes())
+            })
+            .map(|(_, _, pool)| pool.is_usable().then_some(pool))
     }
 }
 
@@ -205,7 +262,22 @@ impl CompiledTable {
                 };
                 stats.push((p.clone(), s));
             }
+            let primary = r
+                .traffic
+                .iter()
+                .zip(&backends)
+                .filter(|(t, p)| t.weight > 0 && p.is_usable())
+                .fold(
+                    None,
+                    |best: Option<(u32, &Arc<BackendPool>)>, (t, p)| match best {
+                        Some((w, _)) if w >= t.weight => best,
+                        _ => Some((t.weight, p)),
+                    },
+                )
+                .map(|(_, p)| p.clone());
             routes.push(CompiledRoute {
+                primary,
+                endpoint_header: HeaderValue::from_str(&r.endpoint).ok(),
                 endpoint: r.endpoint.clone(),
                 backends,
                 split,
@@ -393,5 +465,39 @@ mod tests {
         );
         h.insert("x-canary", "1".parse().unwrap());
         assert_eq!(r.choose(&h).unwrap().name, "b", "header rule overrides");
+    }
+
+    #[test]
+    fn the_primary_is_the_heaviest_usable_backend_whatever_the_split_draws() {
+        let store = TableStore::new(Arc::new(Metrics::new()), SETTINGS);
+        store.apply_json(json(70, 30).as_bytes()).unwrap();
+        let t = store.load().unwrap();
+        let r = &t.routes[0];
+        let none = HeaderMap::new();
+        for _ in 0..50 {
+            assert_eq!(r.choose_primary(&none).unwrap().name, "a");
+        }
+        let mut canary = HeaderMap::new();
+        canary.insert("x-canary", "1".parse().unwrap());
+        assert_eq!(r.choose_primary(&canary).unwrap().name, "b");
+        // A tie goes to the first listed.
+        store.apply_json(json(50, 50).as_bytes()).unwrap();
+        let t = store.load().unwrap();
+        assert_eq!(t.routes[0].choose_primary(&none).unwrap().name, "a");
+        store.apply_json(json(0, 0).as_bytes()).unwrap();
+        let t = store.load().unwrap();
+        assert!(!t.routes[0].has_ready_backend());
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_requests_plus_a_floor() {
+        let b = RetryBudget::new(20, 2, Duration::from_secs(1));
+        assert!(b.withdraw() && b.withdraw(), "the floor allows two");
+        assert!(!b.withdraw());
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let granted = (0..100).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 20, "20% of 100 requests");
     }
 }

@@ -1,5 +1,6 @@
 //! Upstream addresses of a backend: least-request balancing by power of two choices, and
-//! outlier ejection that never ejects the last healthy address. (Connections: [`crate::pool`].)
+//! outlier ejection that never ejects the last healthy address. Connections are hyper-util's
+//! pooled client, one per shard ([`http_client`]).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -7,26 +8,39 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::metrics::{AddressLabels, Metrics};
-use crate::pool::UpstreamClient;
 
 /// Boxed error of streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of requests sent upstream: buffered bytes or the client's stream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-/// A shard's upstream HTTP client (keep-alive pool).
-pub type HttpClient = Arc<UpstreamClient>;
+/// A shard's upstream HTTP client: hyper-util's keep-alive pool, HTTP/1.1 to the sidecars.
+pub type HttpClient = Client<HttpConnector, UpstreamBody>;
 
-/// Builds the pooled keep-alive client a shard uses for every upstream.
+/// Builds the pooled keep-alive client a shard uses for every upstream. Its connection tasks
+/// run on the runtime that builds it, so each shard's upstream connections stay on its thread.
 pub fn http_client(
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 ) -> HttpClient {
-    UpstreamClient::new(connect_timeout, idle_timeout, max_idle_per_host)
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    // Inference requests are small writes that must not wait for Nagle.
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        // The Host header is always ours (the upstream's name), never derived from the URI.
+        .set_host(false)
+        .build(connector)
 }
 
 /// When an address is taken out of rotation.
@@ -54,6 +68,8 @@ pub struct AddrState {
     /// The Host header sent to it (`host[:port]`, the port left out when it is 80), built
     /// once; `None` if `address` is not a valid `host:port`.
     pub host_header: Option<HeaderValue>,
+    /// `address` as a URI authority, for the client's pool key; `None` as above.
+    authority: Option<Authority>,
     inflight: AtomicUsize,
     consecutive_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
@@ -65,6 +81,7 @@ impl AddrState {
         Self {
             address: address.to_owned(),
             host_header: host_header(address),
+            authority: Authority::try_from(address).ok(),
             inflight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -74,6 +91,16 @@ impl AddrState {
     /// Requests currently outstanding.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// The absolute URI of `path` on this address; `None` if the address is not `host:port`.
+    pub fn uri(&self, path: PathAndQuery) -> Option<Uri> {
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone()?)
+            .path_and_query(path)
+            .build()
+            .ok()
     }
 
     fn is_ejected(&self, now: u64) -> bool {

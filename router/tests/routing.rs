@@ -85,13 +85,12 @@ async fn paths_are_rewritten_to_the_chosen_backends_model() {
     let cases = [
         ("/v2/models/digits/infer", "/v2/models/digits-v1/infer"),
         ("/v2/models/digits", "/v2/models/digits-v1"),
-        ("/v2/models/digits/ready", "/v2/models/digits-v1/ready"),
         ("/v1/models/digits:predict", "/v1/models/digits-v1:predict"),
         (
             "/digits/v2/models/digits/infer?x=1",
             "/v2/models/digits-v1/infer?x=1",
         ),
-        ("/digits/v2/health/ready", "/v2/health/ready"),
+        ("/digits/v2/health", "/v2/health"),
         ("/digits", "/"),
     ];
     for (from, to) in cases {
@@ -99,10 +98,36 @@ async fn paths_are_rewritten_to_the_chosen_backends_model() {
         assert_eq!((status, backend.as_str()), (200, "digits-v1"), "{from}");
         assert_eq!(body["path"], to, "{from}");
     }
+    // The protocol's server-wide and readiness paths are the router's own answers, for the
+    // whole namespace at its root and for the Endpoint under its prefix or name.
+    for (path, want) in [
+        ("/v2/health/live", json!({"live": true})),
+        ("/v2/health/ready", json!({"ready": true})),
+        (
+            "/v2/models/digits/ready",
+            json!({"name": "digits", "ready": true}),
+        ),
+        (
+            "/digits/v2/health/ready",
+            json!({"name": "digits", "ready": true}),
+        ),
+        ("/digits/v2/health/live", json!({"live": true})),
+    ] {
+        let (status, backend, body) = call(&c, c.get(r.url(path))).await;
+        assert_eq!(
+            (status, backend.as_str(), &body),
+            (200, "", &want),
+            "{path}"
+        );
+    }
+    let (status, _, body) = call(&c, c.get(r.url("/v2"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["name"], "serval-router");
+    assert_eq!(body["extensions"], json!(["binary_tensor_data"]));
     let (status, backend, body) = call(&c, c.get(r.url("/nope/v2/models/x"))).await;
     assert_eq!(status, 404);
     assert_eq!(backend, "");
-    assert!(body["error"].as_str().unwrap().contains("no route"));
+    assert!(body["error"].as_str().unwrap().contains("not found"));
     assert_eq!(
         metric(&r.metrics(), "serval_router_unmatched_requests_total"),
         1.0

@@ -195,7 +195,7 @@ async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> Re
         }
         Route::V1Status => Ok(json_response(
             StatusCode::OK,
-            &json!({ "name": state.config.name, "ready": state.is_ready() }),
+            &json!({ "name": answer_name(state, req.headers()), "ready": state.is_ready() }),
         )),
         Route::ServerMetadata => Ok(json_response(
             StatusCode::OK,
@@ -216,7 +216,7 @@ async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> Re
         Route::ModelMetadata => {
             let model = state.model().ok_or(RequestError::NotReady)?;
             let meta = v2::ModelMetadata {
-                name: state.config.name.clone(),
+                name: answer_name(state, req.headers()).to_owned(),
                 versions: vec![v2::MODEL_VERSION.to_owned()],
                 platform: "onnx_tract".to_owned(),
                 inputs: model
@@ -248,6 +248,19 @@ async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> Re
         ))),
     }
 }
+
+/// The model name an answer carries: the Endpoint the client called, when the router says so
+/// ([`serval_api::routing::ENDPOINT_HEADER`]), else this server's own model name.
+fn answer_name<'a>(state: &'a AppState, headers: &'a HeaderMap) -> &'a str {
+    headers
+        .get(serval_api::routing::ENDPOINT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty() && n.len() <= MAX_ANSWER_NAME)
+        .unwrap_or(&state.config.name)
+}
+
+/// Longest Endpoint name echoed back: a Kubernetes object name's bound.
+const MAX_ANSWER_NAME: usize = 253;
 
 #[derive(Clone, Copy)]
 enum Protocol {
@@ -282,7 +295,7 @@ async fn infer(
                 .wait()
                 .await?;
             let enc = v2::encode(
-                &state.config.name,
+                answer_name(state, headers),
                 decoded.id.as_deref(),
                 engine.outputs(),
                 &outputs,

@@ -1,8 +1,7 @@
 //! `bench-router`: added latency and throughput of the router versus calling the upstream
 //! directly and versus nginx with the same 2-way 90/10 weighted split, in one run on loopback.
 //!
-//! Every server is its own process (two fake model servers, `serval-router` twice — express
-//! lane on, and off so every request takes its hyper path —, nginx) so the
+//! Every server is its own process (two fake model servers, `serval-router`, nginx) so the
 //! proxies compete for the CPU the same way; the load generator runs here. Not a test: it
 //! prints numbers and ratios.
 //!
@@ -192,7 +191,7 @@ async fn bench(o: Options) -> Result<()> {
     let table = dir.path().join("routing.json");
     std::fs::write(&table, routing_table(pa, pb))?;
     let router_bin = exe.with_file_name("serval-router");
-    let start_router = |port: u16, fast_path: bool| -> Result<Proc> {
+    let start_router = |port: u16| -> Result<Proc> {
         Ok(Proc(
             Command::new(&router_bin)
                 .args([
@@ -203,7 +202,6 @@ async fn bench(o: Options) -> Result<()> {
                 ])
                 .args(["--port", &port.to_string()])
                 .args(["--worker-threads", &o.workers.to_string()])
-                .args(["--fast-path", &fast_path.to_string()])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
@@ -211,12 +209,8 @@ async fn bench(o: Options) -> Result<()> {
         ))
     };
     let router_port = free_port()?;
-    let router = start_router(router_port, true)?;
+    let router = start_router(router_port)?;
     wait_listening(router_port).await?;
-    // The same router with every request on its hyper path: what the express lane gains.
-    let hyper_port = free_port()?;
-    let hyper_router = start_router(hyper_port, false)?;
-    wait_listening(hyper_port).await?;
 
     let nginx_port = free_port()?;
     let nginx = start_nginx(dir.path(), nginx_port, pa, pb, o.workers);
@@ -249,12 +243,6 @@ async fn bench(o: Options) -> Result<()> {
             with_children: true,
         });
     }
-    targets.push(Target {
-        name: "router-hyper",
-        port: hyper_port,
-        pid: hyper_router.0.id(),
-        with_children: false,
-    });
     println!(
         "fairness: serval-router --worker-threads {w}, nginx worker_processes {w}; upstreams 1 \
          thread each; load generator 2 threads; {c} connections, {s} s per target, {r} rounds \
@@ -311,20 +299,12 @@ async fn bench(o: Options) -> Result<()> {
         "serval-router req/s / direct: {:.2}",
         router.rps / direct.rps
     );
-    let hyper_path = &med[targets.len() - 1];
-    println!(
-        "serval-router (express lane) cpu per request / its hyper path: {}",
-        match (router.cpu_us, hyper_path.cpu_us) {
-            (Some(a), Some(b)) => format!("{:.2}", a / b),
-            _ => "-".to_owned(),
-        }
-    );
     if nginx.is_ok()
         && let Some(ng) = med.get(2)
     {
         println!("nginx added p50: {:.1} µs", ng.p50_us - direct.p50_us);
         println!(
-            "serval-router req/s / nginx req/s: {:.2} (goal ≥ 1.0)",
+            "serval-router req/s / nginx req/s: {:.2} (goal ≥ 0.9 with one HTTP implementation)",
             router.rps / ng.rps
         );
         let wins = samples[1]
@@ -348,7 +328,6 @@ async fn bench(o: Options) -> Result<()> {
         }
     }
     drop(nginx);
-    drop(hyper_router);
     Ok(())
 }
 

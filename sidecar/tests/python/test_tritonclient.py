@@ -1,7 +1,9 @@
-"""The real tritonclient (HTTP) against a running serval-sidecar serving models/digits.onnx.
+"""The real tritonclient (HTTP) against a server of models/digits.onnx named `digits`.
 
-Run by `cargo test -p serval-sidecar --test process tritonclient`, which starts the binary and
-sets SERVAL_URL (host:port) and SERVAL_MODEL (the .onnx path, used for an onnxruntime reference).
+Run by `cargo test -p serval-sidecar --test process tritonclient` against a serval-sidecar, and
+by `cargo test -p serval-cli --test local tritonclient` against the router of `serval local`
+(the Endpoint `digits`). Both set SERVAL_URL (host:port) and SERVAL_MODEL (the .onnx path, used
+for an onnxruntime reference).
 """
 
 import os
@@ -56,6 +58,7 @@ def test_infer_matches_onnxruntime(client, batch, binary_in, binary_out):
     ]
     result = client.infer(NAME, [inp], outputs=outputs, request_id="42")
     assert result.get_response()["id"] == "42"
+    assert result.get_response()["model_name"] == NAME
     np.testing.assert_array_equal(result.as_numpy("label"), labels)
     np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-4, atol=1e-5)
 
