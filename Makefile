@@ -9,7 +9,7 @@ export SERVAL_CACHE CARGO_TARGET_DIR
 CARGO ?= cargo
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router bench-sidecar prune-cache
+.PHONY: all build run test lint fmt crds prereqs venv help bench bench-router bench-sidecar prune-cache fuzz
 
 # The release profile's incremental cache only grows (each changed build of a workspace crate
 # adds a session); past this many GiB `make test` starts it afresh, so a long-lived CI cache
@@ -35,6 +35,7 @@ help:
 	@echo "make crds     regenerate crds/ from the Rust types"
 	@echo "make lint     cargo fmt --check and clippy -D warnings"
 	@echo "make images   OCI image archives of operator, sidecar and router (no Docker needed)"
+	@echo "make fuzz     the router's differential fuzz target for FUZZ_SECONDS (600; nightly, cargo-fuzz)"
 	@echo "make bench    every benchmark: sidecar vs raw engine, router vs nginx, Serval vs Ray Serve,"
 	@echo "              KServe, Flask + onnxruntime (results in bench/results/)"
 
@@ -103,6 +104,20 @@ test: prereqs lint
 	$(CARGO) build --release --workspace --bins
 	SERVAL_OPERATOR_BIN=$(RELEASE)/serval-operator PATH="$(VENV)/bin:$$PATH" \
 		$(CARGO) test --release --workspace
+
+## Fuzzing
+
+# The router's differential fuzz target (router/fuzz): hyper and the router's header and route
+# rules against a strict reference from the RFCs. Needs the nightly toolchain (sanitizers);
+# cargo-fuzz is installed if missing. Its own target dir: sanitizer builds share nothing with
+# the release one. The corpus grows in $(SERVAL_CACHE)/fuzz-corpus, seeded from router/fuzz/seeds.
+FUZZ_SECONDS ?= 600
+fuzz:
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	mkdir -p $(SERVAL_CACHE)/fuzz-corpus
+	cd router/fuzz && CARGO_TARGET_DIR=$(SERVAL_CACHE)/fuzz-target cargo +nightly fuzz run request \
+		$(SERVAL_CACHE)/fuzz-corpus seeds -- -max_total_time=$(FUZZ_SECONDS)
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 

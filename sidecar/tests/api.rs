@@ -201,14 +201,23 @@ async fn health_metadata_and_metrics() {
     )
     .await;
     assert_eq!(output_f32(&a.json, 0), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(a.json["model_name"], "identity");
+    // Through the router, answers name the Endpoint the client called, not this Backend.
+    let via = |r: reqwest::RequestBuilder| r.header("serval-endpoint", "my-endpoint");
+    let a = send(via(c.get(format!("{b}/v2/models/identity")))).await;
+    assert_eq!(a.json["name"], "my-endpoint");
+    let a = send(via(c
+        .post(format!("{b}/v2/models/identity/infer"))
+        .json_body(&identity_request(&[[1.0, 2.0, 3.0, 4.0]]))))
+    .await;
+    assert_eq!(a.json["model_name"], "my-endpoint");
     let text =
         String::from_utf8(send(c.get(format!("{b}/metrics"))).await.bytes.to_vec()).expect("utf8");
     for name in [
-        "serval_requests_total{model=\"identity\",code=\"200\"} 1",
-        "serval_request_duration_seconds_count{model=\"identity\"} 1",
-        "serval_queue_wait_seconds_count{model=\"identity\"} 1",
-        "serval_inference_seconds_count{model=\"identity\"} 1",
-        "serval_batch_size_count{model=\"identity\"} 1",
+        "serval_requests_total{model=\"identity\",code=\"200\"} 2",
+        "serval_request_duration_seconds_count{model=\"identity\"} 2",
+        "serval_queue_wait_seconds_count{model=\"identity\"} 2",
+        "serval_inference_seconds_count{model=\"identity\"} 2",
         "serval_queue_depth{model=\"identity\"} 0",
         "serval_inflight{model=\"identity\"} 0",
         "serval_model_load_seconds{model=\"identity\"}",
