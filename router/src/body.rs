@@ -7,8 +7,7 @@
 //! upstream's failure.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -182,23 +181,6 @@ pub enum ClientFault {
 }
 
 impl ClientFault {
-    fn code(self) -> u8 {
-        match self {
-            ClientFault::Malformed => 1,
-            ClientFault::TooLarge => 2,
-            ClientFault::HungUp => 3,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(ClientFault::Malformed),
-            2 => Some(ClientFault::TooLarge),
-            3 => Some(ClientFault::HungUp),
-            _ => None,
-        }
-    }
-
     /// Classifies an error reading the client's body.
     pub fn of(e: &hyper::Error) -> Self {
         if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || is_hang_up(e) {
@@ -225,20 +207,18 @@ fn is_hang_up(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Where a [`ClientBody`] records its fault; shared with the request's handler.
+/// Where a [`ClientBody`] records its (first) fault; shared with the request's handler.
 #[derive(Debug, Clone, Default)]
-pub struct FaultCell(Arc<AtomicU8>);
+pub struct FaultCell(Arc<OnceLock<ClientFault>>);
 
 impl FaultCell {
     fn set(&self, fault: ClientFault) {
-        let _ = self
-            .0
-            .compare_exchange(0, fault.code(), Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.0.set(fault);
     }
 
     /// The client's fault, if its body failed.
     pub fn get(&self) -> Option<ClientFault> {
-        ClientFault::from_code(self.0.load(Ordering::Relaxed))
+        self.0.get().copied()
     }
 }
 

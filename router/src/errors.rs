@@ -52,9 +52,6 @@ pub enum Error {
         /// The transport error.
         reason: String,
     },
-    /// The client's request body could not be read.
-    #[error("reading the request body failed: {0}")]
-    RequestBody(String),
     /// A request the router cannot forward (e.g. a path the URI grammar rejects).
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -93,7 +90,7 @@ impl Error {
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            Error::RequestBody(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Refused(r) => r.status(),
             Error::Client(ClientFault::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Client(_) => StatusCode::BAD_REQUEST,

@@ -68,13 +68,13 @@ pub fn check_request(version: Version, headers: &mut HeaderMap) -> Result<(), Re
     }
     // hyper decodes one chunked coding and passes the rest through; any other coding (or
     // chunked twice, which §7 forbids) would reach the upstream still encoded but unlabelled.
-    for te in headers.get_all(header::TRANSFER_ENCODING) {
-        let only_chunked = te
-            .to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        if !only_chunked || headers.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (Some(te), None) if !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => {
             return Err(Refused::TransferCoding);
         }
+        (Some(_), Some(_)) => return Err(Refused::TransferCoding),
+        _ => {}
     }
     // Header names with `_` are valid tokens (RFC 9110 §5.1), but CGI, WSGI and Rack map `-`
     // and `_` to the same variable, so `Transfer_Encoding` or `X_Forwarded_For` could smuggle

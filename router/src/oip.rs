@@ -4,11 +4,11 @@
 //! (`/v2/models/<endpoint>/ready`, or the server paths under its prefix).
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
 use crate::body::ProxyBody;
-use crate::matching::{PathKind, server_path};
+use crate::matching::PathKind;
 use crate::table::{CompiledRoute, CompiledTable};
 
 /// Name the router gives itself in server metadata.
@@ -17,19 +17,16 @@ pub const SERVER_NAME: &str = "serval-router";
 /// tensor extension untouched; the model servers implement it).
 const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
 
-/// The router's answer to a server-wide path at its root, or `None` for anything else.
-/// Ready means the router serves a table, is not draining, and every Endpoint has a ready
-/// backend: the protocol's "ready for inferencing" for every model it serves.
+/// The router's answer to a server-wide path at its root (`kind` from
+/// [`crate::matching::server_path`]). Ready means the router serves a table, is not draining,
+/// and every Endpoint has a ready backend: the protocol's "ready for inferencing" for every
+/// model it serves.
 pub fn server_answer(
-    method: &Method,
-    path: &str,
+    kind: PathKind,
     table: Option<&CompiledTable>,
     draining: bool,
-) -> Option<Response<ProxyBody>> {
-    if method != Method::GET && method != Method::HEAD {
-        return None;
-    }
-    Some(match server_path(path)? {
+) -> Response<ProxyBody> {
+    match kind {
         PathKind::Live => json(StatusCode::OK, json!({ "live": true })),
         PathKind::Ready => {
             let unready: Vec<&str> = table
@@ -51,7 +48,7 @@ pub fn server_answer(
             }
         }
         _ => server_metadata(),
-    })
+    }
 }
 
 /// The router's answer for one Endpoint's readiness or server paths.

@@ -310,8 +310,8 @@ impl Proxy {
             let body = match (&buffered, stream.take()) {
                 (Some(b), _) => full_body(b.clone()),
                 (None, Some(s)) => s.boxed_unsync(),
-                // Unreachable: a streamed body is never retried.
-                (None, None) => return Err(Error::RequestBody("body already sent".to_owned())),
+                // Unreachable: `may_retry` refuses a second attempt of a streamed body.
+                (None, None) => return Err(Error::BadRequest("body already sent".to_owned())),
             };
             let addr = &pool.addrs[idx];
             let upstream = upstream_request(&parts.method, addr, &path, &parts.headers, body)?;

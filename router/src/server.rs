@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,10 +28,10 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
 use crate::metrics::Metrics;
-use crate::oip;
 use crate::proxy::Proxy;
 use crate::table::{TableSettings, TableStore};
 use crate::table_source;
+use crate::{matching, oip};
 
 /// Liveness: the process serves HTTP.
 pub const HEALTHZ_PATH: &str = "/-/healthz";
@@ -46,7 +46,7 @@ pub const RESERVED_PREFIX: &str = "/-/";
 type Dealt = (std::net::TcpStream, Slot);
 
 /// Floor on how often a shard's timer driver is woken by its tick, whatever the idle timeout.
-const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const TICK_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// Ceiling on the same period. The tick keeps each shard's timer driver waking at least this
 /// often: tokio wakes the driver (an eventfd write, then an extra `epoll_wait`) whenever a timer
 /// is armed earlier than the deadline it last parked on, even from the driver's own thread. With
@@ -55,18 +55,18 @@ const IDLE_SWEEP_MIN: std::time::Duration = std::time::Duration::from_millis(100
 /// same reason the period is also kept within the table's shortest route timeout: with a 1 s
 /// period, a route timing out after 50 ms cost 0.70 extra writes per request (100 ms: 0.49,
 /// 200 ms: 0.09); within it, none.
-const IDLE_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(1);
-/// Floor of the period when a route's timeout is shorter than [`IDLE_SWEEP_MIN`]: routes with
+const TICK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// Floor of the period when a route's timeout is shorter than [`TICK_MIN`]: routes with
 /// a timeout under this still pay the wake-up, which beats sweeping more often.
-const IDLE_SWEEP_FLOOR: std::time::Duration = std::time::Duration::from_millis(10);
+const TICK_FLOOR: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How long a shard waits between ticks: about the pool's idle timeout,
-/// within [`IDLE_SWEEP_MIN`, `IDLE_SWEEP_MAX`], and no longer than the shortest route timeout
-/// (not below [`IDLE_SWEEP_FLOOR`]), so no request's timeout timer is ever earlier than the
+/// within [`TICK_MIN`, `TICK_MAX`], and no longer than the shortest route timeout
+/// (not below [`TICK_FLOOR`]), so no request's timeout timer is ever earlier than the
 /// deadline the shard's timer driver parked on.
-fn sweep_period(idle_timeout: Duration, shortest_route_timeout: Option<Duration>) -> Duration {
-    let period = idle_timeout.clamp(IDLE_SWEEP_MIN, IDLE_SWEEP_MAX);
-    shortest_route_timeout.map_or(period, |t| period.min(t.max(IDLE_SWEEP_FLOOR)))
+fn tick_period(idle_timeout: Duration, shortest_route_timeout: Option<Duration>) -> Duration {
+    let period = idle_timeout.clamp(TICK_MIN, TICK_MAX);
+    shortest_route_timeout.map_or(period, |t| period.min(t.max(TICK_FLOOR)))
 }
 
 /// What every connection shares.
@@ -297,7 +297,7 @@ async fn run_shard(
                 .store
                 .load()
                 .and_then(|t| t.routes.iter().map(|r| r.timeout).min());
-            tokio::time::sleep(sweep_period(pool_idle, shortest)).await;
+            tokio::time::sleep(tick_period(pool_idle, shortest)).await;
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -345,9 +345,14 @@ async fn run_shard(
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &shard.state;
     let own = own_path(state, req.uri().path(), false).or_else(|| {
-        let table = state.store.load();
+        let kind = matching::server_path(req.uri().path())
+            .filter(|_| matches!(*req.method(), Method::GET | Method::HEAD))?;
         let draining = state.draining.load(Ordering::Relaxed);
-        oip::server_answer(req.method(), req.uri().path(), table.as_deref(), draining)
+        Some(oip::server_answer(
+            kind,
+            state.store.load().as_deref(),
+            draining,
+        ))
     });
     let resp = match own {
         Some(resp) => resp,
@@ -409,19 +414,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sweep_period_stays_within_the_shortest_route_timeout() {
+    fn tick_period_stays_within_the_shortest_route_timeout() {
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
         // The pool's 50 s idle timeout alone: the 1 s ceiling.
-        assert_eq!(sweep_period(s(50), None), s(1));
-        assert_eq!(sweep_period(s(50), Some(s(30))), s(1));
+        assert_eq!(tick_period(s(50), None), s(1));
+        assert_eq!(tick_period(s(50), Some(s(30))), s(1));
         // A 250 ms route timeout: every 250 ms, so its timers never precede the parked deadline.
-        assert_eq!(sweep_period(s(50), Some(ms(250))), ms(250));
+        assert_eq!(tick_period(s(50), Some(ms(250))), ms(250));
         // Not below the floor, however short the route's timeout.
-        assert_eq!(sweep_period(s(50), Some(ms(1))), IDLE_SWEEP_FLOOR);
+        assert_eq!(tick_period(s(50), Some(ms(1))), TICK_FLOOR);
         // A short idle timeout still sweeps at least every 100 ms...
-        assert_eq!(sweep_period(ms(20), None), IDLE_SWEEP_MIN);
+        assert_eq!(tick_period(ms(20), None), TICK_MIN);
         // ...and more often for a shorter route timeout.
-        assert_eq!(sweep_period(ms(20), Some(ms(50))), ms(50));
+        assert_eq!(tick_period(ms(20), Some(ms(50))), ms(50));
     }
 }

@@ -29,6 +29,14 @@ impl Log {
     fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.requests.lock().unwrap())
     }
+
+    /// The requests seen since the last call, with the upstream's address written `UP`.
+    fn seen(&self, addr: &str) -> Vec<String> {
+        self.take()
+            .into_iter()
+            .map(|r| r.replace(addr, "UP"))
+            .collect()
+    }
 }
 
 /// The upstream: parses each request head with httparse (independently of hyper), reads a
@@ -581,11 +589,7 @@ async fn raw_http_cases_get_the_right_answer_and_exactly_the_right_bytes_upstrea
         if c.upstream.is_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let seen: Vec<String> = log
-            .take()
-            .into_iter()
-            .map(|r| r.replace(&addr, "UP"))
-            .collect();
+        let seen = log.seen(&addr);
         assert_eq!(seen, c.upstream, "{}: upstream bytes", c.name);
     }
     assert!(total >= 30, "the suite has {total} cases");
@@ -612,11 +616,7 @@ async fn expect_100_continue_is_answered_by_the_router_and_not_forwarded() {
     s.write_all(b"hello").await.unwrap();
     let a = read_answer(&mut s, &mut buf).await.unwrap();
     assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
-    let seen: Vec<String> = log
-        .take()
-        .into_iter()
-        .map(|r| r.replace(&addr, "UP"))
-        .collect();
+    let seen = log.seen(&addr);
     assert_eq!(seen, vec![up("POST /x", &["content-length: 5"], "hello")]);
 }
 

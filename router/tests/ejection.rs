@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -245,21 +243,8 @@ async fn a_70_30_split_stays_exact_when_a_replica_fails_a_tenth_of_its_connects(
         ],
     ))
     .await;
-    let c = client();
     let n = 10_000;
-    let counts: HashMap<String, usize> = futures::stream::iter(0..n)
-        .map(|_| {
-            let c = c.clone();
-            let url = r.url("/e/infer");
-            async move { call(&c, c.post(url).body(INFER_BODY)).await }
-        })
-        .buffer_unordered(16)
-        .fold(HashMap::new(), |mut acc, (status, backend, _)| async move {
-            assert_eq!(status, 200, "a failed connect was not retried");
-            *acc.entry(backend).or_insert(0) += 1;
-            acc
-        })
-        .await;
+    let counts = count_backends(&r, "/e/infer", n, 16).await;
     let share_a = counts.get("a").copied().unwrap_or(0) as f64 / n as f64;
     assert!(
         (share_a - 0.70).abs() <= 0.02,

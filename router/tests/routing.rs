@@ -5,7 +5,6 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use futures::StreamExt;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,21 +27,8 @@ async fn split_90_10_over_10000_requests_and_weight_zero_gets_none() {
         ],
     );
     let r = router(&doc).await;
-    let c = client();
     let n = 10_000;
-    let counts: HashMap<String, usize> = futures::stream::iter(0..n)
-        .map(|_| {
-            let c = c.clone();
-            let url = r.url("/v2/models/digits/infer");
-            async move { call(&c, c.post(url).body(INFER_BODY)).await }
-        })
-        .buffer_unordered(32)
-        .fold(HashMap::new(), |mut m, (status, backend, _)| async move {
-            assert_eq!(status, 200);
-            *m.entry(backend).or_insert(0) += 1;
-            m
-        })
-        .await;
+    let counts = count_backends(&r, "/v2/models/digits/infer", n, 32).await;
     let share_a = counts.get("a").copied().unwrap_or(0) as f64 / n as f64;
     assert!(
         (share_a - 0.9).abs() <= 0.02,

@@ -272,3 +272,31 @@ pub async fn call(c: &reqwest::Client, req: reqwest::RequestBuilder) -> (u16, St
 
 pub const INFER_BODY: &str =
     r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#;
+
+/// Sends `n` inference requests to `path`, `concurrency` at a time, and counts the answering
+/// backends (`serval-backend`); every answer must be 200.
+pub async fn count_backends(
+    r: &TestRouter,
+    path: &str,
+    n: usize,
+    concurrency: usize,
+) -> std::collections::HashMap<String, usize> {
+    use futures::StreamExt;
+    let c = client();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let c = c.clone();
+            let url = r.url(path);
+            async move { call(&c, c.post(url).body(INFER_BODY)).await }
+        })
+        .buffer_unordered(concurrency)
+        .fold(
+            std::collections::HashMap::new(),
+            |mut m, (status, backend, _)| async move {
+                assert_eq!(status, 200, "{backend}");
+                *m.entry(backend).or_insert(0) += 1;
+                m
+            },
+        )
+        .await
+}
