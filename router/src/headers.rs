@@ -102,6 +102,18 @@ pub fn check_request(version: Version, headers: &mut HeaderMap) -> Result<(), Re
     Ok(())
 }
 
+/// Whether the client asked to close its connection (RFC 9112 §9.6), read as bytes: hyper
+/// reads the Connection header as text and ignores a `close` beside a non-ASCII option (the
+/// fuzz target found `Connection: tran-\xa5, close` kept alive), so the router answers such a
+/// request with `Connection: close` itself.
+pub fn asks_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
 /// Removes the connection-specific headers of an upstream's response before it is relayed.
 pub fn relay_response(headers: &mut HeaderMap) {
     // RFC 9112 §6.3 ¶3: a message with both Transfer-Encoding and Content-Length is framed by
@@ -209,6 +221,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn close_is_read_beside_a_non_ascii_option() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_bytes(b"tran-\xa5, , Close").unwrap(),
+        );
+        assert!(asks_close(&h));
+        assert!(!asks_close(&headers(&[(
+            "connection",
+            "keep-alive, x-close"
+        )])));
     }
 
     #[test]

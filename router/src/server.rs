@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::table::{TableSettings, TableStore};
 use crate::table_source;
-use crate::{matching, oip};
+use crate::{headers, matching, oip};
 
 /// Liveness: the process serves HTTP.
 pub const HEALTHZ_PATH: &str = "/-/healthz";
@@ -344,6 +344,7 @@ async fn run_shard(
 
 async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &shard.state;
+    let close = headers::asks_close(req.headers());
     let own = own_path(state, req.uri().path(), false).or_else(|| {
         let kind = matching::server_path(req.uri().path())
             .filter(|_| matches!(*req.method(), Method::GET | Method::HEAD))?;
@@ -354,10 +355,14 @@ async fn dispatch(shard: &ShardState, req: Request<Incoming>) -> Response<ProxyB
             draining,
         ))
     });
-    let resp = match own {
+    let mut resp = match own {
         Some(resp) => resp,
         None => shard.proxy.handle(req).await,
     };
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     shard.proxy.answered();
     resp
 }

@@ -460,6 +460,13 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
+            "a client asking to close is closed even beside a non-ASCII option (RFC 9112 §9.6)",
+            "GET /e/x HTTP/1.1\r\nHost: x\r\nConnection: tran-\u{a5}, close\r\n\r\nGET /e/y HTTP/1.1\r\nHost: x\r\n\r\n",
+            &[200],
+            vec![ok_get()],
+            true,
+        ),
+        case(
             "a header block past 32 KiB is refused with 431 (nginx: 400)",
             &big_header,
             &[431],

@@ -70,6 +70,8 @@ fn through_hyper(input: &[u8]) -> Vec<Delivered> {
             let log = log.clone();
             async move {
                 let (parts, body) = req.into_parts();
+                // As the router's dispatch does: a `close` hyper cannot read as text still closes.
+                let close = headers::asks_close(&parts.headers);
                 let body = body
                     .collect()
                     .await
@@ -82,7 +84,14 @@ fn through_hyper(input: &[u8]) -> Vec<Delivered> {
                     headers: parts.headers,
                     body,
                 });
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                if close {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
