@@ -308,7 +308,10 @@ async fn run_shard(
         // the idle bound, so a client's pool is never closed under (see `--idle-timeout`).
         .header_read_timeout(config.idle_timeout)
         // Bounds the request head (431 past it) and each connection's read buffer.
-        .max_buf_size(config.max_head_bytes);
+        .max_buf_size(config.max_head_bytes)
+        // Inference answers are small: one copy into one buffer and one send() beat a
+        // writev() of head and body (see the allocator note in `main.rs`).
+        .writev(false);
     let graceful = GracefulShutdown::new();
     while let Some((stream, slot)) = connections.recv().await {
         let Some(stream) = serval_shards::register(stream) else {

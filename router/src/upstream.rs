@@ -38,6 +38,8 @@ pub fn http_client(
         .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(max_idle_per_host)
         .pool_timer(TokioTimer::new())
+        // Small requests: one flattened send, as on the server side.
+        .http1_writev(false)
         // The Host header is always ours (the upstream's name), never derived from the URI.
         .set_host(false)
         .build(connector)

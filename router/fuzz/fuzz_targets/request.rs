@@ -137,10 +137,12 @@ fn dechunk(b: &[u8]) -> Option<(Vec<u8>, usize)> {
             return None;
         }
         let rest = &line[size_end..];
-        // chunk-ext: BWS ";" …; anything but CR/LF/NUL after it (hyper's own bound: 16 KiB).
-        let rest_ok = rest.is_empty()
-            || (rest.iter().all(|c| *c == b' ' || *c == b'\t' || *c == b';' || c.is_ascii_graphic() || *c == b'=')
-                && rest.iter().skip_while(|c| **c == b' ' || **c == b'\t').next() == Some(&b';'));
+        // BWS, then chunk-ext: ";" and anything up to the line's end but CR or LF. The RFC
+        // wants tokens there; hyper skips the extension unread (the router never forwards it),
+        // and so does the reference.
+        let ext = rest.trim_ascii_start();
+        let rest_ok = (ext.is_empty() || ext[0] == b';')
+            && !rest.iter().any(|c| matches!(c, b'\r' | b'\n'));
         if !rest_ok {
             return None;
         }
