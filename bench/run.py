@@ -524,7 +524,9 @@ def raw_engine(model: Model, concurrency: int, seconds: float) -> dict | None:
            "--seconds", str(seconds)]
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, RUST_LOG="warn"))
-    found = {"command": " ".join(map(str, cmd)), "stdout": out.stdout}
+    # Recorded with the cache folder as `$SERVAL_CACHE`: results are committed, machines differ.
+    portable = lambda text: text.replace(str(CACHE), "$SERVAL_CACHE")  # noqa: E731
+    found = {"command": portable(" ".join(map(str, cmd))), "stdout": portable(out.stdout)}
     ratios = [float(m.group(2)) for m in RAW_RATIO.finditer(out.stdout)]
     if ratios:
         found["sidecar_over_raw"] = ratios[-1]
