@@ -129,7 +129,11 @@ pub fn error_body(message: &str) -> String {
 
 /// A JSON `{"error": message}` response.
 pub fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = error_body(message);
+    json_response(status, error_body(message))
+}
+
+/// A response with a JSON body (the router's own answers: errors, protocol metadata).
+pub fn json_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

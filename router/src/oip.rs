@@ -3,11 +3,11 @@
 //! `/v2/health/ready` (every Endpoint can answer), and per Endpoint its readiness
 //! (`/v2/models/<endpoint>/ready`, or the server paths under its prefix).
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{Response, StatusCode};
 use serde_json::json;
 
 use crate::body::ProxyBody;
+use crate::errors::json_response;
 use crate::matching::PathKind;
 use crate::table::{CompiledRoute, CompiledTable};
 
@@ -86,11 +86,5 @@ fn not_ready(why: &str) -> Response<ProxyBody> {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(Bytes::from(v.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+    json_response(status, v.to_string())
 }
