@@ -38,6 +38,8 @@ help:
 	@echo "make fuzz     the router's differential fuzz target for FUZZ_SECONDS (600; nightly, cargo-fuzz)"
 	@echo "make bench    every benchmark: sidecar vs raw engine, router vs nginx, Serval vs Ray Serve,"
 	@echo "              KServe, Flask + onnxruntime (results in bench/results/)"
+	@echo "make bench-overload  10x capacity on the CNN, direct and through the router: admitted p99,"
+	@echo "              goodput, 429 latency, peak RSS (bench/results/overload.txt)"
 
 include e2e/cluster.mk
 include charts/chart.mk

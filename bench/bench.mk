@@ -5,15 +5,19 @@
 #   make bench-venv      the peers (Ray Serve, KServe, Flask + gunicorn, onnxruntime) in a venv
 #   make bench-compare   the full comparison (3 repetitions, c = 1,8,32,64; ~20-25 min)
 #   make bench-quick     1 repetition, short windows, c = 1,32 (~3 min; for iterating)
+#   make bench-overload  10x capacity on the CNN, directly and through the router (~3 min)
 #
 # bench-compare writes bench/results/{results.json,README.md,*.png}; bench-quick writes the
 # same into $(SERVAL_CACHE)/bench-quick so it never overwrites the published results.
+# bench-overload writes bench/results/overload.{json,txt}.
 
 BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_ARGS ?=
 
-.PHONY: bench-venv bench-compare bench-quick bench-prereqs
+OVERLOAD_ARGS ?=
+
+.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload
 
 bench-venv: $(BENCH_VENV)/.installed
 $(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
@@ -37,3 +41,13 @@ bench-compare: bench-prereqs
 bench-quick: bench-prereqs
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
 		$(BENCH_PY) bench/run.py --quick --out $(SERVAL_CACHE)/bench-quick $(BENCH_ARGS)
+
+# Overload (issue 18): unloaded latency and capacity of a sidecar serving MobileNetV2, then an
+# open-loop offer of 10x that capacity; admitted and rejected latencies, goodput, peak RSS,
+# directly and through a serval-router. Standard library only, so the models venv's python.
+# OVERLOAD_ARGS="--quick --out /tmp/o" checks the harness in ~1 min.
+bench-overload:
+	$(MAKE) -C models mobilenet VENV=$(VENV)
+	$(CARGO) build --release -p serval-sidecar -p serval-router -p serval-loadgen --bins
+	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		$(VENV)/bin/python bench/overload.py --out bench/results $(OVERLOAD_ARGS)

@@ -10,6 +10,8 @@ Writes into --out (committed, small):
     identity.onnx      y = x * 1 + 0 over float [N,4]; for batching-correctness tests.
     gather.onnx        y = table[indices], int64 [N] -> float [N,4]; bad indices break the engine.
     fixed1.onnx        y = x + 1 over float [1,4]: a graph with a fixed batch of one.
+    slow.onnx          32 x (y = tanh(y W)) over float [N,256], one shared 256x256 W: a model
+                       slow enough per row (~4 MFLOP) that queueing and admission show in tests.
     digits/<name>.png  8x8 grayscale digits from the data set, pixel = value * 15, so the
                        built-in preprocess {"width":8,"height":8,"layout":"Flat","scale":1/15}
                        recovers the data-set values (0..16) exactly.
@@ -202,6 +204,29 @@ def mobilenetv2(out: str) -> None:
     onnx.save(model, os.path.join(out, "mobilenetv2.onnx"))
 
 
+def slow(out: str) -> None:
+    """32 layers of y = tanh(y W) with one shared W: ~4 MFLOP a row, in a 256 KB file."""
+    rng = np.random.default_rng(SEED)
+    w = numpy_helper.from_array(
+        (rng.standard_normal((256, 256)) / 16).astype(np.float32), "w")
+    nodes, y = [], "x"
+    for i in range(32):
+        nodes.append(helper.make_node("MatMul", [y, "w"], [f"m{i}"]))
+        y = "y" if i == 31 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [y]))
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="serval")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "slow.onnx"))
+
+
 def check(out: str) -> None:
     """Cross-check the committed models with onnxruntime so a broken export fails here."""
     import onnxruntime as ort
@@ -230,6 +255,7 @@ def main() -> None:
         identity(args.out)
         gather(args.out)
         fixed_batch(args.out)
+        slow(args.out)
         check(args.out)
     if args.mobilenet_out:
         mobilenetv2(args.mobilenet_out)

@@ -19,6 +19,10 @@ pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
 pub const DEFAULT_MAX_DELAY_MICROS: u32 = 2_000;
 /// Default queue bound: 32 full batches; beyond that a caller is better served by a 429 now.
 pub const DEFAULT_MAX_QUEUE: u32 = 1_024;
+/// Default longest expected queue wait a request is admitted with: a tenth of a second is below
+/// what a person notices in an interactive call, and still holds a few batches of a CNN-sized
+/// model per worker, so workers never idle between arrivals while the excess gets 429 at once.
+pub const DEFAULT_MAX_QUEUE_DELAY_MILLIS: u32 = 100;
 
 /// Specification of a Backend: which model to serve, how many replicas, how to batch.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -130,6 +134,15 @@ pub struct Batching {
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_queue: u32,
 
+    /// Longest expected queue wait, in milliseconds, a request is admitted with. The model
+    /// server predicts each request's wait from the queue ahead of it and the run times it
+    /// measured; a request that would wait longer, or would miss its `serval-deadline-ms`, is
+    /// answered 429 with Retry-After at once, so under overload the admitted requests keep a
+    /// bounded latency instead of all waiting out a long queue.
+    #[serde(default = "default_max_queue_delay_millis")]
+    #[schemars(range(min = 1, max = 600_000))]
+    pub max_queue_delay_millis: u32,
+
     /// Inference workers per pod. Defaults to one per CPU core.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
@@ -142,6 +155,7 @@ impl Default for Batching {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             max_delay_micros: DEFAULT_MAX_DELAY_MICROS,
             max_queue: DEFAULT_MAX_QUEUE,
+            max_queue_delay_millis: DEFAULT_MAX_QUEUE_DELAY_MILLIS,
             workers: None,
         }
     }
@@ -155,6 +169,9 @@ fn default_max_delay_micros() -> u32 {
 }
 fn default_max_queue() -> u32 {
     DEFAULT_MAX_QUEUE
+}
+fn default_max_queue_delay_millis() -> u32 {
+    DEFAULT_MAX_QUEUE_DELAY_MILLIS
 }
 
 /// Built-in pre-processing of requests.

@@ -25,6 +25,8 @@ pub mod flags {
     pub const MAX_DELAY_MICROS: &str = "--max-delay-micros";
     /// Queue bound in rows.
     pub const MAX_QUEUE: &str = "--max-queue";
+    /// Longest expected queue wait a request is admitted with, milliseconds.
+    pub const MAX_QUEUE_DELAY_MILLIS: &str = "--max-queue-delay-millis";
     /// Inference worker threads.
     pub const WORKERS: &str = "--workers";
     /// JSON of [`crate::Preprocess`].
@@ -62,6 +64,8 @@ pub fn sidecar_args(
         b.max_delay_micros.to_string(),
         flags::MAX_QUEUE.to_owned(),
         b.max_queue.to_string(),
+        flags::MAX_QUEUE_DELAY_MILLIS.to_owned(),
+        b.max_queue_delay_millis.to_string(),
     ];
     if let Some(sha) = &spec.model.sha256 {
         args.extend([flags::SHA256.to_owned(), sha.to_ascii_lowercase()]);

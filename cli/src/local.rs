@@ -3,8 +3,16 @@
 //! One `serval-sidecar` per Backend replica, one `serval-router` reading a routing table file
 //! that is planned by the same code as in the operator. A loop every [`TICK`] restarts crashed
 //! sidecars, probes readiness, reloads edited manifests, and rewrites the table when it changes.
+//!
+//! A replica that exits before it was ever ready (wrong sha256, a model that does not compile)
+//! is restarted with a capped back-off, and its Backend is reported failing, with the reason
+//! from the sidecar's log, after [`crate::restarts::DEFAULT_FAILED_STARTS`] such starts in a
+//! row: never shown as still loading. The healthy Backends keep serving and a failing one keeps
+//! being retried, as in a cluster's crash loop, and at once when its manifest changes. Only
+//! when every Backend is failing and no replica serves does `serval local` stop and exit
+//! non-zero: there is nothing left to serve, and a script running it should see the failure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,8 +24,12 @@ use serval_api::sidecar::sidecar_args;
 use serval_operator::desired::routing::{BackendView, plan, traffic_summary};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
 use crate::manifests::{self, Manifests, resolve_model};
+use crate::restarts::{
+    DEFAULT_MAX_RESTART_BACKOFF, ERROR_LINES_KEPT, Restarts, failure_reason, is_error_line,
+};
 
 /// How often the supervisor looks at processes and files.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -26,8 +38,9 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub const DEFAULT_RETIRE_GRACE: Duration = Duration::from_millis(1500);
 /// Bound on a graceful stop before SIGKILL: the sidecar's own drain bound plus margin.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait between restarts of a crash-looping sidecar.
-pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+/// Bound on reading the last lines of an exited sidecar's log: its pipes close when it exits,
+/// so this only guards the loop against a descendant that kept them open.
+pub const DEFAULT_LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Settings of one local-mode run.
 #[derive(Clone, Debug)]
@@ -50,16 +63,12 @@ struct Replica {
     port: u16,
     spec: BackendSpec,
     child: Child,
+    /// Error lines of its output, to explain an exit.
+    logs: Logs,
     ready: bool,
     /// Set when the replica leaves the table; it is stopped once the router has moved on.
     retire_at: Option<Instant>,
     term_sent: bool,
-}
-
-#[derive(Default)]
-struct Crashes {
-    count: u32,
-    not_before: Option<Instant>,
 }
 
 struct Supervisor {
@@ -67,14 +76,16 @@ struct Supervisor {
     manifests: Manifests,
     mtimes: Vec<(PathBuf, Option<SystemTime>)>,
     replicas: Vec<Replica>,
-    crashes: BTreeMap<String, Crashes>,
+    /// Crash record per Backend name, cleared when one of its replicas becomes ready.
+    restarts: BTreeMap<String, Restarts>,
     next_id: u32,
     table_path: PathBuf,
     revision: String,
     announced: bool,
 }
 
-/// Runs until Ctrl-C or SIGTERM, then stops every process it started.
+/// Runs until Ctrl-C or SIGTERM, then stops every process it started. Fails if every Backend
+/// is failing and nothing is served.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let manifests = match manifests::load(&opts.files) {
         Ok(m) => m,
@@ -105,7 +116,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         manifests,
         mtimes,
         replicas: Vec::new(),
-        crashes: BTreeMap::new(),
+        restarts: BTreeMap::new(),
         next_id: 0,
         table_path,
         revision: String::new(),
@@ -131,14 +142,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         if let Err(e) = sup.step().await {
             break Err(e);
         }
-        if !sup.announced && last_progress.elapsed() > Duration::from_secs(2) {
+        if let Some(failures) = sup.all_failing() {
+            break Err(anyhow::anyhow!(
+                "every Backend is failing; nothing to serve:\n  {}",
+                failures.join("\n  ")
+            ));
+        }
+        let settled = sup.settled();
+        if !sup.announced && !settled && last_progress.elapsed() > Duration::from_secs(2) {
             eprintln!(
                 "serval: waiting for models to load and warm up: {}",
                 sup.progress()
             );
             last_progress = Instant::now();
         }
-        if !sup.announced && sup.all_ready() && sup.router_serves().await {
+        if !sup.announced && settled && sup.router_serves().await {
             sup.announced = true;
             sup.announce();
             if let Some(image) = sup.opts.demo.clone() {
@@ -165,7 +183,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 impl Supervisor {
     async fn step(&mut self) -> anyhow::Result<()> {
         self.reload_if_changed();
-        self.reap_crashed();
+        self.reap_exited().await;
         self.probe_readiness().await;
         self.converge()?;
         self.write_table()?;
@@ -195,6 +213,12 @@ impl Supervisor {
                     .collect();
                 if bad.is_empty() {
                     eprintln!("serval: manifests changed; applying");
+                    // A changed spec is a new attempt: it starts at once, with a clean record.
+                    let old = &self.manifests.backends;
+                    self.restarts.retain(|name, _| {
+                        matches!((old.get(name), m.backends.get(name)),
+                            (Some((a, _)), Some((b, _))) if a.spec == b.spec)
+                    });
                     self.manifests = m;
                 } else {
                     eprintln!(
@@ -210,27 +234,43 @@ impl Supervisor {
         }
     }
 
-    fn reap_crashed(&mut self) {
-        let mut crashed = Vec::new();
-        for (i, r) in self.replicas.iter_mut().enumerate() {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                if r.retire_at.is_none() {
-                    eprintln!(
-                        "serval: model server {}#{} exited ({status}); replacing it",
-                        r.backend, r.id
-                    );
-                }
-                crashed.push((i, r.retire_at.is_none(), r.backend.clone()));
+    /// Removes exited replicas. An exit nobody asked for is explained from the replica's log,
+    /// and its Backend restarts after a back-off; once its starts keep exiting before they are
+    /// ready, the Backend is reported failing.
+    async fn reap_exited(&mut self) {
+        let mut i = 0;
+        while i < self.replicas.len() {
+            let Ok(Some(status)) = self.replicas[i].child.try_wait() else {
+                i += 1;
+                continue;
+            };
+            let r = self.replicas.remove(i);
+            if r.retire_at.is_some() {
+                continue;
             }
-        }
-        for (i, unexpected, backend) in crashed.into_iter().rev() {
-            self.replicas.remove(i);
-            if unexpected {
-                let c = self.crashes.entry(backend).or_default();
-                c.count += 1;
-                let delay = Duration::from_millis(250 * 2u64.saturating_pow(c.count.min(8)))
-                    .min(MAX_RESTART_BACKOFF);
-                c.not_before = Some(Instant::now() + delay);
+            let lines = r.logs.error_lines().await;
+            let reason =
+                failure_reason(&lines).unwrap_or_else(|| format!("no error in its log ({status})"));
+            let record = self.restarts.entry(r.backend.clone()).or_default();
+            let was_failing = record.is_failing();
+            let wait = record.exited(r.ready, reason.clone(), Instant::now());
+            let when = if r.ready {
+                ""
+            } else {
+                " before becoming ready"
+            };
+            eprintln!(
+                "serval: model server {}#{} exited{when} ({status}): {reason}; restarting in {wait:?}",
+                r.backend, r.id
+            );
+            if record.is_failing() && !was_failing {
+                let summary = record.summary().unwrap_or_default();
+                eprintln!(
+                    "serval: backend {}: failing: {summary}\n\
+                     serval: fix its manifest or model and save; until then it is retried at \
+                     most every {:?}, and other Backends keep serving",
+                    r.backend, DEFAULT_MAX_RESTART_BACKOFF
+                );
             }
         }
     }
@@ -250,7 +290,7 @@ impl Supervisor {
                 .is_ok_and(|resp| resp.status().is_success());
             if ok {
                 r.ready = true;
-                self.crashes.remove(&r.backend);
+                self.restarts.remove(&r.backend);
                 eprintln!(
                     "serval: model server {}#{} ready on 127.0.0.1:{}",
                     r.backend, r.id, r.port
@@ -305,10 +345,9 @@ impl Supervisor {
             }
 
             let backoff = self
-                .crashes
+                .restarts
                 .get(&name)
-                .and_then(|c| c.not_before)
-                .is_some_and(|t| Instant::now() < t);
+                .is_some_and(|c| !c.may_start(Instant::now()));
             let missing = desired.saturating_sub(current.len());
             let to_start = if backoff || missing == 0 {
                 0
@@ -404,7 +443,8 @@ impl Supervisor {
             "--shutdown-delay",
             "0s",
         ]);
-        spawn(cmd, "router".to_owned())
+        // The router's exit ends the run; its log above says why.
+        spawn(cmd, "router".to_owned()).map(|(child, _)| child)
     }
 
     fn spawn_sidecar(
@@ -418,34 +458,96 @@ impl Supervisor {
         self.next_id += 1;
         let mut cmd = Command::new(&self.opts.sidecar_bin);
         cmd.args(sidecar_args(name, spec, model, "127.0.0.1", port));
-        let child = spawn(cmd, format!("{name}#{id}"))?;
+        let (child, logs) = spawn(cmd, format!("{name}#{id}"))?;
         Ok(Replica {
             backend: name.to_owned(),
             id,
             port,
             spec: spec.clone(),
             child,
+            logs,
             ready: false,
             retire_at: None,
             term_sent: false,
         })
     }
 
-    fn all_ready(&self) -> bool {
+    /// Live replicas of `name` that are ready.
+    fn ready_count(&self, name: &str) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.backend == name && r.ready && r.retire_at.is_none())
+            .count()
+    }
+
+    fn is_failing(&self, name: &str) -> bool {
+        self.restarts.get(name).is_some_and(Restarts::is_failing)
+    }
+
+    /// `backend <name>: failing: <why>` for each failing Backend.
+    fn failures(&self) -> Vec<String> {
+        self.restarts
+            .iter()
+            .filter(|(name, r)| r.is_failing() && self.manifests.backends.contains_key(*name))
+            .map(|(name, r)| {
+                let why = r.summary().unwrap_or_default();
+                format!("backend {name}: failing: {why}")
+            })
+            .collect()
+    }
+
+    /// Nothing is still loading: each Backend is ready on all its replicas, or failing.
+    fn settled(&self) -> bool {
         self.manifests.backends.iter().all(|(name, (b, _))| {
-            let ready = self
-                .replicas
-                .iter()
-                .filter(|r| &r.backend == name && r.ready && r.retire_at.is_none())
-                .count();
-            ready >= usize::try_from(b.spec.replicas).unwrap_or(0)
+            self.ready_count(name) >= usize::try_from(b.spec.replicas).unwrap_or(0)
+                || self.is_failing(name)
         })
     }
 
-    /// Every Endpoint answers ready through the router, i.e. the router has loaded a table
-    /// with ready backends. Until then the demo would race the router's table reload.
+    /// The failures, when every Backend that should run is failing and no replica serves.
+    fn all_failing(&self) -> Option<Vec<String>> {
+        let mut wanted = self
+            .manifests
+            .backends
+            .iter()
+            .filter(|(_, (b, _))| b.spec.replicas > 0)
+            .map(|(name, _)| name)
+            .peekable();
+        wanted.peek()?;
+        let serving = self
+            .replicas
+            .iter()
+            .any(|r| r.ready && r.retire_at.is_none());
+        (!serving && wanted.all(|name| self.is_failing(name))).then(|| self.failures())
+    }
+
+    /// Endpoints the router sends nowhere, with the reason: a route claimed by another, or no
+    /// ready Backend with traffic. Planned as the table is, so the two always agree.
+    fn unserved(&self) -> BTreeMap<String, String> {
+        plan(
+            self.manifests.endpoints.values().map(|(e, _)| e),
+            &self.views(),
+        )
+        .outcomes
+        .into_iter()
+        .filter_map(|(name, o)| match o.conflict_with {
+            Some(owner) => Some((name, format!("route already claimed by {owner}"))),
+            None if o.traffic.iter().any(|t| t.ready && t.percent > 0) => None,
+            None => Some((name, "no Backend with traffic is ready".to_owned())),
+        })
+        .collect()
+    }
+
+    /// Every served Endpoint answers ready through the router, i.e. the router has loaded a
+    /// table with ready backends. Until then the demo would race the router's table reload.
     async fn router_serves(&self) -> bool {
-        for name in self.manifests.endpoints.keys() {
+        let unserved = self.unserved();
+        for name in self
+            .manifests
+            .endpoints
+            .keys()
+            .filter(|n| !unserved.contains_key(*n))
+        {
             let url = format!("http://{}/v2/models/{name}/ready", self.opts.listen);
             let ok = crate::demo::http_client()
                 .get(&url)
@@ -460,17 +562,24 @@ impl Supervisor {
         true
     }
 
+    /// One entry per Backend: ready replicas, and why it is restarting or failing.
     fn progress(&self) -> String {
         self.manifests
             .backends
             .iter()
             .map(|(name, (b, _))| {
-                let ready = self
-                    .replicas
-                    .iter()
-                    .filter(|r| &r.backend == name && r.ready)
-                    .count();
-                format!("{name} {ready}/{} ready", b.spec.replicas)
+                let ready = self.ready_count(name);
+                let replicas = b.spec.replicas;
+                match self.restarts.get(name) {
+                    Some(r) if r.is_failing() => {
+                        format!("{name} failing: {}", r.summary().unwrap_or_default())
+                    }
+                    Some(r) => match r.summary() {
+                        Some(why) => format!("{name} {ready}/{replicas} ready, restarting: {why}"),
+                        None => format!("{name} {ready}/{replicas} ready"),
+                    },
+                    None => format!("{name} {ready}/{replicas} ready"),
+                }
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -479,8 +588,13 @@ impl Supervisor {
     fn announce(&self) {
         let base = format!("http://{}", self.opts.listen);
         println!("\nServal is serving (local mode). Router: {base}");
+        let unserved = self.unserved();
         for (name, (ep, _)) in &self.manifests.endpoints {
             let prefix = &ep.spec.route.path_prefix;
+            if let Some(why) = unserved.get(name) {
+                println!("\n  Endpoint {name:?} at {base}{prefix}: not served: {why}");
+                continue;
+            }
             println!("\n  Endpoint {name:?} at {base}{prefix}");
             println!(
                 "    curl -s {base}/v2/models/{name}            # model metadata (Open Inference Protocol)"
@@ -491,6 +605,13 @@ impl Supervisor {
             println!(
                 "    curl -s -X POST {base}{prefix}/v1/models/{name}:predict -H 'content-type: image/png' --data-binary @models/digits/seven.png"
             );
+        }
+        let failures = self.failures();
+        if !failures.is_empty() {
+            println!("\n  FAILING (the rest serves; fix the manifest or model and save):");
+            for f in &failures {
+                println!("    {f}");
+            }
         }
         println!(
             "\n  Edit a manifest under {} and save: changes apply live.",
@@ -504,8 +625,24 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The error lines of one process's stdout and stderr, kept while they are re-printed.
+struct Logs(Vec<JoinHandle<Vec<String>>>);
+
+impl Logs {
+    /// The kept error lines, once the process has exited and its pipes have closed.
+    async fn error_lines(self) -> Vec<String> {
+        let mut out = Vec::new();
+        for reader in self.0 {
+            if let Ok(Ok(lines)) = tokio::time::timeout(DEFAULT_LOG_DRAIN_TIMEOUT, reader).await {
+                out.extend(lines);
+            }
+        }
+        out
+    }
+}
+
 /// Starts a child with its output streamed to ours, each line prefixed with `[label]`.
-fn spawn(mut cmd: Command, label: String) -> anyhow::Result<Child> {
+fn spawn(mut cmd: Command, label: String) -> anyhow::Result<(Child, Logs)> {
     // The child drains and exits once its stdin closes: this process holds the pipe's other
     // end, and the kernel closes it however we end, SIGKILL included, so no child is orphaned.
     cmd.arg("--exit-with-stdin")
@@ -517,20 +654,33 @@ fn spawn(mut cmd: Command, label: String) -> anyhow::Result<Child> {
         .kill_on_drop(true);
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let mut child = cmd.spawn().with_context(|| format!("starting {program}"))?;
+    let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(prefix_lines(out, label.clone()));
+        readers.push(tokio::spawn(prefix_lines(out, label.clone())));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(prefix_lines(err, label));
+        readers.push(tokio::spawn(prefix_lines(err, label)));
     }
-    Ok(child)
+    Ok((child, Logs(readers)))
 }
 
-async fn prefix_lines(stream: impl tokio::io::AsyncRead + Unpin, label: String) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+/// Re-prints every line until the stream ends and returns its last error lines. Reads bytes,
+/// not UTF-8 lines, so one odd byte cannot stop the draining and block the child on a full pipe.
+async fn prefix_lines(stream: impl tokio::io::AsyncRead + Unpin, label: String) -> Vec<String> {
+    let mut errors = VecDeque::with_capacity(ERROR_LINES_KEPT);
+    let mut lines = BufReader::new(stream).split(b'\n');
+    while let Ok(Some(bytes)) = lines.next_segment().await {
+        let text = String::from_utf8_lossy(&bytes);
+        let line = text.trim_end_matches('\r');
         eprintln!("[{label}] {line}");
+        if is_error_line(line) {
+            if errors.len() == ERROR_LINES_KEPT {
+                errors.pop_front();
+            }
+            errors.push_back(line.to_owned());
+        }
     }
+    errors.into()
 }
 
 fn signal_term(child: &Child) {

@@ -4,6 +4,7 @@
 mod demo;
 mod local;
 mod manifests;
+mod restarts;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -72,6 +72,10 @@ pub fn load(path: &Path) -> Result<Manifests, Vec<String>> {
     if out.backends.is_empty() && out.endpoints.is_empty() && errors.is_empty() {
         errors.push(format!("{}: no Backend or Endpoint found", path.display()));
     }
+    // Only on a clean read: a Backend that failed to parse would show up here as missing too.
+    if errors.is_empty() {
+        errors.extend(missing_backends(&out));
+    }
     if errors.is_empty() {
         Ok(out)
     } else {
@@ -135,6 +139,51 @@ fn add(out: &mut Manifests, value: Value, file: &Path) -> Result<(), Vec<String>
     Ok(())
 }
 
+/// One error per Endpoint field that names a Backend absent from the manifests.
+///
+/// In a cluster this is the `BackendNotFound` status condition, not a rejection, because
+/// resources may be applied in any order and the Backend may come next. Local mode reads every
+/// manifest at once, so a name with no Backend is a mistake in the files (a typo, a file left
+/// out) and is refused before anything starts, or an edit is ignored.
+pub fn missing_backends(m: &Manifests) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (name, (ep, file)) in &m.endpoints {
+        let spec = &ep.spec;
+        let named = spec
+            .traffic
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("spec.traffic[{i}].backend"), &t.backend))
+            .chain(
+                spec.mirror
+                    .iter()
+                    .map(|mirror| ("spec.mirror.backend".to_owned(), &mirror.backend)),
+            )
+            .chain(
+                spec.matches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, rule)| (format!("spec.match[{i}].backend"), &rule.backend)),
+            );
+        for (field, backend) in named {
+            if m.backends.contains_key(backend) {
+                continue;
+            }
+            let known = if m.backends.is_empty() {
+                "none".to_owned()
+            } else {
+                m.backends.keys().cloned().collect::<Vec<_>>().join(", ")
+            };
+            errors.push(format!(
+                "{}: Endpoint {name:?}: {field}: Backend {backend:?} is not in the manifests \
+                 (Backends found: {known})",
+                file.display()
+            ));
+        }
+    }
+    errors
+}
+
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
 }
@@ -194,6 +243,58 @@ mod tests {
             all.contains("bad.yaml (document 2): Backend \"b\": spec.replicas"),
             "{all}"
         );
+    }
+
+    const BACKEND: &str = "apiVersion: serval.dev/v1alpha1\nkind: Backend\nmetadata: {name: digits-v1}\nspec:\n  model: {uri: file://m.onnx}\n";
+
+    #[test]
+    fn an_endpoint_naming_a_backend_not_in_the_manifests_is_refused_with_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "b.yaml", BACKEND);
+        write(
+            dir.path(),
+            "e.yaml",
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits}\nspec:\n  route: {pathPrefix: /d}\n  traffic: [{backend: digits-v1, weight: 90}, {backend: digits-v9, weight: 10}]\n  mirror: {backend: shadow, percent: 5}\n  match: [{header: {name: x-canary, value: '1'}, backend: canary}]\n",
+        );
+        let m = Manifests {
+            backends: load(&dir.path().join("b.yaml")).unwrap().backends,
+            ..Manifests::default()
+        };
+        assert!(
+            missing_backends(&m).is_empty(),
+            "no Endpoint, nothing missing"
+        );
+
+        let errors = load(dir.path()).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].ends_with(
+                "e.yaml: Endpoint \"digits\": spec.traffic[1].backend: Backend \"digits-v9\" \
+                 is not in the manifests (Backends found: digits-v1)"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("spec.mirror.backend: Backend \"shadow\""),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].contains("spec.match[0].backend: Backend \"canary\""),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_naming_only_present_backends_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "b.yaml", BACKEND);
+        write(
+            dir.path(),
+            "e.yaml",
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits}\nspec:\n  route: {pathPrefix: /d}\n  traffic: [{backend: digits-v1, weight: 100}]\n",
+        );
+        let m = load(dir.path()).unwrap();
+        assert!(missing_backends(&m).is_empty());
     }
 
     #[test]

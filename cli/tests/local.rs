@@ -2,8 +2,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
@@ -362,4 +364,214 @@ fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() 
         let meta: serde_json::Value = resp.json().unwrap();
         assert_eq!(meta["name"], "digits");
     }
+}
+
+/// Everything `serval local` printed (stdout and stderr), collected as it runs.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<String>>);
+
+impl Output {
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn collect(&self, stream: impl std::io::Read + Send + 'static) {
+        let out = self.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let mut text = out.0.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+    }
+}
+
+/// Like [`start`], with the output collected for assertions.
+fn start_collecting(dir: tempfile::TempDir) -> (Local, Output) {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_serval"))
+        .args(["local", "-f"])
+        .arg(dir.path().join("examples"))
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = Output::default();
+    output.collect(child.stdout.take().unwrap());
+    output.collect(child.stderr.take().unwrap());
+    (Local { child, dir, port }, output)
+}
+
+/// A temp dir with `examples/` holding these manifests and `models/` the digits model.
+fn manifests(files: &[(&str, &str)]) -> tempfile::TempDir {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("examples")).unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join("examples").join(name), text).unwrap();
+    }
+    std::fs::copy(
+        repo().join("models/digits.onnx"),
+        dir.path().join("models/digits.onnx"),
+    )
+    .unwrap();
+    dir
+}
+
+fn backend(name: &str, model: &str, sha256: Option<&str>) -> String {
+    let sha = sha256.map_or(String::new(), |s| format!(", sha256: \"{s}\""));
+    format!(
+        "apiVersion: serval.dev/v1alpha1\nkind: Backend\nmetadata: {{name: {name}}}\n\
+         spec:\n  model: {{uri: \"file://../models/{model}\"{sha}}}\n  replicas: 1\n"
+    )
+}
+
+fn endpoint(name: &str, backend: &str) -> String {
+    format!(
+        "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {{name: {name}}}\n\
+         spec:\n  route: {{pathPrefix: /{name}}}\n  traffic: [{{backend: {backend}, weight: 100}}]\n"
+    )
+}
+
+/// A Backend whose model does not match its sha256 never loads: after its restarts, the
+/// summary names it failing with the sidecar's reason, and the good Backend beside it serves.
+#[test]
+fn a_backend_with_a_wrong_sha256_is_reported_failing_while_a_good_one_serves() {
+    let good = std::fs::read_to_string(repo().join("examples/digits-v1.yaml")).unwrap();
+    let wrong = "ab".repeat(32);
+    let dir = manifests(&[
+        ("digits-v1.yaml", &good),
+        (
+            "dl-bad.yaml",
+            &backend("dl-bad", "digits.onnx", Some(&wrong)),
+        ),
+        ("digits.yaml", &endpoint("digits", "digits-v1")),
+        ("dl.yaml", &endpoint("dl", "dl-bad")),
+    ]);
+    let (mut local, output) = start_collecting(dir);
+    let port = local.port;
+
+    let summary = wait_until(
+        "the summary naming dl-bad failing",
+        Duration::from_secs(120),
+        || {
+            let text = output.text();
+            let at = text.find("Serval is serving")?;
+            let summary = &text[at..];
+            summary
+                .contains("backend dl-bad: failing")
+                .then(|| summary.to_owned())
+        },
+    );
+    let line = summary
+        .lines()
+        .find(|l| l.contains("backend dl-bad: failing"))
+        .unwrap();
+    assert!(
+        line.contains("before becoming ready")
+            && line.contains("has sha256")
+            && line.contains(&format!("expected {wrong}")),
+        "{line}"
+    );
+    assert!(
+        summary.contains("Endpoint \"dl\"") && summary.contains("not served"),
+        "{summary}"
+    );
+
+    let png = std::fs::read(repo().join("models/digits/seven.png")).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let resp = client
+        .post(format!(
+            "http://127.0.0.1:{port}/digits/v1/models/digits:predict"
+        ))
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(resp.headers()["serval-backend"], "digits-v1");
+    let failing = client
+        .post(format!("http://127.0.0.1:{port}/dl/v1/models/dl:predict"))
+        .header("content-type", "image/png")
+        .body(png)
+        .send()
+        .unwrap();
+    assert!(!failing.status().is_success(), "{}", failing.status());
+    assert!(
+        local.child.try_wait().unwrap().is_none(),
+        "serval local keeps serving the healthy Backend:\n{}",
+        output.text()
+    );
+}
+
+/// A model file that is not ONNX: reported failing with the compile error, and since no
+/// Backend can serve, `serval local` exits non-zero instead of waiting forever.
+#[test]
+fn a_corrupt_model_is_reported_failing_and_serval_local_exits_when_nothing_can_serve() {
+    let dir = manifests(&[
+        (
+            "dl-corrupt.yaml",
+            &backend("dl-corrupt", "corrupt.onnx", None),
+        ),
+        ("dl.yaml", &endpoint("dl", "dl-corrupt")),
+    ]);
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(dir.path().join("models/corrupt.onnx"), garbage).unwrap();
+    let (mut local, output) = start_collecting(dir);
+
+    let status = wait_until("serval local to give up", Duration::from_secs(120), || {
+        local.child.try_wait().unwrap()
+    });
+    // The readers may lag the exit by a moment.
+    let text = wait_until("the error message", Duration::from_secs(5), || {
+        let text = output.text();
+        text.contains("every Backend is failing").then_some(text)
+    });
+    assert!(!status.success(), "exited with {status}:\n{text}");
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("backend dl-corrupt: failing"))
+        .unwrap_or_else(|| panic!("no failing line:\n{text}"));
+    assert!(
+        line.contains("before becoming ready: cannot compile model"),
+        "{line}"
+    );
+}
+
+/// A typo in a Backend name is refused up front, as a validation error naming the Endpoint,
+/// the field and the name; no model server is started.
+#[test]
+fn an_endpoint_naming_an_unknown_backend_is_refused_before_anything_starts() {
+    let good = std::fs::read_to_string(repo().join("examples/digits-v1.yaml")).unwrap();
+    let dir = manifests(&[
+        ("digits-v1.yaml", &good),
+        ("digits.yaml", &endpoint("digits", "digits-v9")),
+    ]);
+    let (mut local, output) = start_collecting(dir);
+    let status = wait_until("serval local to refuse", Duration::from_secs(30), || {
+        local.child.try_wait().unwrap()
+    });
+    // The readers may lag the exit by a moment.
+    let text = wait_until("the error message", Duration::from_secs(5), || {
+        let text = output.text();
+        text.contains("digits-v9").then_some(text)
+    });
+    assert!(!status.success(), "exited with {status}:\n{text}");
+    assert!(
+        text.contains("Endpoint \"digits\": spec.traffic[0].backend: Backend \"digits-v9\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("[digits-v1#"),
+        "a sidecar was started:\n{text}"
+    );
 }

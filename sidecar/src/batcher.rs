@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tract_onnx::prelude::{IntoTValue, TValue, Tensor};
 
+use crate::admission::{self, DrainRate, QueueView, Slowdown};
 use crate::engine::{Engine, EngineError};
 use crate::errors::{RequestError, RequestResult};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub struct BatcherLimits {
     pub max_batch: usize,
     /// Most rows queued.
     pub max_queue: usize,
+    /// Longest expected queue wait a request is admitted with (see [`crate::admission`]).
+    pub max_queue_delay: Duration,
     /// Worker threads, and the bound on batches running at once.
     pub workers: usize,
     /// Longest measured run executed on the caller's thread when a slot is free.
@@ -94,6 +97,10 @@ struct Shared {
     limits: BatcherLimits,
     /// Largest request (rows) whose run is short enough to run inline; 0: never.
     inline_rows: usize,
+    /// Rows of a full batch: what the queue drains by.
+    full_batch: usize,
+    /// How much slower runs are now than at calibration.
+    slowdown: Slowdown,
     state: Mutex<State>,
     work: Condvar,
 }
@@ -103,6 +110,44 @@ impl Shared {
         // A worker never panics while holding the lock (inference runs outside it); if one
         // did, the queue is still consistent, so keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits `rows` more rows behind the queue `st` holds now, or refuses them with the
+    /// expected wait (see [`crate::admission`]).
+    fn admit(&self, st: &State, rows: usize, deadline: Instant) -> RequestResult<()> {
+        let rate = DrainRate {
+            batch_rows: self.full_batch,
+            batch_time: self.slowdown.scale(self.engine.predict(self.full_batch)),
+            workers: self.limits.workers,
+        };
+        let wait = rate.expected_wait(QueueView {
+            queued_rows: st.queued_rows,
+            running: st.running,
+        });
+        let own = self.slowdown.scale(self.engine.predict(rows));
+        let left = deadline.saturating_duration_since(Instant::now());
+        admission::admit(wait, own, self.limits.max_queue_delay, left).map_err(|budget| {
+            RequestError::Overloaded {
+                expected: wait,
+                budget,
+            }
+        })
+    }
+
+    /// Records a successful run of `rows` rows that took `took`.
+    fn ran(&self, rows: usize, took: Duration) {
+        self.metrics.batch(rows, took);
+        self.slowdown.observe(self.engine.predict(rows), took);
+    }
+}
+
+/// The request error for an engine error: the input's fault is a 4xx, the server's a 500.
+fn request_error(e: &EngineError) -> RequestError {
+    match e {
+        EngineError::Invalid(m) => RequestError::Unprocessable(m.clone()),
+        EngineError::Rejected(m) => RequestError::ModelRejected(m.clone()),
+        EngineError::Panic(_) => RequestError::ModelRejected(e.to_string()),
+        EngineError::Run(_) => RequestError::Inference(e.to_string()),
     }
 }
 
@@ -208,11 +253,14 @@ impl Batcher {
     ) -> std::io::Result<Self> {
         let inline_rows = inline_rows(&engine, &limits);
         tracing::debug!(inline_rows, "requests up to this many rows may run inline");
+        let full_batch = engine.dispatch_size(limits.max_batch).min(limits.max_batch);
         let shared = Arc::new(Shared {
             engine,
             metrics,
             limits,
             inline_rows,
+            full_batch,
+            slowdown: Slowdown::default(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued_rows: 0,
@@ -311,6 +359,7 @@ impl Batcher {
                     bound,
                 });
             }
+            self.shared.admit(&st, rows, deadline)?;
             // The caller leads its own batch if a slot is free for it now; otherwise the next
             // free slot's worker takes the rows.
             let led = gather
@@ -347,6 +396,16 @@ impl Batcher {
             deadline,
             budget,
         })
+    }
+
+    /// Refuses at once (before its body is read) a request of `rows` rows that the queue as it
+    /// stands now could not admit: 429 if the expected wait passes its budget, 503 draining.
+    pub fn check_admission(&self, rows: usize, deadline: Instant) -> RequestResult<()> {
+        let st = self.shared.lock();
+        if st.closed {
+            return Err(RequestError::Draining);
+        }
+        self.shared.admit(&st, rows, deadline)
     }
 
     /// Rows waiting now.
@@ -450,12 +509,16 @@ fn run_inline(shared: &Shared, inputs: Vec<Tensor>, rows: usize) -> RequestResul
     let result = shared
         .engine
         .infer_values(inputs.into_iter().map(IntoTValue::into_tvalue).collect());
-    shared.metrics.batch(rows, started.elapsed());
-    result.map_err(|e| {
-        tracing::error!(error = %e, rows, "batch failed");
-        shared.metrics.reject("inference");
-        RequestError::Inference(e.to_string())
-    })
+    match result {
+        Ok(outputs) => {
+            shared.ran(rows, started.elapsed());
+            Ok(outputs)
+        }
+        Err(e) => {
+            failed(&e, rows);
+            Err(request_error(&e))
+        }
+    }
 }
 
 /// Runs one gathered batch of this thread's requests if `job` still has rows queued and a slot
@@ -610,9 +673,9 @@ fn run_batch(shared: &Shared, slices: Vec<Slice>) {
     let rows: usize = slices.iter().map(|s| s.len).sum();
     let started = Instant::now();
     let result = assemble(&slices).and_then(|inputs| shared.engine.infer_values(inputs));
-    shared.metrics.batch(rows, started.elapsed());
     match result {
         Ok(outputs) => {
+            shared.ran(rows, started.elapsed());
             if let [only] = slices.as_slice() {
                 // A closed channel means the caller left; nothing to do.
                 let _ = only.job.tx.send(Ok((only.start, outputs)));
@@ -638,12 +701,23 @@ fn run_batch(shared: &Shared, slices: Vec<Slice>) {
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, rows, "batch failed");
-            shared.metrics.reject("inference");
+            failed(&e, rows);
+            let error = request_error(&e);
             for s in &slices {
-                let _ = s.job.tx.send(Err(RequestError::Inference(e.to_string())));
+                let _ = s.job.tx.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Logs a failed run: a warning when the input was at fault (the caller gets a 4xx), an error
+/// when the server was.
+/// (Each caller's answer is counted under `serval_rejections_total` by the handler.)
+fn failed(e: &EngineError, rows: usize) {
+    if e.caused_by_input() {
+        tracing::warn!(error = %e, rows, "the model refused a request's input");
+    } else {
+        tracing::error!(error = %e, rows, "batch failed");
     }
 }
 

@@ -58,6 +58,20 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 75;
 /// one closes, so a flood of connections cannot exhaust memory or file descriptors. Far above
 /// what a router or a few client pools open to one model server.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Budget of request bodies held at once when the container's memory limit is unknown: four
+/// bodies of the largest accepted size.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 4 * DEFAULT_MAX_BODY_BYTES;
+/// Under a memory limit, bodies may hold this fraction of it: while held bodies are parsed and
+/// queued the server peaks at about 3.3 times their bytes (measured: two 43 MB JSON bodies, 285
+/// MB above idle), which leaves over half the limit to the model, its plans and the runtime.
+pub const MEMORY_BUDGET_SHARE_OF_LIMIT: usize = 8;
+/// An image may have at most this many times the pixels the model takes (checked from its
+/// header, before decoding): room for a photo a few times larger on each side, while a
+/// decompression bomb (a small file of millions of pixels) is refused unread.
+pub const IMAGE_AREA_FACTOR: u64 = 64;
+/// Images up to this many pixels are always accepted, even for a tiny model input (a 1024 ×
+/// 1024 thumbnail decodes into at most 8 MiB), so a small model still takes camera thumbnails.
+pub const MIN_IMAGE_PIXEL_LIMIT: u64 = 1 << 20;
 /// Header a caller sets to bound its own wait, in milliseconds.
 pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
 
@@ -95,6 +109,15 @@ pub struct Args {
     /// Most rows waiting; beyond it requests get 429 at once.
     #[arg(long, env = "SERVAL_MAX_QUEUE", default_value_t = DEFAULT_MAX_QUEUE)]
     pub max_queue: u32,
+    /// Longest expected queue wait a request is admitted with, milliseconds; a request that
+    /// would wait longer (or miss its deadline) gets 429 with Retry-After at once.
+    #[arg(long, env = "SERVAL_MAX_QUEUE_DELAY_MILLIS", default_value_t = crate::admission::DEFAULT_MAX_QUEUE_DELAY_MILLIS)]
+    pub max_queue_delay_millis: u64,
+    /// Most bytes of request bodies held at once (being read, parsed or queued); past it
+    /// requests get 429 (413 if one body alone is larger). Defaults to an eighth of the
+    /// container's memory limit, or 256 MiB when there is none.
+    #[arg(long, env = "SERVAL_MEMORY_BUDGET_BYTES")]
+    pub memory_budget_bytes: Option<usize>,
     /// Inference worker threads. Defaults to one per CPU core.
     #[arg(long, env = "SERVAL_WORKERS")]
     pub workers: Option<u32>,
@@ -168,6 +191,10 @@ pub struct Config {
     pub max_delay: Duration,
     /// Queue bound in rows.
     pub max_queue: usize,
+    /// Longest expected queue wait a request is admitted with.
+    pub max_queue_delay: Duration,
+    /// Most bytes of request bodies held at once.
+    pub memory_budget: usize,
     /// Worker threads.
     pub workers: usize,
     /// I/O threads (connection shards).
@@ -211,6 +238,10 @@ impl Config {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE as usize,
             max_delay: Duration::from_micros(DEFAULT_MAX_DELAY_MICROS.into()),
             max_queue: DEFAULT_MAX_QUEUE as usize,
+            max_queue_delay: Duration::from_millis(
+                crate::admission::DEFAULT_MAX_QUEUE_DELAY_MILLIS,
+            ),
+            memory_budget: default_memory_budget(),
             workers: default_workers(),
             io_threads: default_workers(),
             preprocess: None,
@@ -270,6 +301,10 @@ impl Config {
             max_batch_size: args.max_batch_size as usize,
             max_delay: Duration::from_micros(args.max_delay_micros.into()),
             max_queue: args.max_queue as usize,
+            max_queue_delay: Duration::from_millis(args.max_queue_delay_millis),
+            memory_budget: args
+                .memory_budget_bytes
+                .unwrap_or_else(default_memory_budget),
             workers: args.workers.map_or_else(default_workers, |w| w as usize),
             io_threads: args
                 .io_threads
@@ -303,6 +338,12 @@ impl Config {
         }
         if self.max_queue < self.max_batch_size {
             return bad("--max-queue must be at least --max-batch-size");
+        }
+        if self.max_queue_delay.is_zero() {
+            return bad("--max-queue-delay-millis must be at least 1");
+        }
+        if self.memory_budget == 0 {
+            return bad("--memory-budget-bytes must be at least 1");
         }
         if self.workers == 0 {
             return bad("--workers must be at least 1");
@@ -338,6 +379,41 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// Most pixels an image request may have: [`IMAGE_AREA_FACTOR`] times the model's input
+    /// area, and at least [`MIN_IMAGE_PIXEL_LIMIT`]. `None` without image pre-processing.
+    pub fn max_image_pixels(&self) -> Option<u64> {
+        let img = self.preprocess.as_ref()?.image.as_ref()?;
+        let area = u64::from(img.width) * u64::from(img.height);
+        Some(
+            area.saturating_mul(IMAGE_AREA_FACTOR)
+                .max(MIN_IMAGE_PIXEL_LIMIT),
+        )
+    }
+}
+
+/// The memory budget of request bodies: a share of the container's memory limit (cgroup v2 or
+/// v1) when there is one, else [`DEFAULT_MEMORY_BUDGET_BYTES`].
+pub fn default_memory_budget() -> usize {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|s| parse_memory_limit(&s))
+        .map_or(DEFAULT_MEMORY_BUDGET_BYTES, |limit| {
+            (limit / MEMORY_BUDGET_SHARE_OF_LIMIT).max(1)
+        })
+}
+
+/// A cgroup memory limit file's content: bytes, or `None` for no limit (`max` in v2, a value
+/// near `i64::MAX` in v1).
+fn parse_memory_limit(content: &str) -> Option<usize> {
+    let bytes: u64 = content.trim().parse().ok()?;
+    // cgroup v1 writes "no limit" as the largest page-aligned i64.
+    (bytes < 1 << 60)
+        .then(|| usize::try_from(bytes).ok())
+        .flatten()
 }
 
 /// One worker per core (within the process's CPU quota): one tract run uses one thread.
@@ -432,6 +508,30 @@ mod tests {
             Duration::from_micros(DEFAULT_IDLE_POLL_MICROS),
             "without a limit the default stays"
         );
+    }
+
+    #[test]
+    fn memory_limits_are_read_from_cgroup_files() {
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_memory_limit("536870912\n"), Some(512 << 20));
+        assert_eq!(parse_memory_limit("garbage"), None);
+        assert!(parse(&["--memory-budget-bytes", "1000"]).is_ok_and(|c| c.memory_budget == 1000));
+        assert!(parse(&["--memory-budget-bytes", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_image_pixel_limit_follows_the_model_input_with_a_floor() {
+        let mut cfg = parse(&[]).expect("defaults");
+        assert_eq!(cfg.max_image_pixels(), None);
+        let pre = |w: u32, h: u32| {
+            serde_json::from_value(serde_json::json!({"image": {"width": w, "height": h}}))
+                .expect("preprocess")
+        };
+        cfg.preprocess = Some(pre(8, 8));
+        assert_eq!(cfg.max_image_pixels(), Some(MIN_IMAGE_PIXEL_LIMIT));
+        cfg.preprocess = Some(pre(224, 224));
+        assert_eq!(cfg.max_image_pixels(), Some(64 * 224 * 224));
     }
 
     #[test]

@@ -30,12 +30,25 @@ pub enum EngineError {
     /// The inputs do not fit the model.
     #[error("{0}")]
     Invalid(String),
-    /// tract returned an error.
+    /// The server could not run the model (no plan, an output without its batch axis): a
+    /// fault of this server, not of the request.
     #[error("model run failed: {0}")]
     Run(String),
-    /// tract panicked; the batch fails, the worker lives on.
+    /// The graph itself refused the values of well-typed inputs (an out-of-range index, a
+    /// shape an operator rejects): the plan ran at warm-up, so the input is the cause.
+    #[error("{0}")]
+    Rejected(String),
+    /// tract panicked on the values (e.g. a gather index); the batch fails, the worker lives
+    /// on. Attributed to the input for the same reason as [`EngineError::Rejected`].
     #[error("model run panicked: {0}")]
     Panic(String),
+}
+
+impl EngineError {
+    /// Whether the request's values caused the failure (answered 422, not 500).
+    pub fn caused_by_input(&self) -> bool {
+        matches!(self, Self::Invalid(_) | Self::Rejected(_) | Self::Panic(_))
+    }
 }
 
 /// Name, element type and shape of a model input or output. `None` dims vary per request
@@ -473,6 +486,19 @@ impl Engine {
         self.run_times.get(&size).copied()
     }
 
+    /// Expected time to run `rows` rows as [`Engine::infer`] would (split over the planned
+    /// sizes), from the measured run times; zero before [`Engine::prepare`].
+    pub fn predict(&self, rows: usize) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = rows;
+        while left > 0 {
+            let size = self.dispatch_size(left);
+            total += self.run_time(size).unwrap_or_default();
+            left -= size.min(left);
+        }
+        total
+    }
+
     /// Largest planned batch size.
     pub fn max_plan_size(&self) -> usize {
         self.plans.keys().next_back().copied().unwrap_or(1)
@@ -621,7 +647,7 @@ fn run_state(
     let result = catch_unwind(AssertUnwindSafe(|| state.run(values)));
     let outputs = match result {
         Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(run_error(e)),
+        Ok(Err(e)) => return Err(EngineError::Rejected(format!("{e:#}"))),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()

@@ -70,6 +70,38 @@ pub enum RequestError {
     /// Well formed, but the tensors do not fit the model (shape, datatype, missing input).
     #[error("{0}")]
     Unprocessable(String),
+    /// The graph refused the request's values at run time (an out-of-range index, a shape an
+    /// operator rejects): the input's fault, with the engine's message.
+    #[error("the model cannot run on this input: {0}")]
+    ModelRejected(String),
+    /// The queue's expected wait does not fit the request's deadline or the queue-delay budget;
+    /// answered at once so the caller can retry elsewhere or later.
+    #[error(
+        "overloaded: expected queue wait {}ms, budget {}ms",
+        expected.as_millis(),
+        budget.as_millis()
+    )]
+    Overloaded {
+        /// The queue's expected wait for this request.
+        expected: Duration,
+        /// The smaller of the queue-delay budget and what the deadline leaves.
+        budget: Duration,
+    },
+    /// Request bodies being read or queued would pass the memory budget.
+    #[error(
+        "memory budget full: {held} of {budget} bytes of request bodies held, this one needs {needed}"
+    )]
+    MemoryFull {
+        /// Bytes held by other requests now.
+        held: usize,
+        /// The budget, `--memory-budget-bytes`.
+        budget: usize,
+        /// Bytes this request needs.
+        needed: usize,
+    },
+    /// The body did not arrive within the request's deadline.
+    #[error("request body not received within the deadline of {0:?}")]
+    BodyTimeout(Duration),
     /// The queue is full; retry after the given time.
     #[error("queue full: {queued} rows waiting, bound is {bound}")]
     QueueFull {
@@ -108,8 +140,11 @@ impl RequestError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unprocessable(_) | Self::ModelRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::QueueFull { .. } | Self::Overloaded { .. } | Self::MemoryFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::NotReady | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,6 +160,10 @@ impl RequestError {
             Self::TooLarge(_) => "too_large",
             Self::UnsupportedMediaType(_) => "media_type",
             Self::Unprocessable(_) => "unprocessable",
+            Self::ModelRejected(_) => "model_rejected",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::Overloaded { .. } => "overloaded",
+            Self::MemoryFull { .. } => "memory",
             Self::QueueFull { .. } => "queue_full",
             Self::NotReady => "not_ready",
             Self::Draining => "draining",
@@ -152,6 +191,11 @@ impl RequestError {
                 header::RETRY_AFTER,
                 HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
             );
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a late body may still arrive: the connection cannot carry another
+            // request (RFC 9110 §15.5.9).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -274,15 +274,24 @@ async fn infer(
     protocol: Protocol,
 ) -> RequestResult<Resp> {
     let (_inflight, model) = state.admit()?;
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let headers = &parts.headers;
     let deadline = deadline(headers, state.config.default_deadline)?;
+    // Refuse before reading or parsing anything when the queue is already too long for even
+    // one row: under overload, most requests are turned away for the cost of their head.
+    if let Err(e) = model.batcher.check_admission(1, deadline) {
+        drain(&mut body, 0, state.config.max_body_bytes).await;
+        return Err(e);
+    }
     let is_image = header_str(headers, &header::CONTENT_TYPE)?
         .is_some_and(|c| c.trim().to_ascii_lowercase().starts_with("image/"));
     let header_length = header_str(headers, &HEADER_LENGTH)?;
-    let body = read_body(headers, body, state.config.max_body_bytes).await?;
+    // Held until the answer is built: the body's bytes count against the memory budget while
+    // they are read, parsed and queued.
+    let mut _held = None;
+    let body = read_body(state, headers, body, deadline, &mut _held).await?;
     if is_image {
-        return image(state, &model, &body, deadline).await;
+        return image(state, &model, body, deadline).await;
     }
     let engine = &model.engine;
     match protocol {
@@ -339,17 +348,21 @@ async fn infer(
 }
 
 /// An image body: pre-process into one row, infer, answer the post-processed result.
+///
+/// The image's size is checked from its header on the I/O thread (a decompression bomb is
+/// refused unread); decoding runs on the blocking pool, at most one per worker at once, so a
+/// large image never stalls the other connections of its I/O thread.
 async fn image(
     state: &AppState,
     model: &LoadedModel,
-    body: &[u8],
+    body: Bytes,
     deadline: Instant,
 ) -> RequestResult<Resp> {
     let cfg = state
         .config
         .preprocess
         .as_ref()
-        .and_then(|p| p.image.as_ref())
+        .and_then(|p| p.image.clone())
         .ok_or_else(|| {
             RequestError::UnsupportedMediaType(
                 "this model has no image pre-processing configured".into(),
@@ -361,7 +374,23 @@ async fn image(
         .first()
         .map(|s| s.datum_type)
         .ok_or_else(|| RequestError::Inference("model has no input".into()))?;
-    let tensor = preprocess::image_to_tensor(cfg, body, dt)?;
+    let max_pixels = state
+        .config
+        .max_image_pixels()
+        .unwrap_or(crate::config::MIN_IMAGE_PIXEL_LIMIT);
+    let size = preprocess::check_image_size(&body, &cfg, max_pixels)?;
+    let late =
+        || RequestError::DeadlineExceeded(deadline.saturating_duration_since(Instant::now()));
+    let slot = tokio::time::timeout_at(deadline.into(), state.decode_slots.clone().acquire_owned())
+        .await
+        .map_err(|_| late())?
+        .map_err(|_| RequestError::Draining)?;
+    let tensor = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        preprocess::image_to_tensor(&cfg, &body, dt, size)
+    })
+    .await
+    .map_err(|e| RequestError::Inference(format!("image decoding failed: {e}")))??;
     let outputs = model
         .batcher
         .submit(vec![tensor], deadline, state.others_in_flight())?
@@ -408,15 +437,26 @@ fn deadline(headers: &HeaderMap, default: Duration) -> RequestResult<Instant> {
     Ok(Instant::now() + budget)
 }
 
-/// A rejected body is still read and discarded up to this many bytes (and for at most
-/// [`DRAIN_FOR`]), so a client that is still sending receives the 413 rather than a connection
-/// reset, and the connection stays usable. Beyond that the connection is closed.
+/// A body over `--max-body-bytes` is still read and discarded up to this many bytes (and for at
+/// most [`DRAIN_FOR`]), so a client that is still sending receives the 413 rather than a
+/// connection reset, and the connection stays usable. Beyond that the connection is closed.
+/// A body refused for load (429) is within the size bound and is discarded whole: the client
+/// must read the 429 to retry, and discarding holds no memory.
 const DRAIN_MAX: usize = 8 << 20;
 const DRAIN_FOR: Duration = Duration::from_secs(2);
 
-/// Reads the body up to `limit` bytes: 413 from `Content-Length` before reading, or as soon as
-/// a chunked body passes the limit.
-async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: usize) -> RequestResult<Bytes> {
+/// Reads the body within `--max-body-bytes`, the memory budget (its bytes are added to `held`)
+/// and the request's deadline: 413 from `Content-Length` before reading, or as soon as a
+/// chunked body passes the limit; 429 when the budget cannot hold it now; 408 when it has not
+/// arrived by the deadline.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    mut body: Incoming,
+    deadline: Instant,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> RequestResult<Bytes> {
+    let limit = state.config.max_body_bytes;
     let too_large = || RequestError::TooLarge(format!("request body exceeds {limit} bytes"));
     let declared = match header_str(headers, &header::CONTENT_LENGTH)? {
         Some(len) => Some(
@@ -426,35 +466,54 @@ async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: usize) -> Req
         None => None,
     };
     if declared.is_some_and(|len| len > limit as u64) {
-        drain(&mut body, 0).await;
+        drain(&mut body, 0, DRAIN_MAX).await;
         return Err(too_large());
     }
-    // Usually one frame, returned without a copy.
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| RequestError::Malformed(format!("cannot read body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        len += data.len();
-        if len > limit {
-            drain(&mut body, len).await;
-            return Err(too_large());
-        }
-        chunks.push(data);
+    if let Some(len) = declared
+        && let Err(e) = state.memory.take(len as usize, held)
+    {
+        drain(&mut body, 0, limit).await;
+        return Err(e);
     }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => Bytes::from(chunks.concat()),
-    })
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let read = async {
+        // Usually one frame, returned without a copy.
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| RequestError::Malformed(format!("cannot read body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            len += data.len();
+            if len > limit {
+                drain(&mut body, len, DRAIN_MAX).await;
+                return Err(too_large());
+            }
+            if declared.is_none()
+                && let Err(e) = state.memory.take(data.len(), held)
+            {
+                drain(&mut body, len, limit).await;
+                return Err(e);
+            }
+            chunks.push(data);
+        }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        })
+    };
+    tokio::time::timeout_at(deadline.into(), read)
+        .await
+        .map_err(|_| RequestError::BodyTimeout(budget))?
 }
 
-/// Reads and discards the rest of a rejected body, within [`DRAIN_MAX`] and [`DRAIN_FOR`].
-async fn drain(body: &mut Incoming, mut read: usize) {
+/// Reads and discards the rest of a rejected body, within `max` bytes and [`DRAIN_FOR`].
+async fn drain(body: &mut Incoming, mut read: usize, max: usize) {
     let _ = tokio::time::timeout(DRAIN_FOR, async {
-        while read <= DRAIN_MAX {
+        while read <= max {
             match body.frame().await {
                 Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
                 _ => break,

@@ -3,6 +3,7 @@
 //! pre-processing and classifier post-processing, Prometheus metrics, graceful shutdown.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod batcher;
 pub mod config;
 pub mod engine;

@@ -1,7 +1,10 @@
 //! Built-in pre-processing: PNG/JPEG bytes → resized, converted, normalised tensor of one row,
 //! `value = (pixel * scale - mean[c]) / std[c]`, pixels optionally inverted first.
 
+use std::io::Cursor;
+
 use image::imageops::FilterType;
+use image::{ImageReader, Limits};
 use serval_api::{ColorMode, ImagePreprocess, TensorLayout};
 use tract_onnx::prelude::{DatumType, Tensor};
 
@@ -21,14 +24,67 @@ pub fn tensor_shape(cfg: &ImagePreprocess) -> Vec<usize> {
     }
 }
 
-/// Decodes `bytes` and builds the model input of type `dt` (FP32 or FP64).
+/// An image's width and height, read from its header only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSize {
+    /// Pixels per row.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+}
+
+fn reader(bytes: &[u8]) -> RequestResult<ImageReader<Cursor<&[u8]>>> {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| RequestError::Malformed(format!("cannot read image: {e}")))
+}
+
+fn undecodable(e: impl std::fmt::Display) -> RequestError {
+    RequestError::Malformed(format!("cannot decode image: {e}"))
+}
+
+/// Reads the image's size from its header, without decoding it, and refuses (413) one of more
+/// than `max_pixels` pixels: a small file can declare a huge image (a decompression bomb).
+pub fn check_image_size(
+    bytes: &[u8],
+    cfg: &ImagePreprocess,
+    max_pixels: u64,
+) -> RequestResult<ImageSize> {
+    let (width, height) = reader(bytes)?.into_dimensions().map_err(undecodable)?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(RequestError::TooLarge(format!(
+            "image is {width}x{height} = {pixels} pixels, more than the {max_pixels} accepted \
+             for this model's {}x{} input; resize it before sending",
+            cfg.width, cfg.height
+        )));
+    }
+    Ok(ImageSize { width, height })
+}
+
+/// Bytes a decoder may allocate for an image of `size`: 8 bytes a pixel (RGBA, 16 bits a
+/// channel, the widest PNG) and 1 MiB for its tables.
+fn decode_allowance(size: ImageSize) -> u64 {
+    u64::from(size.width) * u64::from(size.height) * 8 + (1 << 20)
+}
+
+/// Decodes `bytes` (whose header said `size`, see [`check_image_size`]) and builds the model
+/// input of type `dt` (FP32 or FP64). The decoder is held to that size and its allowance, so a
+/// file whose data disagrees with its header cannot allocate more. CPU-heavy for a large
+/// image: run it off the I/O threads.
 pub fn image_to_tensor(
     cfg: &ImagePreprocess,
     bytes: &[u8],
     dt: DatumType,
+    size: ImageSize,
 ) -> RequestResult<Tensor> {
-    let img = image::load_from_memory(bytes)
-        .map_err(|e| RequestError::Malformed(format!("cannot decode image: {e}")))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(size.width);
+    limits.max_image_height = Some(size.height);
+    limits.max_alloc = Some(decode_allowance(size));
+    let mut reader = reader(bytes)?;
+    reader.limits(limits);
+    let img = reader.decode().map_err(undecodable)?;
     let (w, h) = (cfg.width, cfg.height);
     let img = if img.width() == w && img.height() == h {
         img
@@ -90,14 +146,35 @@ mod tests {
         out.into_inner()
     }
 
+    fn to_tensor(cfg: &ImagePreprocess, bytes: &[u8], dt: DatumType) -> RequestResult<Tensor> {
+        let size = check_image_size(bytes, cfg, 1 << 20)?;
+        image_to_tensor(cfg, bytes, dt, size)
+    }
+
+    #[test]
+    fn an_image_over_the_pixel_limit_is_refused_from_its_header() {
+        let cfg: ImagePreprocess =
+            serde_json::from_value(serde_json::json!({"width": 2, "height": 2})).expect("cfg");
+        let img = png(4, 3, vec![7; 12]);
+        assert_eq!(
+            check_image_size(&img, &cfg, 12).expect("fits"),
+            ImageSize {
+                width: 4,
+                height: 3
+            }
+        );
+        let e = check_image_size(&img, &cfg, 11).expect_err("over the limit");
+        assert!(matches!(e, RequestError::TooLarge(_)), "{e}");
+        assert!(e.to_string().contains("4x3 = 12 pixels"), "{e}");
+    }
+
     #[test]
     fn grayscale_flat_recovers_scaled_values() {
         let cfg: ImagePreprocess = serde_json::from_value(serde_json::json!({
             "width": 2, "height": 2, "layout": "Flat", "scale": 1.0 / 15.0
         }))
         .expect("cfg");
-        let t =
-            image_to_tensor(&cfg, &png(2, 2, vec![0, 15, 150, 240]), DatumType::F32).expect("t");
+        let t = to_tensor(&cfg, &png(2, 2, vec![0, 15, 150, 240]), DatumType::F32).expect("t");
         assert_eq!(t.shape(), &[1, 4]);
         let v: Vec<f32> = t
             .to_plain_array_view::<f32>()
@@ -111,10 +188,9 @@ mod tests {
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]
         }))
         .expect("cfg");
-        let t =
-            image_to_tensor(&rgb, &png(2, 2, vec![0, 15, 150, 240]), DatumType::F32).expect("t");
+        let t = to_tensor(&rgb, &png(2, 2, vec![0, 15, 150, 240]), DatumType::F32).expect("t");
         assert_eq!(t.shape(), &[1, 3, 3, 4]);
-        assert!(image_to_tensor(&cfg, b"not an image", DatumType::F32).is_err());
-        assert!(image_to_tensor(&cfg, &png(2, 2, vec![0; 4]), DatumType::I64).is_err());
+        assert!(to_tensor(&cfg, b"not an image", DatumType::F32).is_err());
+        assert!(to_tensor(&cfg, &png(2, 2, vec![0; 4]), DatumType::I64).is_err());
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::batcher::{Batcher, BatcherLimits};
 use crate::config::Config;
@@ -40,6 +41,11 @@ pub struct AppState {
     /// The model name as a response header value, built once; `None` if the name is not a
     /// valid header value (the header is then left out).
     pub model_header: Option<HeaderValue>,
+    /// Bytes of request bodies held now, bounded by `--memory-budget-bytes`.
+    pub memory: MemoryBudget,
+    /// Image decodes running at once, off the I/O threads: one per worker, so decoding can
+    /// take no more CPU than inference and a burst of images queues instead of piling threads.
+    pub decode_slots: Arc<Semaphore>,
     model: OnceLock<Arc<LoadedModel>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
@@ -58,6 +64,62 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// The memory budget of request bodies: bytes are taken as a body arrives and given back when
+/// its request is answered (the permit is dropped).
+pub struct MemoryBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl MemoryBudget {
+    fn new(total: usize) -> Self {
+        Self {
+            bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            total,
+        }
+    }
+
+    /// The whole budget.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Takes `n` more bytes into `held`, or fails at once: 413 if the budget could never hold
+    /// them, 429 if it cannot now.
+    pub fn take(&self, n: usize, held: &mut Option<OwnedSemaphorePermit>) -> RequestResult<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        if have + n > self.total {
+            return Err(RequestError::TooLarge(format!(
+                "request body of at least {} bytes is over the memory budget of {} bytes",
+                have + n,
+                self.total
+            )));
+        }
+        let full = || RequestError::MemoryFull {
+            held: self.total.saturating_sub(self.bytes.available_permits()),
+            budget: self.total,
+            needed: have + n,
+        };
+        let more = u32::try_from(n)
+            .ok()
+            .and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(full)?;
+        match held {
+            Some(p) => p.merge(more),
+            None => *held = Some(more),
+        }
+        Ok(())
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.total.saturating_sub(self.bytes.available_permits())
+    }
+}
+
 impl AppState {
     /// Fresh state for `config`, not ready yet.
     pub fn new(config: Config) -> Self {
@@ -65,6 +127,8 @@ impl AppState {
         let model_header = HeaderValue::from_str(&config.name).ok();
         let idle_poll = IdlePoller::start(config.idle_poll, metrics.idle_poll_counter());
         Self {
+            memory: MemoryBudget::new(config.memory_budget),
+            decode_slots: Arc::new(Semaphore::new(config.workers)),
             config,
             metrics,
             model_header,
@@ -180,6 +244,7 @@ impl AppState {
                 .min(engine.max_plan_size())
                 .max(1),
             max_queue: self.config.max_queue,
+            max_queue_delay: self.config.max_queue_delay,
             workers: self.config.workers,
             inline_max_run: self.config.inline_max_run,
         };

@@ -337,7 +337,7 @@ async fn bad_inputs_get_4xx_json_and_the_server_stays_healthy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_engine_failure_answers_500_and_the_server_keeps_serving() {
+async fn an_input_the_model_refuses_at_run_time_is_a_422_and_the_server_keeps_serving() {
     let mut cfg = identity_config();
     cfg.model = model("gather.onnx");
     cfg.name = "gather".into();
@@ -351,15 +351,19 @@ async fn an_engine_failure_answers_500_and_the_server_keeps_serving() {
         output_f32(&a.json, 0),
         vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
     );
-    // Out of range: tract errors or panics; either way that batch fails alone.
-    for _ in 0..2 * serval_sidecar::config::default_workers() {
-        let a = send(c.post(&url).json_body(&req(vec![1_000_000, 3]))).await;
-        assert_eq!(a.status, 500, "{}", a.json);
-        assert!(
-            a.json["error"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("inference failed"))
-        );
+    // Out of range, or negative: tract errors or panics; either way the caller's input is
+    // at fault (422 with the engine's message, never a 5xx a router would count against the
+    // replica) and that batch fails alone.
+    for idx in [1_000_000, -1_000] {
+        for _ in 0..2 * serval_sidecar::config::default_workers() {
+            let a = send(c.post(&url).json_body(&req(vec![idx, 3]))).await;
+            assert_eq!(a.status, 422, "{}", a.json);
+            let e = a.json["error"].as_str().unwrap_or_default();
+            assert!(
+                e.starts_with("the model cannot run on this input: ") && e.len() > 40,
+                "{e}"
+            );
+        }
     }
     let a = send(c.post(&url).json_body(&req(vec![9]))).await;
     assert_eq!(a.status, 200, "{}", a.json);
@@ -383,7 +387,7 @@ async fn an_engine_failure_answers_500_and_the_server_keeps_serving() {
         .collect();
     assert_eq!(
         (answers[0].status, answers[1].status, answers[2].status),
-        (200, 500, 200)
+        (200, 422, 200)
     );
     assert_eq!(output_f32(&answers[0].json, 0), vec![0.0, 1.0, 2.0, 3.0]);
     assert_eq!(
@@ -418,31 +422,6 @@ async fn a_fixed_batch_one_model_serves_requests_of_many_rows() {
     assert_eq!(output_f32(&a.json, 0), want);
     s.shutdown();
     bounded("shutdown", s.wait()).await;
-}
-
-/// Reads one HTTP/1.1 response with a `content-length` body from `conn`; its text.
-async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("content-length");
-            if buf.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&buf).into_owned();
-            }
-        }
-        let mut chunk = [0u8; 1024];
-        let n = bounded("response", conn.read(&mut chunk))
-            .await
-            .expect("read");
-        assert!(n > 0, "connection closed mid-response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// A keep-alive connection is reused within `--idle-timeout-secs` and closed once idle past

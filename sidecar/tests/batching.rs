@@ -129,6 +129,7 @@ async fn concurrent_small_requests_share_gathered_batches() {
     let limits = BatcherLimits {
         max_batch: 8,
         max_queue: 64,
+        max_queue_delay: Duration::from_secs(1),
         workers: 2,
         inline_max_run: Duration::from_secs(1),
     };

@@ -4,78 +4,14 @@
 
 mod common;
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use serval_sidecar::{Sidecar, StartupError};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_serval-sidecar");
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Kills the child if a test fails before it exits on its own.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Reaper {
-    Reaper(
-        Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serval-sidecar"),
-    )
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let until = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < until,
-            "serval-sidecar did not exit in time"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-async fn wait_ready(port: u16) {
-    let c = client();
-    bounded("binary ready", async {
-        loop {
-            if let Ok(r) = c
-                .get(format!("http://127.0.0.1:{port}/v2/health/ready"))
-                .send()
-                .await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-}
 
 #[test]
 fn the_binary_refuses_a_sha256_mismatch_with_a_clear_error() {

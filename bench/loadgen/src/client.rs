@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -113,12 +113,34 @@ impl Connection {
         self.sender.is_closed()
     }
 
+    /// Waits until the connection can take a request; fails if the server closed it.
+    pub async fn ready(&mut self) -> Result<(), ClientError> {
+        Ok(self.sender.ready().await?)
+    }
+
     /// Sends the target's request and reads the whole answer; returns its status.
     pub async fn send(&mut self, target: &Target) -> Result<StatusCode, ClientError> {
+        Ok(self.exchange(target).await?.status)
+    }
+
+    /// Sends the target's request and reads the whole answer; returns what the open loop
+    /// records of it.
+    pub async fn exchange(&mut self, target: &Target) -> Result<Answer, ClientError> {
         self.sender.ready().await?;
         let resp = self.sender.send_request(target.request()?).await?;
-        let status = resp.status();
+        let answer = Answer {
+            status: resp.status(),
+            retry_after: resp.headers().contains_key(RETRY_AFTER),
+        };
         resp.into_body().collect().await?;
-        Ok(status)
+        Ok(answer)
     }
+}
+
+/// The parts of an answer a benchmark looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    /// Whether it carried `Retry-After` (RFC 9110 §10.2.3), which a 429 should.
+    pub retry_after: bool,
 }

@@ -183,10 +183,93 @@ impl JsonLeaf for Leaf {
     }
 }
 
+/// How JSON data is nested: the length of its arrays at each depth and the depth of its
+/// leaves, recorded while parsing. Ragged data (arrays of one depth differing in length, or
+/// leaves at different depths) cannot be the row-major layout of any shape.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Nesting {
+    /// Array length at each depth (`None` until an array at that depth has been seen).
+    dims: Vec<Option<usize>>,
+    /// Depth of the leaves (0: the data is one scalar).
+    leaf_depth: Option<usize>,
+    ragged: bool,
+}
+
+impl Nesting {
+    /// The nesting of a parsed value.
+    pub fn of(v: &Value) -> Self {
+        fn walk(v: &Value, depth: usize, n: &mut Nesting) {
+            match v {
+                Value::Array(items) => {
+                    items.iter().for_each(|x| walk(x, depth + 1, n));
+                    n.array(depth, items.len());
+                }
+                _ => n.leaf(depth),
+            }
+        }
+        let mut n = Self::default();
+        walk(v, 0, &mut n);
+        n
+    }
+
+    fn array(&mut self, depth: usize, len: usize) {
+        if self.dims.len() <= depth {
+            self.dims.resize(depth + 1, None);
+        }
+        match self.dims[depth] {
+            Some(seen) if seen != len => self.ragged = true,
+            _ => self.dims[depth] = Some(len),
+        }
+        // An array where another branch had a leaf.
+        if self.leaf_depth.is_some_and(|d| d <= depth) {
+            self.ragged = true;
+        }
+    }
+
+    fn leaf(&mut self, depth: usize) {
+        match self.leaf_depth {
+            Some(d) if d != depth => self.ragged = true,
+            _ => self.leaf_depth = Some(depth),
+        }
+        if self.dims.len() > depth {
+            self.ragged = true;
+        }
+    }
+
+    /// The array lengths by depth, if the data is regular: its shape as nested.
+    pub fn shape(&self) -> Option<Vec<usize>> {
+        if self.ragged {
+            return None;
+        }
+        // A depth never reached as an array lies under empty arrays only: length 0.
+        Some(self.dims.iter().map(|d| d.unwrap_or(0)).collect())
+    }
+
+    /// Checks data nested like this against the declared `shape`: flat (one array) or a
+    /// single scalar is always fine (the element count is checked by the conversion);
+    /// otherwise the nesting must be the shape exactly.
+    pub fn check(&self, shape: &[usize]) -> RequestResult<()> {
+        let Some(nested) = self.shape() else {
+            return Err(RequestError::Malformed(
+                "data is ragged: its arrays differ in length at one depth or hold values at \
+                 different depths; send it flat, or nested exactly as the shape"
+                    .into(),
+            ));
+        };
+        if nested.len() <= 1 || nested == shape {
+            return Ok(());
+        }
+        Err(RequestError::Malformed(format!(
+            "data is nested as {nested:?}, the shape is {shape:?}; send it flat, or nested \
+             exactly as the shape"
+        )))
+    }
+}
+
 /// A request's JSON `data`, flat and row-major: nested arrays are flattened while parsing, as
-/// [`flatten`] does for a [`Value`]; any other JSON is one leaf.
+/// [`flatten`] does for a [`Value`], and their [`Nesting`] recorded; any other JSON is one leaf.
 #[derive(Debug, Default, PartialEq)]
-pub struct JsonData(pub Vec<Leaf>);
+pub struct JsonData(pub Vec<Leaf>, pub Nesting);
 
 /// First allocation for `data`: a small request's leaves fit without regrowing.
 const DATA_CAPACITY: usize = 64;
@@ -194,14 +277,30 @@ const DATA_CAPACITY: usize = 64;
 impl<'de> Deserialize<'de> for JsonData {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let mut leaves = Vec::with_capacity(DATA_CAPACITY);
-        deserializer.deserialize_any(LeafVisitor(&mut leaves))?;
-        Ok(Self(leaves))
+        let mut nesting = Nesting::default();
+        deserializer.deserialize_any(LeafVisitor {
+            leaves: &mut leaves,
+            nesting: &mut nesting,
+            depth: 0,
+        })?;
+        Ok(Self(leaves, nesting))
     }
 }
 
-/// Appends the leaves of one JSON value; mirrors `Value`'s own visitor (integers by sign,
-/// non-finite floats as null).
-struct LeafVisitor<'a>(&'a mut Vec<Leaf>);
+/// Appends the leaves of one JSON value at `depth` and records its nesting; mirrors `Value`'s
+/// own visitor (integers by sign, non-finite floats as null).
+struct LeafVisitor<'a> {
+    leaves: &'a mut Vec<Leaf>,
+    nesting: &'a mut Nesting,
+    depth: usize,
+}
+
+impl LeafVisitor<'_> {
+    fn push(self, leaf: Leaf) {
+        self.nesting.leaf(self.depth);
+        self.leaves.push(leaf);
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for LeafVisitor<'_> {
     type Value = ();
@@ -219,12 +318,12 @@ impl<'de> Visitor<'de> for LeafVisitor<'_> {
     }
 
     fn visit_bool<E>(self, v: bool) -> Result<(), E> {
-        self.0.push(Leaf::Bool(v));
+        self.push(Leaf::Bool(v));
         Ok(())
     }
 
     fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.0.push(match u64::try_from(v) {
+        self.push(match u64::try_from(v) {
             Ok(u) => Leaf::PosInt(u),
             Err(_) => Leaf::NegInt(v),
         });
@@ -232,12 +331,12 @@ impl<'de> Visitor<'de> for LeafVisitor<'_> {
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.0.push(Leaf::PosInt(v));
+        self.push(Leaf::PosInt(v));
         Ok(())
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        self.0.push(if v.is_finite() {
+        self.push(if v.is_finite() {
             Leaf::Float(v)
         } else {
             Leaf::Null
@@ -246,22 +345,22 @@ impl<'de> Visitor<'de> for LeafVisitor<'_> {
     }
 
     fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        self.0.push(Leaf::Other(Box::new(Value::from(v))));
+        self.push(Leaf::Other(Box::new(Value::from(v))));
         Ok(())
     }
 
     fn visit_string<E>(self, v: String) -> Result<(), E> {
-        self.0.push(Leaf::Other(Box::new(Value::String(v))));
+        self.push(Leaf::Other(Box::new(Value::String(v))));
         Ok(())
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
-        self.0.push(Leaf::Null);
+        self.push(Leaf::Null);
         Ok(())
     }
 
     fn visit_none<E>(self) -> Result<(), E> {
-        self.0.push(Leaf::Null);
+        self.push(Leaf::Null);
         Ok(())
     }
 
@@ -270,13 +369,24 @@ impl<'de> Visitor<'de> for LeafVisitor<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(LeafVisitor(&mut *self.0))?.is_some() {}
+        let mut len = 0;
+        while seq
+            .next_element_seed(LeafVisitor {
+                leaves: &mut *self.leaves,
+                nesting: &mut *self.nesting,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {
+            len += 1;
+        }
+        self.nesting.array(self.depth, len);
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
         let v = Value::deserialize(MapAccessDeserializer::new(map))?;
-        self.0.push(Leaf::Other(Box::new(v)));
+        self.push(Leaf::Other(Box::new(v)));
         Ok(())
     }
 }
@@ -323,8 +433,10 @@ macro_rules! from_json_ints {
     };
 }
 
-/// Builds a tensor from JSON `data` (flat or nested) of the given type and shape.
+/// Builds a tensor from JSON `data` (flat, or nested exactly as the shape) of the given type
+/// and shape.
 pub fn from_json(dt: DatumType, shape: &[usize], data: &Value) -> RequestResult<Tensor> {
+    Nesting::of(data).check(shape)?;
     let mut leaves = Vec::new();
     flatten(data, &mut leaves);
     from_leaves(dt, shape, &leaves)
@@ -810,9 +922,14 @@ mod tests {
             let leaves: JsonData = serde_json::from_str(text).expect("leaves");
             for name in dts {
                 let dt = parse_datatype(name).expect("datatype");
+                assert_eq!(leaves.1, Nesting::of(&value), "{text}");
                 for shape in [&[4][..], &[2, 2], &[1], &[3]] {
                     let want = from_json(dt, shape, &value).map_err(|e| e.to_string());
-                    let got = from_leaves(dt, shape, &leaves.0).map_err(|e| e.to_string());
+                    let got = leaves
+                        .1
+                        .check(shape)
+                        .and_then(|()| from_leaves(dt, shape, &leaves.0))
+                        .map_err(|e| e.to_string());
                     assert_eq!(got, want, "{name} {shape:?} {text}");
                 }
             }
@@ -851,6 +968,33 @@ mod tests {
             assert_eq!(past, "null");
             let bin = to_binary(t).expect("binary");
             assert_eq!(bin.len(), binary_size(t).expect("size"));
+        }
+    }
+
+    #[test]
+    fn nested_data_must_be_flat_or_nested_exactly_as_the_shape() {
+        let f32s = |shape: &[usize], v: Value| from_json(DatumType::F32, shape, &v);
+        assert!(f32s(&[2, 2], json!([1, 2, 3, 4])).is_ok(), "flat");
+        assert!(
+            f32s(&[2, 2], json!([[1, 2], [3, 4]])).is_ok(),
+            "as the shape"
+        );
+        assert!(f32s(&[1], json!(5)).is_ok(), "one scalar");
+        assert!(f32s(&[2, 0], json!([[], []])).is_ok(), "empty rows");
+        for (shape, v) in [
+            (vec![2, 2], json!([[1, 2, 3], [4]])),
+            (vec![2, 2], json!([[1, 2], 3, 4])),
+            (vec![2, 2], json!([[1], [2, [3, 4]]])),
+            (vec![4], json!([[1], [2], [3], [4]])),
+            (vec![2, 2], json!([[[1, 2], [3, 4]]])),
+            (vec![2, 2], json!([[1, 2, 3, 4]])),
+            (vec![1, 2, 2], json!([[1, 2], [3, 4]])),
+        ] {
+            let e = f32s(&shape, v.clone()).expect_err("refused");
+            assert!(
+                matches!(e, RequestError::Malformed(_)) && e.to_string().contains("send it flat"),
+                "{shape:?} {v}: {e}"
+            );
         }
     }
 

@@ -10,17 +10,15 @@ use crate::engine::TensorSpec;
 use crate::errors::{RequestError, RequestResult};
 
 /// Shape of a nested JSON array (its first element at each level).
-fn shape_of(v: &Value) -> Vec<usize> {
-    let mut shape = Vec::new();
-    let mut cur = v;
-    while let Value::Array(items) = cur {
-        shape.push(items.len());
-        match items.first() {
-            Some(first) => cur = first,
-            None => break,
-        }
-    }
-    shape
+/// The shape of one instance, which must be a regular (non-ragged) nesting of arrays.
+fn shape_of(v: &Value) -> RequestResult<Vec<usize>> {
+    tensor::Nesting::of(v).shape().ok_or_else(|| {
+        RequestError::Malformed(
+            "an instance is ragged: its arrays differ in length at one depth or hold values at \
+             different depths"
+                .into(),
+        )
+    })
 }
 
 /// Decodes `{"instances": [...]}` into one tensor per model input.
@@ -53,8 +51,14 @@ pub fn decode(body: &[u8], inputs: &[TensorSpec]) -> RequestResult<Vec<Tensor>> 
                     })
                     .collect::<RequestResult<_>>()?
             };
-            let row_shape = shape_of(rows[0]);
-            if rows.iter().any(|r| shape_of(r) != row_shape) {
+            let row_shape = shape_of(rows[0])?;
+            if rows
+                .iter()
+                .map(|r| shape_of(r))
+                .collect::<RequestResult<Vec<_>>>()?
+                .iter()
+                .any(|s| *s != row_shape)
+            {
                 return Err(RequestError::Malformed(
                     "instances have different shapes".into(),
                 ));

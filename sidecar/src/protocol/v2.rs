@@ -204,7 +204,12 @@ pub fn decode(
                 let bytes = binary.split_to(n);
                 tensor::from_binary(dt, &shape, &bytes)?
             }
-            (None, Some(data)) => tensor::from_leaves(dt, &shape, &data.0)?,
+            (None, Some(data)) => {
+                data.1
+                    .check(&shape)
+                    .map_err(|e| RequestError::Malformed(format!("input {:?}: {e}", input.name)))?;
+                tensor::from_leaves(dt, &shape, &data.0)?
+            }
             (None, None) => {
                 return Err(RequestError::Malformed(format!(
                     "input {:?} has no data",

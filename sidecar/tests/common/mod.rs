@@ -2,8 +2,10 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serval_sidecar::{Config, Sidecar};
@@ -153,5 +155,93 @@ impl JsonBody for reqwest::RequestBuilder {
     fn json_body(self, v: &Value) -> Self {
         self.header("Content-Type", "application/json")
             .body(v.to_string())
+    }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_serval-sidecar");
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Kills the child if a test fails before it exits on its own.
+pub struct Reaper(pub Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(args: &[&str]) -> Reaper {
+    Reaper(
+        Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serval-sidecar"),
+    )
+}
+
+pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let until = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < until,
+            "serval-sidecar did not exit in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub async fn wait_ready(port: u16) {
+    let c = client();
+    bounded("binary ready", async {
+        loop {
+            if let Ok(r) = c
+                .get(format!("http://127.0.0.1:{port}/v2/health/ready"))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body from `conn`; its text.
+pub async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        let n = bounded("response", conn.read(&mut chunk))
+            .await
+            .expect("read");
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
     }
 }

@@ -1,0 +1,493 @@
+//! The model server under overload and attack (issue 18): admission by expected queue wait, a
+//! memory budget for request bodies, image size limits checked before decoding, strict nested
+//! tensors and a body-read timeout. The model run's own faults (422) are in `api.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use serval_sidecar::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `slow.onnx` ([N,256] -> [N,256], ~0.1 ms a row) one row per batch on one worker, so the
+/// queue's expected wait is exactly rows ahead × the measured run of one row.
+fn slow_config(max_queue_delay: Duration) -> Config {
+    let mut c = Config::for_model(model("slow.onnx"));
+    c.calibrate = false;
+    c.max_batch_size = 1;
+    c.workers = 1;
+    c.io_threads = 2;
+    c.max_queue_delay = max_queue_delay;
+    c.drain_delay = Duration::ZERO;
+    c
+}
+
+fn slow_request(rows: usize) -> Value {
+    let data: Vec<f32> = (0..rows * 256).map(|i| (i % 97) as f32 / 97.0).collect();
+    json!({"inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": data}]})
+}
+
+/// Sends `count` one-row requests at once; their answers arrive on the receiver as they come.
+fn offer(
+    url: &str,
+    count: usize,
+    deadline_ms: Option<u64>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Answer> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = client();
+    for _ in 0..count {
+        let (c, url, tx) = (c.clone(), url.to_owned(), tx.clone());
+        tokio::spawn(async move {
+            let mut req = c.post(&url).json_body(&slow_request(1));
+            if let Some(ms) = deadline_ms {
+                req = req.header("serval-deadline-ms", ms.to_string());
+            }
+            let _ = tx.send(send(req).await);
+        });
+    }
+    rx
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Answer>) -> Answer {
+    bounded("an answer", rx.recv()).await.expect("answer")
+}
+
+fn assert_overloaded(a: &Answer) {
+    assert_eq!(a.status, 429, "{}", a.json);
+    assert!(
+        a.headers.contains_key("retry-after"),
+        "429 without Retry-After"
+    );
+    let e = a.json["error"].as_str().unwrap_or_default();
+    assert!(e.starts_with("overloaded: expected queue wait"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_would_wait_past_the_queue_delay_budget_get_429_at_once() {
+    let budget = Duration::from_millis(2);
+    let s = start(slow_config(budget)).await;
+    let model = s.model().expect("model");
+    let one_row = model.engine.run_time(1).expect("one row timed at start-up");
+    // Admitted while rows ahead × one row's run fits the budget: 0, 1, .. rows ahead.
+    let admitted = (budget.as_secs_f64() / one_row.as_secs_f64()).floor() as usize + 1;
+    let refused = 20;
+    model.batcher.set_paused(true);
+    let url = format!("{}/v2/models/slow/infer", base(&s));
+    let mut answers = offer(&url, admitted + refused, None);
+    // The excess is answered while the admitted requests are still held in the queue.
+    for _ in 0..refused {
+        assert_overloaded(&next(&mut answers).await);
+    }
+    assert_eq!(model.batcher.queued_rows(), admitted);
+    let metrics = s.state().metrics.encode();
+    assert_eq!(
+        metric(
+            &metrics,
+            "serval_rejections_total{model=\"slow\",reason=\"overloaded\"}"
+        ),
+        refused as f64
+    );
+    model.batcher.set_paused(false);
+    for _ in 0..admitted {
+        let a = next(&mut answers).await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        assert_eq!(a.json["outputs"][0]["shape"], json!([1, 256]));
+    }
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_late_504() {
+    let s = start(slow_config(Duration::from_secs(10))).await;
+    let model = s.model().expect("model");
+    let one_row = model.engine.run_time(1).expect("timed");
+    // More queued work than a 1 ms deadline leaves room for.
+    let queued = (Duration::from_millis(1).as_secs_f64() / one_row.as_secs_f64()).ceil() as usize;
+    model.batcher.set_paused(true);
+    let url = format!("{}/v2/models/slow/infer", base(&s));
+    let mut held = offer(&url, queued + 1, None);
+    wait_until("requests queued", || {
+        model.batcher.queued_rows() == queued + 1
+    })
+    .await;
+    let mut hurried = offer(&url, 1, Some(1));
+    assert_overloaded(&next(&mut hurried).await);
+    // Without a deadline of its own the 10 s budget admits it.
+    let mut patient = offer(&url, 1, None);
+    wait_until("patient request queued", || {
+        model.batcher.queued_rows() == queued + 2
+    })
+    .await;
+    model.batcher.set_paused(false);
+    assert_eq!(next(&mut patient).await.status, 200);
+    for _ in 0..=queued {
+        assert_eq!(next(&mut held).await.status, 200);
+    }
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+/// Writes a request head (and `first` body bytes) on a raw connection, leaving the body open.
+async fn open_request(
+    s: &serval_sidecar::Sidecar,
+    path: &str,
+    length: usize,
+    extra: &str,
+    first: &[u8],
+) -> tokio::net::TcpStream {
+    let mut conn = tokio::net::TcpStream::connect(s.local_addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {length}\r\n{extra}\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.expect("head");
+    conn.write_all(first).await.expect("first bytes");
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_bodies_held_at_once_stay_within_the_memory_budget() {
+    let body = identity_request(&[[1.0, 2.0, 3.0, 4.0]; 200]).to_string();
+    let size = body.len();
+    let mut cfg = identity_config();
+    cfg.memory_budget = size + size / 2;
+    let s = start(cfg).await;
+    let c = client();
+    let url = format!("{}/v2/models/identity/infer", base(&s));
+
+    // One body larger than the whole budget can never be held: 413.
+    let big = identity_request(&[[1.0, 2.0, 3.0, 4.0]; 400]).to_string();
+    let a = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(big),
+    )
+    .await;
+    assert_eq!(a.status, 413, "{}", a.json);
+    assert!(
+        a.json["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("memory budget")
+    );
+
+    // A slow client holds its declared body's bytes while sending it ...
+    let mut slow = open_request(
+        &s,
+        "/v2/models/identity/infer",
+        size,
+        "",
+        &body.as_bytes()[..10],
+    )
+    .await;
+    wait_until("the slow body is held", || s.state().memory.held() == size).await;
+    // ... so a second body does not fit now: 429 at once, retryable.
+    let a = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone()),
+    )
+    .await;
+    assert_eq!(a.status, 429, "{}", a.json);
+    assert!(a.headers.contains_key("retry-after"));
+    assert!(
+        a.json["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("memory budget full")
+    );
+    // The slow request completes normally and gives its bytes back.
+    slow.write_all(&body.as_bytes()[10..]).await.expect("rest");
+    let answer = read_response(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_until("bytes given back", || s.state().memory.held() == 0).await;
+    let a = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(body),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_not_received_by_the_deadline_is_answered_408_and_the_connection_closed() {
+    let s = start(identity_config()).await;
+    let started = Instant::now();
+    let mut conn = open_request(
+        &s,
+        "/v2/models/identity/infer",
+        1000,
+        "serval-deadline-ms: 300\r\n",
+        b"{\"inputs\":",
+    )
+    .await;
+    let answer = read_response(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("not received within the deadline"),
+        "{answer}"
+    );
+    // Answered at the deadline, not after the client's 12 s trickle it never finished.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let mut rest = [0u8; 16];
+    let n = bounded("close", conn.read(&mut rest)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the connection is closed after a 408");
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nested_data_must_match_the_declared_shape() {
+    let s = start(identity_config()).await;
+    let c = client();
+    let url = format!("{}/v2/models/identity/infer", base(&s));
+    let req = |shape: Value, data: Value| json!({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": data}]});
+    for data in [
+        json!([1, 2, 3, 4, 5, 6, 7, 8]),
+        json!([[1, 2, 3, 4], [5, 6, 7, 8]]),
+    ] {
+        let a = send(c.post(&url).json_body(&req(json!([2, 4]), data))).await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        assert_eq!(output_f32(&a.json, 0), vec![1., 2., 3., 4., 5., 6., 7., 8.]);
+    }
+    for data in [
+        // Ragged, with the right total of eight values.
+        json!([[1, 2, 3, 4, 5], [6, 7, 8]]),
+        json!([[1, 2, 3, 4], 5, 6, 7, 8]),
+        // Deeper than the shape's rank.
+        json!([[[1, 2, 3, 4]], [[5, 6, 7, 8]]]),
+        json!([[1, 2], [3, 4], [5, 6], [7, 8]]),
+    ] {
+        let a = send(c.post(&url).json_body(&req(json!([2, 4]), data.clone()))).await;
+        assert_eq!(a.status, 400, "{data}: {}", a.json);
+        let e = a.json["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("input \"x\"") && e.contains("send it flat"),
+            "{e}"
+        );
+    }
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+/// Resident and peak resident memory of a process, bytes.
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .expect("field")
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets a process's peak resident memory to its current level (Linux `clear_refs`).
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs");
+}
+
+/// A real decompression bomb: a PNG of `side` × `side` black 8-bit pixels, compressed from
+/// `side`² bytes to about a thousandth of that.
+fn png_bomb(side: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, side, side);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::High);
+    let mut writer = enc.write_header().expect("header");
+    let mut stream = writer.stream_writer().expect("stream");
+    let row = vec![0u8; side as usize];
+    for _ in 0..side {
+        std::io::Write::write_all(&mut stream, &row).expect("row");
+    }
+    stream.finish().expect("finish");
+    writer.finish().expect("png");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_png_bomb_is_refused_from_its_header_while_other_images_are_served() {
+    let bomb = png_bomb(22_000);
+    assert!(
+        bomb.len() < 2 << 20,
+        "a bomb is small: {} bytes",
+        bomb.len()
+    );
+    let port = free_port();
+    let pre = r#"{"image": {"width": 8, "height": 8, "color": "Grayscale", "layout": "Flat", "scale": 0.0666667}}"#;
+    let post = r#"{"output": "probabilities", "topK": 1, "labels": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]}"#;
+    let digits = model("digits.onnx");
+    let child = spawn(&[
+        "--model",
+        &digits,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--preprocess",
+        pre,
+        "--postprocess",
+        post,
+    ]);
+    wait_ready(port).await;
+    let pid = child.0.id();
+    let url = format!("http://127.0.0.1:{port}/v1/models/digits:predict");
+    let c = client();
+    let seven = digit_png("seven");
+    let image = |body: Vec<u8>| c.post(&url).header("content-type", "image/png").body(body);
+    assert_eq!(send(image(seven.clone())).await.status, 200, "warm-up");
+    let (idle, _) = memory_of(pid);
+    reset_peak(pid);
+    // Two bombs at once, with valid images sent meanwhile.
+    let bombs: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, url, bomb) = (c.clone(), url.clone(), bomb.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let a = send(c.post(&url).header("content-type", "image/png").body(bomb)).await;
+                (a, started.elapsed())
+            })
+        })
+        .collect();
+    let mut valid = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let a = send(image(seven.clone())).await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        assert_eq!(a.json["label"], "seven", "{}", a.json);
+        valid.push(started.elapsed());
+    }
+    for b in bombs {
+        let (a, took) = b.await.expect("bomb task");
+        assert_eq!(a.status, 413, "{}", a.json);
+        let e = a.json["error"].as_str().unwrap_or_default();
+        assert!(e.contains("22000x22000") && e.contains("resize it"), "{e}");
+        eprintln!("bomb answered {} in {took:?}", a.status);
+    }
+    valid.sort();
+    eprintln!(
+        "valid images meanwhile: p50 {:?}, max {:?}",
+        valid[valid.len() / 2],
+        valid[valid.len() - 1]
+    );
+    let (_, peak) = memory_of(pid);
+    let growth = peak.saturating_sub(idle);
+    assert!(
+        growth < 20 << 20,
+        "peak resident memory grew by {} MiB",
+        growth >> 20
+    );
+}
+
+/// A JSON body of `rows` rows of `slow.onnx` input, about 2.3 KB a row.
+fn slow_body(rows: usize) -> String {
+    slow_request(rows).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_large_bodies_is_bounded_by_the_budget_and_memory_returns_after_it() {
+    let body = slow_body(8_000);
+    let size = body.len();
+    let port = free_port();
+    let slow = model("slow.onnx");
+    // Room for two bodies at once; the queue's bounds never refuse one here.
+    let budget = (2 * size + size / 2).to_string();
+    let child = spawn(&[
+        "--model",
+        &slow,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--calibrate",
+        "false",
+        "--max-queue",
+        "100000",
+        "--max-queue-delay-millis",
+        "600000",
+        "--memory-budget-bytes",
+        &budget,
+    ]);
+    wait_ready(port).await;
+    let pid = child.0.id();
+    let url = format!("http://127.0.0.1:{port}/v2/models/slow/infer");
+    let c = client();
+    let small = c.post(&url).json_body(&slow_request(1));
+    assert_eq!(send(small).await.status, 200, "warm-up");
+    let (idle, _) = memory_of(pid);
+    reset_peak(pid);
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, url, body) = (c.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                send(
+                    c.post(&url)
+                        .header("content-type", "application/json")
+                        .body(body),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in burst {
+        let a = t.await.expect("task");
+        if a.status == 429 {
+            assert!(
+                a.json["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("memory budget full")
+            );
+        }
+        statuses.push(a.status);
+    }
+    statuses.sort();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        served >= 1 && statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "six bodies never fit a budget of two: {statuses:?}"
+    );
+    let (_, peak) = memory_of(pid);
+    // Two bodies held, each parsed into tensors about its size again (the six unbounded
+    // peaked near 1 GB with 50 MB bodies).
+    let bound = idle + 8 * size as u64;
+    assert!(
+        peak < bound,
+        "peak {} MiB, bound {} MiB",
+        peak >> 20,
+        bound >> 20
+    );
+    // Freed memory goes back to the system within seconds: no growth left by one burst.
+    let near_idle = idle + (48 << 20);
+    bounded("memory returns to near idle", async {
+        while memory_of(pid).0 > near_idle {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "idle {} MiB, peak {} MiB, statuses {statuses:?}",
+        idle >> 20,
+        peak >> 20
+    );
+}
