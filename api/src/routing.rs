@@ -20,6 +20,10 @@ pub const ROUTING_TABLE_KEY: &str = "routing.json";
 /// names that Endpoint (not its own Backend) as the model in its answers, so a client sees
 /// the name it called.
 pub const ENDPOINT_HEADER: &str = "serval-endpoint";
+/// Response header of a model server's 429: in how many milliseconds it expects to admit work
+/// again. The router sheds that replica's new requests itself until then (finer than the
+/// whole seconds of `Retry-After`, which stays for clients).
+pub const RETRY_AFTER_MS_HEADER: &str = "serval-retry-after-ms";
 
 /// A complete routing table.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -168,6 +168,18 @@ where
         .map(|c| c.to_bytes())
 }
 
+/// Reads and drops a client's body up to `limit` bytes, holding no memory, so a client still
+/// sending it reads the answer rather than a reset.
+pub async fn discard(mut body: Incoming, limit: u64) {
+    let mut read = 0;
+    while read <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => break,
+        }
+    }
+}
+
 /// How a client's request body went wrong; recorded by [`ClientBody`] and read once the
 /// upstream exchange has failed, to tell the client's fault from the upstream's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

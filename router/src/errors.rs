@@ -28,6 +28,10 @@ pub enum Error {
     /// The route exists but no backend can take traffic (all weights zero, no addresses).
     #[error("endpoint {0:?} has no ready backend")]
     NoReadyBackend(String),
+    /// Every replica of the chosen backend refused new work moments ago (429): refused here,
+    /// before the body travels to a replica that would refuse it too.
+    #[error("backend {0:?} is overloaded: every replica refuses new work for now; retry later")]
+    Overloaded(String),
     /// The per-route deadline passed before the upstream answered.
     #[error("endpoint {endpoint:?} did not answer within {timeout_ms} ms")]
     Timeout {
@@ -77,6 +81,9 @@ fn client_fault_message(fault: ClientFault) -> &'static str {
     }
 }
 
+/// `Retry-After` of the router's own 429: a second, as the model server advises its clients.
+const RETRY_AFTER_SECS: u64 = 1;
+
 /// Result alias for the router crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -86,6 +93,7 @@ impl Error {
         match self {
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
             Error::NoReadyBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -114,6 +122,10 @@ impl Error {
     /// The JSON error response for this error.
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut resp = json_error(self.status(), &self.to_string());
+        if matches!(self, Error::Overloaded(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
         if self.closes_connection() {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
-use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, read_ahead};
+use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, discard, read_ahead};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
 use crate::headers;
@@ -27,6 +27,7 @@ use crate::oip;
 use crate::table::{CompiledRoute, TableStore};
 use crate::upstream::{
     AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
+    shed_window,
 };
 
 /// Names the backend that answered, on every routed response.
@@ -268,6 +269,12 @@ impl Proxy {
         let rendered = target.path.render(&pool.model, query);
         let path = PathAndQuery::try_from(rendered)
             .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
+        if pool.all_shedding() {
+            // Every replica refused work moments ago: refuse here, before the body travels
+            // to one that would refuse it too. Read it first so the client reads the answer.
+            let _ = tokio::time::timeout_at(deadline, discard(body, self.max_body)).await;
+            return Err(Error::Overloaded(pool.name.clone()));
+        }
         // Bodies up to the bound are read whole so they can be retried and mirrored; longer
         // ones stream through once. Reading is the client's part: too slow is a 408, never an
         // upstream's failure.
@@ -320,6 +327,9 @@ impl Proxy {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
                     self.record_answer(route, pool, idx, status.as_u16());
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        addr.refuses_work_for(shed_window(resp.headers()));
+                    }
                     if status == StatusCode::SERVICE_UNAVAILABLE
                         && self.may_retry(route, pool, buffered.is_some(), sent)
                     {

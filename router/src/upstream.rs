@@ -54,6 +54,22 @@ pub struct OutlierPolicy {
     pub duration: Duration,
 }
 
+/// How long a replica's requests are shed after it answered 429 without saying for how long
+/// (a model server says it in [`serval_api::routing::RETRY_AFTER_MS_HEADER`]): about one
+/// batch of a CNN, so its queue never runs dry while the excess is refused here.
+pub const DEFAULT_SHED_WINDOW: Duration = Duration::from_millis(10);
+/// Longest shedding window honoured: past it a replica's own answer is asked again.
+pub const MAX_SHED_WINDOW: Duration = Duration::from_secs(1);
+
+/// The shedding window a 429 answer's headers ask for.
+pub fn shed_window(headers: &http::HeaderMap) -> Duration {
+    headers
+        .get(serval_api::routing::RETRY_AFTER_MS_HEADER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_SHED_WINDOW, Duration::from_millis)
+        .min(MAX_SHED_WINDOW)
+}
+
 /// Milliseconds since a process-wide origin, so ejection deadlines fit in an atomic.
 fn now_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -75,6 +91,8 @@ pub struct AddrState {
     inflight: AtomicUsize,
     consecutive_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Until when it refuses new work (it answered 429): its requests are shed here.
+    shedding_until_ms: AtomicU64,
 }
 
 impl AddrState {
@@ -87,6 +105,7 @@ impl AddrState {
             inflight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            shedding_until_ms: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +126,16 @@ impl AddrState {
 
     fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    fn is_shedding(&self, now: u64) -> bool {
+        self.shedding_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Records that the address refuses new work (it answered 429) for `window`.
+    pub fn refuses_work_for(&self, window: Duration) {
+        let until = now_ms() + window.as_millis().max(1) as u64;
+        self.shedding_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 }
 
@@ -169,8 +198,16 @@ impl BackendPool {
         !self.addrs.is_empty()
     }
 
+    /// Whether every address refuses new work now (each answered 429 with a window that has
+    /// not passed): the backend is overloaded and a request to it is best refused here.
+    pub fn all_shedding(&self) -> bool {
+        let now = now_ms();
+        !self.addrs.is_empty() && self.addrs.iter().all(|a| a.is_shedding(now))
+    }
+
     /// Picks an address by least request among two random candidates, preferring addresses
-    /// neither ejected nor already `tried`; falls back to any address rather than none.
+    /// neither ejected, shedding, nor already `tried`; falls back to any address rather than
+    /// none.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, InflightGuard)> {
         // A lone address is the only choice whatever its state: skip building candidates.
         if let [only] = self.addrs.as_slice() {
@@ -178,7 +215,10 @@ impl BackendPool {
         }
         let now = now_ms();
         let fresh = |i: &usize| !tried.contains(i);
-        let healthy = |i: &usize| !self.addrs[*i].is_ejected(now);
+        let healthy = |i: &usize| {
+            let a = &self.addrs[*i];
+            !a.is_ejected(now) && !a.is_shedding(now)
+        };
         let all = 0..self.addrs.len();
         let mut candidates: Vec<usize> = all.clone().filter(|i| fresh(i) && healthy(i)).collect();
         if candidates.is_empty() {
@@ -325,4 +365,20 @@ mod tests {
         assert_ne!(p.pick(&[first]).unwrap().0, first);
         assert!(pool(0).pick(&[]).is_none());
     }
+
+    #[test]
+    fn a_429_asks_for_its_window_within_bounds() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(shed_window(&h), DEFAULT_SHED_WINDOW);
+        h.insert(serval_api::routing::RETRY_AFTER_MS_HEADER, 25.into());
+        assert_eq!(shed_window(&h), Duration::from_millis(25));
+        h.insert(serval_api::routing::RETRY_AFTER_MS_HEADER, 3_600_000.into());
+        assert_eq!(shed_window(&h), MAX_SHED_WINDOW);
+        h.insert(
+            serval_api::routing::RETRY_AFTER_MS_HEADER,
+            http::HeaderValue::from_static("soon"),
+        );
+        assert_eq!(shed_window(&h), DEFAULT_SHED_WINDOW);
+    }
+
 }

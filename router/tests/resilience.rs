@@ -134,3 +134,79 @@ async fn sigterm_drain_lets_in_flight_requests_finish() {
         .unwrap()
         .unwrap();
 }
+
+/// A replica that answered 429 is spared new requests for the window it asked for: they go
+/// to another replica, and when every replica refuses work the router answers 429 itself,
+/// before the body travels to a replica that would refuse it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_refuse_work_are_spared_and_the_router_sheds_when_all_do() {
+    let full = upstream(
+        "b",
+        Behavior::Overloaded {
+            retry_after_ms: 60_000,
+        },
+    )
+    .await;
+    let ok = upstream("b", answer("x")).await;
+    let full_too = upstream(
+        "c",
+        Behavior::Overloaded {
+            retry_after_ms: 60_000,
+        },
+    )
+    .await;
+    let full_also = upstream(
+        "c",
+        Behavior::Overloaded {
+            retry_after_ms: 60_000,
+        },
+    )
+    .await;
+    let doc = table(
+        vec![
+            route("e", "/e", &[("b", 100)]),
+            route("f", "/f", &[("c", 100)]),
+        ],
+        &[
+            ("b", vec![full.address(), ok.address()]),
+            ("c", vec![full_too.address(), full_also.address()]),
+        ],
+    );
+    let r = router(&doc).await;
+    let c = client();
+    // Until the full replica has answered once, it gets its share; then none for the window
+    // (a second at most, the longest honoured).
+    while full.hits() == 0 {
+        let (status, _, _) = call(&c, c.post(r.url("/e/x")).body(INFER_BODY)).await;
+        assert!(status == 200 || status == 429, "{status}");
+    }
+    let served = ok.hits();
+    for _ in 0..20 {
+        let (status, backend, _) = call(&c, c.post(r.url("/e/x")).body(INFER_BODY)).await;
+        assert_eq!((status, backend.as_str()), (200, "b"));
+    }
+    assert_eq!(full.hits(), 1, "spared after its 429");
+    assert_eq!(ok.hits(), served + 20);
+    // Both replicas of c refuse once each; after that the router refuses by itself.
+    for _ in 0..10 {
+        let (status, _, body) = call(&c, c.post(r.url("/f/x")).body(INFER_BODY)).await;
+        assert_eq!(status, 429, "{body}");
+    }
+    assert_eq!(full_too.hits() + full_also.hits(), 2, "each asked once");
+    let resp = c
+        .post(r.url("/f/x"))
+        .body(INFER_BODY)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
+    let e = body["error"].as_str().unwrap_or_default();
+    assert!(e.contains("\"c\" is overloaded"), "{e}");
+    assert!(
+        !r.metrics().contains("serval_router_ejections_total{"),
+        "429 is never a replica's failure"
+    );
+}

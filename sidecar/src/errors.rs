@@ -192,6 +192,14 @@ impl RequestError {
                 HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
             );
         }
+        if let Self::Overloaded { expected, budget } = &self {
+            // When the queue is expected to have room again: the excess wait, at least 1 ms.
+            let ms = expected.saturating_sub(*budget).as_millis().max(1);
+            headers.insert(
+                serval_api::routing::RETRY_AFTER_MS_HEADER,
+                HeaderValue::from(ms as u64),
+            );
+        }
         if status == StatusCode::REQUEST_TIMEOUT {
             // The rest of a late body may still arrive: the connection cannot carry another
             // request (RFC 9110 §15.5.9).

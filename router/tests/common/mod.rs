@@ -29,6 +29,8 @@ pub enum Behavior {
     },
     /// A fixed status.
     Status(u16),
+    /// 429 saying, as the model server does, for how many milliseconds it refuses work.
+    Overloaded { retry_after_ms: u64 },
 }
 
 pub fn answer(label: &'static str) -> Behavior {
@@ -95,9 +97,18 @@ pub async fn upstream(name: &'static str, behavior: Behavior) -> Upstream {
                                 (200, json!({"backend": name, "path": path, "label": label}))
                             }
                             Behavior::Status(s) => (s, json!({"error": "status", "backend": name})),
+                            Behavior::Overloaded { .. } => {
+                                (429, json!({"error": "overloaded", "backend": name}))
+                            }
                         };
                         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
                         *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        if let Behavior::Overloaded { retry_after_ms } = b {
+                            resp.headers_mut().insert(
+                                serval_api::routing::RETRY_AFTER_MS_HEADER,
+                                retry_after_ms.into(),
+                            );
+                        }
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
