@@ -123,7 +123,7 @@ fuzz:
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
-bench: bench-sidecar bench-router bench-compare
+bench: bench-sidecar bench-router bench-compare bench-overload
 
 # Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
 # MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).
