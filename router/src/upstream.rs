@@ -380,5 +380,4 @@ mod tests {
         );
         assert_eq!(shed_window(&h), DEFAULT_SHED_WINDOW);
     }
-
 }
