@@ -62,6 +62,11 @@ pub struct BackendSpec {
     #[serde(default)]
     pub batching: Batching,
 
+    /// Scale on load: the number of replicas follows the requests in flight. When set, it
+    /// decides the replicas and `replicas` is ignored (the status says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
     /// Built-in request pre-processing, e.g. decoding an image into the model's input tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
@@ -107,6 +112,86 @@ pub struct ModelSource {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("model.sha256 must be 64 hexadecimal characters"))]
     pub sha256: Option<String>,
+}
+
+/// Default least replicas under autoscaling: one, so the first request never waits for a model
+/// to load; 0 (scale to zero) is opt-in.
+pub const DEFAULT_MIN_REPLICAS: i32 = 1;
+/// Default most replicas under autoscaling: a bound on what one load spike can cost.
+pub const DEFAULT_MAX_REPLICAS: i32 = 10;
+/// Default requests in flight per replica the autoscaler aims at: a model server with one
+/// worker per core keeps its cores busy with small batches at this concurrency, and more per
+/// replica only queues.
+pub const DEFAULT_TARGET_INFLIGHT: u32 = 8;
+/// Default time the load must stay lower before replicas are removed: a minute rides out the
+/// lulls between bursts, since a removed replica costs a model load to bring back.
+pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: u32 = 60;
+/// Default time without any request before the last replica is removed (with
+/// `minReplicas: 0`): five minutes, as the next request then waits for a model load.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS: u32 = 300;
+
+/// Scaling a Backend on the requests in flight (a KPA-like decision: a stable window, a short
+/// panic window for surges, a delay before scaling down, and optional scale to zero).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must be at most autoscaling.maxReplicas")
+)]
+pub struct Autoscaling {
+    /// Least replicas. 0 lets the Backend scale to zero after `scaleToZeroAfterSeconds`
+    /// without requests; the router then holds the next requests while a replica starts.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_replicas: i32,
+
+    /// Most replicas.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+
+    /// Requests in flight per replica to aim at: replicas = ceil(observed ÷ target).
+    #[serde(default = "default_target_inflight")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub target_inflight: u32,
+
+    /// Seconds the load must stay lower before replicas are removed.
+    #[serde(default = "default_scale_down_delay_seconds")]
+    #[schemars(range(max = 3_600))]
+    pub scale_down_delay_seconds: u32,
+
+    /// Seconds without any request before the last replica is removed (only with
+    /// `minReplicas: 0`).
+    #[serde(default = "default_scale_to_zero_after_seconds")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub scale_to_zero_after_seconds: u32,
+}
+
+impl Default for Autoscaling {
+    fn default() -> Self {
+        Self {
+            min_replicas: DEFAULT_MIN_REPLICAS,
+            max_replicas: DEFAULT_MAX_REPLICAS,
+            target_inflight: DEFAULT_TARGET_INFLIGHT,
+            scale_down_delay_seconds: DEFAULT_SCALE_DOWN_DELAY_SECONDS,
+            scale_to_zero_after_seconds: DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS,
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    DEFAULT_MIN_REPLICAS
+}
+fn default_max_replicas() -> i32 {
+    DEFAULT_MAX_REPLICAS
+}
+fn default_target_inflight() -> u32 {
+    DEFAULT_TARGET_INFLIGHT
+}
+fn default_scale_down_delay_seconds() -> u32 {
+    DEFAULT_SCALE_DOWN_DELAY_SECONDS
+}
+fn default_scale_to_zero_after_seconds() -> u32 {
+    DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS
 }
 
 /// Queueing and adaptive batching settings of the model server.

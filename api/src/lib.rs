@@ -10,10 +10,11 @@ pub mod crd;
 pub mod endpoint;
 pub mod routing;
 pub mod sidecar;
+pub mod signals;
 
 pub use backend::{
-    Backend, BackendSpec, BackendStatus, Batching, ColorMode, ImagePreprocess, ModelSource,
-    Postprocess, Preprocess, SidecarOverride, TensorLayout, UserContainer,
+    Autoscaling, Backend, BackendSpec, BackendStatus, Batching, ColorMode, ImagePreprocess,
+    ModelSource, Postprocess, Preprocess, SidecarOverride, TensorLayout, UserContainer,
 };
 pub use endpoint::{
     EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule, Mirror, Retries, Sticky,

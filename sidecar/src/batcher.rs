@@ -101,6 +101,8 @@ struct Shared {
     full_batch: usize,
     /// How much slower runs are now than at calibration.
     slowdown: Slowdown,
+    /// Rows run successfully, for the load signals.
+    rows_run: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     work: Condvar,
 }
@@ -137,6 +139,8 @@ impl Shared {
     /// Records a successful run of `rows` rows that took `took`.
     fn ran(&self, rows: usize, took: Duration) {
         self.metrics.batch(rows, took);
+        self.rows_run
+            .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
         self.slowdown.observe(self.engine.predict(rows), took);
     }
 }
@@ -261,6 +265,7 @@ impl Batcher {
             inline_rows,
             full_batch,
             slowdown: Slowdown::default(),
+            rows_run: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued_rows: 0,
@@ -406,6 +411,13 @@ impl Batcher {
             return Err(RequestError::Draining);
         }
         self.shared.admit(&st, rows, deadline)
+    }
+
+    /// Rows run successfully since start.
+    pub fn rows_run(&self) -> u64 {
+        self.shared
+            .rows_run
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Rows waiting now.

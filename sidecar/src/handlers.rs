@@ -29,6 +29,8 @@ enum Route {
     Ready,
     ServerMetadata,
     Metrics,
+    /// The autoscaler's load snapshot ([`serval_api::signals::SIGNALS_PATH`]).
+    Signals,
     ModelMetadata,
     ModelReady,
     Infer,
@@ -46,6 +48,7 @@ impl Route {
             "/v2/health/ready" => return Self::Ready,
             "/v2" => return Self::ServerMetadata,
             "/metrics" => return Self::Metrics,
+            serval_api::signals::SIGNALS_PATH => return Self::Signals,
             _ => {}
         }
         if let Some(rest) = path.strip_prefix("/v2/models/") {
@@ -110,7 +113,12 @@ impl Route {
     fn is_probe(&self) -> bool {
         matches!(
             self,
-            Self::Live | Self::Ready | Self::ModelReady | Self::V1Status | Self::Metrics
+            Self::Live
+                | Self::Ready
+                | Self::ModelReady
+                | Self::V1Status
+                | Self::Metrics
+                | Self::Signals
         )
     }
 }
@@ -129,12 +137,14 @@ async fn respond(
     let route = Route::parse(req.uri().path(), &state.config.name);
     // With an admin port, metrics are served there only: the traffic port can be reached
     // through the router (an Endpoint's `pathPrefix`), so it would hand them to any client.
-    let hidden =
-        matches!(route, Route::Metrics) && !on_admin && state.config.admin_listen.is_some();
+    let hidden = matches!(route, Route::Metrics | Route::Signals)
+        && !on_admin
+        && state.config.admin_listen.is_some();
     let result = match route.method() {
-        _ if hidden => Err(RequestError::NotFound(
-            "/metrics is served on the admin port".to_owned(),
-        )),
+        _ if hidden => Err(RequestError::NotFound(format!(
+            "{} is served on the admin port",
+            req.uri().path()
+        ))),
         Some(m) if m != req.method() && !(m == Method::GET && req.method() == Method::HEAD) => {
             Err(RequestError::MethodNotAllowed)
         }
@@ -176,7 +186,7 @@ pub async fn admin(state: Arc<AppState>, req: Request<Incoming>) -> Resp {
         }
     } else {
         RequestError::NotFound(format!(
-            "{} is not served on the admin port: it serves health, readiness and /metrics",
+            "{} is not served on the admin port: it serves health, readiness, /metrics and /-/signals",
             req.uri().path()
         ))
         .into_response()
@@ -205,6 +215,11 @@ async fn dispatch(state: &AppState, route: &Route, req: Request<Incoming>) -> Re
                 "extensions": ["binary_tensor_data"],
             }),
         )),
+        Route::Signals => {
+            let v = serde_json::to_value(state.signals())
+                .map_err(|e| RequestError::Inference(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, &v))
+        }
         Route::Metrics => {
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
             r.headers_mut().insert(

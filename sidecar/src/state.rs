@@ -1,7 +1,7 @@
 //! Shared server state: the configuration, the loaded model (once ready), readiness, draining
 //! and the in-flight count that graceful shutdown waits on.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,9 @@ pub struct AppState {
     model: OnceLock<Arc<LoadedModel>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
+    load: Load,
+    /// Inference requests answered (admitted, then done), for the signals.
+    requests: AtomicU64,
     idle_poll: Option<IdlePoller>,
 }
 
@@ -61,6 +64,49 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.state.inflight.fetch_sub(1, Ordering::SeqCst);
         self.state.metrics.add_inflight(-1);
+        self.state.load.change(-1);
+        self.state.requests.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// In-flight requests integrated over time (the autoscaler's concurrency signal): updated at
+/// each admission and answer, so a mean over any interval counts requests shorter than the
+/// interval between two reads.
+#[derive(Debug)]
+struct LoadIntegral {
+    level: i64,
+    seconds: f64,
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct Load(std::sync::Mutex<LoadIntegral>);
+
+impl Load {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(LoadIntegral {
+            level: 0,
+            seconds: 0.0,
+            since: Instant::now(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LoadIntegral> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn change(&self, delta: i64) {
+        let now = Instant::now();
+        let mut l = self.lock();
+        l.seconds += l.level as f64 * now.saturating_duration_since(l.since).as_secs_f64();
+        l.since = now;
+        l.level += delta;
+    }
+
+    /// Request-seconds up to now.
+    fn seconds(&self) -> f64 {
+        let l = self.lock();
+        l.seconds + l.level as f64 * l.since.elapsed().as_secs_f64()
     }
 }
 
@@ -135,6 +181,8 @@ impl AppState {
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            load: Load::new(),
+            requests: AtomicU64::new(0),
             idle_poll,
         }
     }
@@ -157,6 +205,20 @@ impl AppState {
         self.inflight() > 1
     }
 
+    /// The load snapshot the autoscaler reads (see [`serval_api::signals`]).
+    pub fn signals(&self) -> serval_api::signals::SidecarSignals {
+        let model = self.model();
+        serval_api::signals::SidecarSignals {
+            model: self.config.name.clone(),
+            ready: self.is_ready(),
+            inflight: self.inflight() as u64,
+            inflight_seconds: self.load.seconds(),
+            queued_rows: model.map_or(0, |m| m.batcher.queued_rows() as u64),
+            requests: self.requests.load(Ordering::Relaxed),
+            rows: model.map_or(0, |m| m.batcher.rows_run()),
+        }
+    }
+
     /// Inference requests being handled now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::SeqCst)
@@ -172,6 +234,7 @@ impl AppState {
     pub fn admit(&self) -> RequestResult<(InflightGuard<'_>, Arc<LoadedModel>)> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
         self.metrics.add_inflight(1);
+        self.load.change(1);
         let guard = InflightGuard { state: self };
         if self.draining.load(Ordering::SeqCst) {
             return Err(RequestError::Draining);

@@ -626,3 +626,45 @@ fn the_admin_port_must_differ_from_the_traffic_port() {
         "{err}"
     );
 }
+
+/// The autoscaler's snapshot on the admin port: answered requests, rows run, and in-flight
+/// requests integrated over time, so a mean concurrency over any interval can be read from two
+/// snapshots; the traffic port does not serve it when an admin port exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_signals_snapshot_counts_requests_rows_and_their_concurrency() {
+    let mut cfg = identity_config();
+    cfg.admin_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let s = start(cfg).await;
+    let admin = s.admin_addr().expect("admin port bound");
+    let c = client();
+    let signals = |c: reqwest::Client| async move {
+        let a = send(c.get(format!("http://{admin}/-/signals"))).await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        serde_json::from_value::<serval_api::signals::SidecarSignals>(a.json).expect("snapshot")
+    };
+    let before = signals(c.clone()).await;
+    assert!(before.ready);
+    assert_eq!(
+        (before.model.as_str(), before.requests, before.rows),
+        ("identity", 0, 0)
+    );
+    let url = format!("{}/v2/models/identity/infer", base(&s));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                send(c.post(&url).json_body(&identity_request(&[[1.0; 4]; 3]))).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").status, 200);
+    }
+    let after = signals(c.clone()).await;
+    assert_eq!((after.requests, after.rows, after.inflight), (10, 30, 0));
+    assert!(after.inflight_seconds > before.inflight_seconds);
+    let a = send(c.get(format!("{}/-/signals", base(&s)))).await;
+    assert_eq!(a.status, 404, "{}", a.json);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
