@@ -62,11 +62,6 @@ pub struct BackendSpec {
     #[serde(default)]
     pub batching: Batching,
 
-    /// Scale on load: the number of replicas follows the requests in flight. When set, it
-    /// decides the replicas and `replicas` is ignored (the status says so).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autoscaling: Option<Autoscaling>,
-
     /// Built-in request pre-processing, e.g. decoding an image into the model's input tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
@@ -132,6 +127,10 @@ pub const DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS: u32 = 300;
 
 /// Scaling a Backend on the requests in flight (a KPA-like decision: a stable window, a short
 /// panic window for surges, a delay before scaling down, and optional scale to zero).
+///
+/// The decision crate (`serval-autoscale`) reads it; it becomes `BackendSpec.autoscaling` (and
+/// so part of the CRD) once an actuator acts on it, so no manifest can ask for what nothing
+/// does yet (issue 19).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(

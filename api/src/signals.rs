@@ -1,5 +1,5 @@
-//! Load signals: the cheap JSON snapshots the model server serves at [`SIGNALS_PATH`] on its
-//! admin port, read about once a second by the autoscaler (the operator, or `serval local`)
+//! Load signals: the cheap JSON snapshots the model server and the router serve at
+//! [`SIGNALS_PATH`] on their admin ports, read about once a second by the autoscaler (the operator, or `serval local`)
 //! without Prometheus. Counters only grow while the process lives (a decrease means it
 //! restarted); gauges are values now.
 
@@ -45,6 +45,52 @@ impl SidecarSignals {
     pub fn requests_since(&self, earlier: &Self) -> Option<u64> {
         self.requests.checked_sub(earlier.requests)
     }
+}
+
+/// The router's view now: per Endpoint × Backend, what it sent and how it went, and per
+/// Backend, what is outstanding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSignals {
+    /// The routing table's revision these describe.
+    pub revision: String,
+    /// One entry per Endpoint and Backend it can send to.
+    pub routes: Vec<RouteSignals>,
+    /// One entry per Backend of the table.
+    pub backends: Vec<BackendSignals>,
+}
+
+/// Requests of one Endpoint answered from one Backend (counters, kept across table reloads).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSignals {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Backend name.
+    pub backend: String,
+    /// Requests answered, whatever the status (counter).
+    pub requests: u64,
+    /// Of those, answered with a 5xx: the Backend's or the router's failure (counter).
+    pub errors: u64,
+    /// Of those, refused for load with 429 (counter).
+    pub overloaded: u64,
+    /// Time to the response head summed over the requests, seconds (counter): with
+    /// `requests`, the mean latency over any interval.
+    pub latency_seconds: f64,
+}
+
+/// One Backend as the router sees it now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSignals {
+    /// Backend name.
+    pub backend: String,
+    /// Addresses (replicas) in the table.
+    pub replicas: u64,
+    /// Requests sent to its replicas and not yet answered (gauge).
+    pub inflight: u64,
+    /// Replicas ejected for failing now (gauge).
+    pub ejected: u64,
 }
 
 #[cfg(test)]

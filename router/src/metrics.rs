@@ -2,7 +2,9 @@
 //! sharing the sidecar's schema (`requests_total{code}`, `request_duration_seconds` with the
 //! same buckets).
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +13,41 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serval_shards::OpenConnections;
+
+/// Counters of one (endpoint, backend) pair for the load signals; clones share them.
+#[derive(Clone, Debug, Default)]
+pub struct RouteCounters {
+    requests: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    overloaded: Arc<AtomicU64>,
+    latency_micros: Arc<AtomicU64>,
+}
+
+impl RouteCounters {
+    /// Counts one answer with `code`, `elapsed` after the request arrived.
+    pub fn record(&self, code: u16, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if code >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        } else if code == 429 {
+            self.overloaded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The counters as the signals format has them.
+    pub fn snapshot(&self, endpoint: &str, backend: &str) -> serval_api::signals::RouteSignals {
+        serval_api::signals::RouteSignals {
+            endpoint: endpoint.to_owned(),
+            backend: backend.to_owned(),
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            overloaded: self.overloaded.load(Ordering::Relaxed),
+            latency_seconds: self.latency_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
 
 /// `{endpoint, backend, code}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +149,9 @@ pub struct Metrics {
     pub table_rejections: Counter,
     /// Time the idle-polling thread spun.
     pub idle_poll: serval_idle_poll::SecondsCounter,
+    /// The autoscaler's counters per endpoint and backend (served as JSON at
+    /// [`serval_api::signals::SIGNALS_PATH`], not as metrics), kept across table reloads.
+    pub signals: Family<RouteLabels, RouteCounters>,
     /// Client connections open, read from `open` at each scrape.
     connections: Gauge,
     max_connections: Gauge,
@@ -142,6 +182,7 @@ impl Metrics {
             table_reloads: Counter::default(),
             table_rejections: Counter::default(),
             idle_poll: serval_idle_poll::SecondsCounter::default(),
+            signals: Family::default(),
             connections: Gauge::default(),
             max_connections: Gauge::default(),
             open: OnceLock::new(),

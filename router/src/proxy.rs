@@ -161,9 +161,11 @@ impl Proxy {
         code: StatusCode,
         start: Instant,
     ) {
-        let elapsed = start.elapsed().as_secs_f64();
+        let took = start.elapsed();
+        let elapsed = took.as_secs_f64();
         // The series resolved at table load, when the backend is one of the route's.
         if let Some(stats) = pool.and_then(|p| route.stats_for(p)) {
+            stats.signals.record(code.as_u16(), took);
             stats.duration.observe(elapsed);
             if code == StatusCode::OK {
                 stats.ok.inc();

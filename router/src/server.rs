@@ -1,5 +1,5 @@
-//! The listener: health and metrics under the reserved `/-/` prefix (`/-/healthz`,
-//! `/-/readyz`, `/-/metrics`; no Endpoint can be called under `/-/`), the Open Inference
+//! The listener: health, metrics and load signals under the reserved `/-/` prefix
+//! (`/-/healthz`, `/-/readyz`, `/-/metrics`, `/-/signals`; no Endpoint can be called under `/-/`), the Open Inference
 //! Protocol's server-wide paths ([`crate::oip`]), everything else proxied; every connection is
 //! hyper's (HTTP/1.1 and HTTP/2); and graceful drain: readiness drops, the listener closes
 //! after a delay, in-flight requests finish within a bound.
@@ -386,6 +386,18 @@ fn own_path(state: &State, path: &str, on_admin: bool) -> Option<Response<ProxyB
             StatusCode::NOT_FOUND,
             "/-/metrics is served on the admin port",
         ),
+        serval_api::signals::SIGNALS_PATH if state.metrics_on_admin && !on_admin => json_error(
+            StatusCode::NOT_FOUND,
+            "/-/signals is served on the admin port",
+        ),
+        serval_api::signals::SIGNALS_PATH => {
+            let snapshot = state.store.load().map(|t| t.signals()).unwrap_or_default();
+            text(
+                StatusCode::OK,
+                serde_json::to_string(&snapshot).unwrap_or_default(),
+                "application/json",
+            )
+        }
         METRICS_PATH => text(
             StatusCode::OK,
             state.metrics.encode(),
@@ -400,7 +412,7 @@ async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> Response<Pro
     own_path(&state, req.uri().path(), true).unwrap_or_else(|| {
         json_error(
             StatusCode::NOT_FOUND,
-            "the admin port serves /-/healthz, /-/readyz and /-/metrics only",
+            "the admin port serves /-/healthz, /-/readyz, /-/metrics and /-/signals only",
         )
     })
 }

@@ -15,7 +15,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
-use crate::metrics::{CodeLabels, Metrics, RouteLabels};
+use crate::metrics::{CodeLabels, Metrics, RouteCounters, RouteLabels};
 use crate::split::Split;
 
 /// A route's retry budget (tower's, as in Finagle and linkerd): retries may add at most a
@@ -73,6 +73,8 @@ pub struct RouteStats {
     /// `requests_total{endpoint, backend, code="200"}`, the common case; other codes go
     /// through the family.
     pub ok: Counter,
+    /// The load signals' counters of the pair.
+    pub signals: RouteCounters,
 }
 
 /// One route, ready to serve.
@@ -169,6 +171,35 @@ pub struct CompiledTable {
 }
 
 impl CompiledTable {
+    /// The load signals of this table's routes and backends (see [`serval_api::signals`]).
+    pub fn signals(&self) -> serval_api::signals::RouterSignals {
+        let routes = self
+            .routes
+            .iter()
+            .flat_map(|r| {
+                r.stats
+                    .iter()
+                    .map(|(pool, stats)| stats.signals.snapshot(&r.endpoint, &pool.name))
+            })
+            .collect();
+        let mut backends: Vec<_> = self
+            .pools
+            .values()
+            .map(|p| serval_api::signals::BackendSignals {
+                backend: p.name.clone(),
+                replicas: p.addrs.len() as u64,
+                inflight: p.addrs.iter().map(|a| a.inflight() as u64).sum(),
+                ejected: p.ejected() as u64,
+            })
+            .collect();
+        backends.sort_by(|a, b| a.backend.cmp(&b.backend));
+        serval_api::signals::RouterSignals {
+            revision: self.revision.clone(),
+            routes,
+            backends,
+        }
+    }
+
     /// Compiles `table`, carrying address health and retry budgets over from `previous`.
     pub fn compile(
         table: RoutingTable,
@@ -259,6 +290,7 @@ impl CompiledTable {
                 let s = RouteStats {
                     duration: metrics.request_duration.get_or_create(&route).clone(),
                     ok: metrics.requests.get_or_create(&ok).clone(),
+                    signals: metrics.signals.get_or_create(&route).clone(),
                 };
                 stats.push((p.clone(), s));
             }

@@ -210,3 +210,53 @@ async fn replicas_that_refuse_work_are_spared_and_the_router_sheds_when_all_do()
         "429 is never a replica's failure"
     );
 }
+
+/// The autoscaler's snapshot: per Endpoint × Backend the requests answered, the 5xx and 429
+/// among them and their summed latency; per Backend its replicas and what is outstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signals_snapshot_counts_each_routes_answers_per_backend() {
+    let ok = upstream("b", answer("x")).await;
+    let broken = upstream("c", Behavior::Status(500)).await;
+    let full = upstream("d", Behavior::Overloaded { retry_after_ms: 1 }).await;
+    let doc = table(
+        vec![
+            route("e", "/e", &[("b", 100)]),
+            route("f", "/f", &[("c", 100)]),
+            route("g", "/g", &[("d", 100)]),
+        ],
+        &[
+            ("b", vec![ok.address()]),
+            ("c", vec![broken.address()]),
+            ("d", vec![full.address()]),
+        ],
+    );
+    let r = router(&doc).await;
+    let c = client();
+    for (path, n) in [("/e/x", 5), ("/f/x", 2), ("/g/x", 1)] {
+        for _ in 0..n {
+            call(&c, c.post(r.url(path)).body(INFER_BODY)).await;
+        }
+    }
+    let (status, _, body) = call(&c, c.get(r.url("/-/signals"))).await;
+    assert_eq!(status, 200, "{body}");
+    let s: serval_api::signals::RouterSignals = serde_json::from_value(body).expect("snapshot");
+    let route = |endpoint: &str| {
+        s.routes
+            .iter()
+            .find(|x| x.endpoint == endpoint)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {endpoint} in {:?}", s.routes))
+    };
+    let (e, f, g) = (route("e"), route("f"), route("g"));
+    assert_eq!((e.backend.as_str(), e.requests, e.errors), ("b", 5, 0));
+    assert!(e.latency_seconds > 0.0);
+    assert_eq!((f.requests, f.errors), (2, 2));
+    assert_eq!((g.requests, g.errors, g.overloaded), (1, 0, 1));
+    let backends: Vec<_> = s
+        .backends
+        .iter()
+        .map(|b| (b.backend.as_str(), b.replicas, b.inflight))
+        .collect();
+    assert_eq!(backends, vec![("b", 1, 0), ("c", 1, 0), ("d", 1, 0)]);
+    assert!(!s.revision.is_empty());
+}
