@@ -121,6 +121,11 @@ pub struct Upstream {
     /// Whether the backend is ready. Routes give an unready backend weight 0 already; this is
     /// kept so the router can report it.
     pub ready: bool,
+    /// The backend is at zero replicas on purpose (scaled to zero): its routes keep their
+    /// weight, and the router holds the requests sent to it until it has an address again,
+    /// each up to its route's deadline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scaled_to_zero: bool,
 }
 
 /// Why a routing table was refused.
@@ -284,6 +289,7 @@ mod tests {
             model: m.to_owned(),
             addresses: vec![a.to_owned()],
             ready: true,
+            scaled_to_zero: false,
         };
         RoutingTable {
             api_version: ROUTING_TABLE_API_VERSION.to_owned(),

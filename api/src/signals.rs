@@ -91,6 +91,10 @@ pub struct BackendSignals {
     pub inflight: u64,
     /// Replicas ejected for failing now (gauge).
     pub ejected: u64,
+    /// Requests held now while the Backend starts from zero (gauge): the cold-start signal.
+    pub held: u64,
+    /// The table marks it scaled to zero.
+    pub scaled_to_zero: bool,
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 /// In-flight requests get this long to finish after the listener closes; below the default
 /// 30 s termination grace period together with the delay above.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most requests held at once for one Backend scaled to zero, while its first replica starts:
+/// a burst at a cold Backend is kept whole, and each held request is only an open connection
+/// whose body waits unread in the kernel.
+pub const DEFAULT_MAX_HELD_REQUESTS: usize = 1024;
 /// Largest request body forwarded: the model server's own limit, so a body it would refuse
 /// is answered 413 here without occupying an upstream connection.
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
@@ -143,6 +147,10 @@ pub struct Config {
     /// Largest request body forwarded; larger ones are answered 413.
     #[arg(long, env = "SERVAL_ROUTER_MAX_BODY", default_value_t = DEFAULT_MAX_BODY)]
     pub max_body: u64,
+    /// Most requests held at once for a Backend scaled to zero until its first replica is
+    /// ready; past it, 503 with Retry-After.
+    #[arg(long, env = "SERVAL_ROUTER_MAX_HELD_REQUESTS", default_value_t = DEFAULT_MAX_HELD_REQUESTS)]
+    pub max_held_requests: usize,
     /// Largest request head (request line and headers), 8192 at least; past it, 431.
     #[arg(long, env = "SERVAL_ROUTER_MAX_HEAD_BYTES", default_value_t = DEFAULT_MAX_HEAD_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(8192..))]
@@ -190,6 +198,7 @@ impl Config {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_body: DEFAULT_MAX_BODY,
+            max_held_requests: DEFAULT_MAX_HELD_REQUESTS,
             max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,

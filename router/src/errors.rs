@@ -32,6 +32,21 @@ pub enum Error {
     /// before the body travels to a replica that would refuse it too.
     #[error("backend {0:?} is overloaded: every replica refuses new work for now; retry later")]
     Overloaded(String),
+    /// A Backend scaled to zero had no ready replica within the request's deadline.
+    #[error(
+        "backend {backend:?} is scaled to zero and no replica became ready within the endpoint's {timeout_ms} ms deadline; retry shortly"
+    )]
+    ColdStart {
+        /// Backend name.
+        backend: String,
+        /// The route's timeout.
+        timeout_ms: u64,
+    },
+    /// Too many requests are already held for a Backend scaled to zero.
+    #[error(
+        "backend {0:?} is starting from zero and already holds the most requests it may; retry shortly"
+    )]
+    HoldFull(String),
     /// The per-route deadline passed before the upstream answered.
     #[error("endpoint {endpoint:?} did not answer within {timeout_ms} ms")]
     Timeout {
@@ -94,6 +109,7 @@ impl Error {
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
             Error::NoReadyBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::ColdStart { .. } | Error::HoldFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -122,7 +138,10 @@ impl Error {
     /// The JSON error response for this error.
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut resp = json_error(self.status(), &self.to_string());
-        if matches!(self, Error::Overloaded(_)) {
+        if matches!(
+            self,
+            Error::Overloaded(_) | Error::ColdStart { .. } | Error::HoldFull(_)
+        ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }

@@ -107,6 +107,13 @@ pub struct RevisionLabels {
     pub revision: String,
 }
 
+/// `{backend}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Backend name.
+    pub backend: String,
+}
+
 /// `{endpoint}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -149,6 +156,8 @@ pub struct Metrics {
     pub table_rejections: Counter,
     /// Time the idle-polling thread spun.
     pub idle_poll: serval_idle_poll::SecondsCounter,
+    /// Requests held now for a Backend scaled to zero.
+    pub held: Family<BackendLabels, Gauge>,
     /// The autoscaler's counters per endpoint and backend (served as JSON at
     /// [`serval_api::signals::SIGNALS_PATH`], not as metrics), kept across table reloads.
     pub signals: Family<RouteLabels, RouteCounters>,
@@ -183,6 +192,7 @@ impl Metrics {
             table_rejections: Counter::default(),
             idle_poll: serval_idle_poll::SecondsCounter::default(),
             signals: Family::default(),
+            held: Family::default(),
             connections: Gauge::default(),
             max_connections: Gauge::default(),
             open: OnceLock::new(),
@@ -200,6 +210,11 @@ impl Metrics {
             m.upstream_errors.clone(),
         );
         registry.register("retries", "Retries sent", m.retries.clone());
+        registry.register(
+            "held_requests",
+            "Requests held for a Backend scaled to zero until its first replica is ready",
+            m.held.clone(),
+        );
         registry.register(
             "retry_budget_exhausted",
             "Retries refused by the retry budget",

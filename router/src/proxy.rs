@@ -13,6 +13,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
@@ -21,7 +22,9 @@ use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
 use crate::headers;
 use crate::matching::{PathKind, Target, host_of};
-use crate::metrics::{CodeLabels, EndpointLabels, ErrorLabels, Metrics, RouteLabels};
+use crate::metrics::{
+    BackendLabels, CodeLabels, EndpointLabels, ErrorLabels, Metrics, RouteLabels,
+};
 use crate::mirror::{Mirror, ShadowCopy};
 use crate::oip;
 use crate::table::{CompiledRoute, TableStore};
@@ -29,6 +32,22 @@ use crate::upstream::{
     AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
     shed_window,
 };
+
+/// One request counted in `held_requests{backend}` until dropped.
+struct Held(Gauge);
+
+impl Held {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// Names the backend that answered, on every routed response.
 pub const BACKEND_HEADER: &str = "serval-backend";
@@ -45,6 +64,7 @@ pub struct Proxy {
     outlier: OutlierPolicy,
     max_buffered_body: usize,
     max_body: u64,
+    max_held: usize,
     mirror: Mirror,
     idle_poll: Option<Arc<IdlePoller>>,
 }
@@ -82,6 +102,7 @@ impl Proxy {
             outlier,
             max_buffered_body: config.max_buffered_body,
             max_body: config.max_body,
+            max_held: config.max_held_requests,
             mirror,
             idle_poll,
         }
@@ -140,6 +161,18 @@ impl Proxy {
             return Error::NoReadyBackend(route.endpoint.clone()).into_response();
         };
         let deadline = tokio::time::Instant::from_std(start) + route.timeout;
+        let pool = if pool.is_cold() {
+            match self.hold(&pool.name, route.timeout, deadline).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let resp = e.into_response();
+                    self.count(route, Some(&pool), resp.status(), start);
+                    return resp;
+                }
+            }
+        } else {
+            pool
+        };
         let mut resp = match self
             .forward(route, &target, &pool, parts, body, deadline)
             .await
@@ -152,6 +185,46 @@ impl Proxy {
         }
         self.count(route, Some(&pool), resp.status(), start);
         resp
+    }
+
+    /// Holds a request for `backend`, scaled to zero, until a table gives it an address (its
+    /// first replica is ready), within the bound on held requests and the request's deadline.
+    async fn hold(
+        &self,
+        backend: &str,
+        timeout: std::time::Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<BackendPool>> {
+        let labels = BackendLabels {
+            backend: backend.to_owned(),
+        };
+        let held = self.metrics.held.get_or_create(&labels).clone();
+        if usize::try_from(held.get()).unwrap_or(0) >= self.max_held {
+            return Err(Error::HoldFull(backend.to_owned()));
+        }
+        // Counted from here until this request leaves the hold, whichever way it does.
+        let _held = Held::new(held);
+        let mut swaps = self.store.subscribe();
+        loop {
+            if let Some(pool) = self.store.load().and_then(|t| t.pool(backend).cloned())
+                && !pool.is_cold()
+            {
+                if pool.addrs.is_empty() {
+                    // No longer scaled to zero, and still no address: not coming.
+                    return Err(Error::NoReadyBackend(backend.to_owned()));
+                }
+                return Ok(pool);
+            }
+            match tokio::time::timeout_at(deadline, swaps.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Err(Error::ColdStart {
+                        backend: backend.to_owned(),
+                        timeout_ms: timeout.as_millis() as u64,
+                    });
+                }
+            }
+        }
     }
 
     pub(crate) fn count(

@@ -391,7 +391,11 @@ fn own_path(state: &State, path: &str, on_admin: bool) -> Option<Response<ProxyB
             "/-/signals is served on the admin port",
         ),
         serval_api::signals::SIGNALS_PATH => {
-            let snapshot = state.store.load().map(|t| t.signals()).unwrap_or_default();
+            let snapshot = state
+                .store
+                .load()
+                .map(|t| t.signals(&state.metrics))
+                .unwrap_or_default();
             text(
                 StatusCode::OK,
                 serde_json::to_string(&snapshot).unwrap_or_default(),

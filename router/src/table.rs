@@ -15,7 +15,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
-use crate::metrics::{CodeLabels, Metrics, RouteCounters, RouteLabels};
+use crate::metrics::{BackendLabels, CodeLabels, Metrics, RouteCounters, RouteLabels};
 use crate::split::Split;
 
 /// A route's retry budget (tower's, as in Finagle and linkerd): retries may add at most a
@@ -171,8 +171,13 @@ pub struct CompiledTable {
 }
 
 impl CompiledTable {
+    /// The backend named `name`, if the table has it.
+    pub fn pool(&self, name: &str) -> Option<&Arc<BackendPool>> {
+        self.pools.get(name)
+    }
+
     /// The load signals of this table's routes and backends (see [`serval_api::signals`]).
-    pub fn signals(&self) -> serval_api::signals::RouterSignals {
+    pub fn signals(&self, metrics: &Metrics) -> serval_api::signals::RouterSignals {
         let routes = self
             .routes
             .iter()
@@ -190,6 +195,8 @@ impl CompiledTable {
                 replicas: p.addrs.len() as u64,
                 inflight: p.addrs.iter().map(|a| a.inflight() as u64).sum(),
                 ejected: p.ejected() as u64,
+                held: held_now(metrics, &p.name),
+                scaled_to_zero: p.scaled_to_zero,
             })
             .collect();
         backends.sort_by(|a, b| a.backend.cmp(&b.backend));
@@ -219,10 +226,9 @@ impl CompiledTable {
                         .unwrap_or_else(|| Arc::new(AddrState::new(a)))
                 })
                 .collect();
-            pools.insert(
-                name.clone(),
-                Arc::new(BackendPool::new(name, &up.model, addrs)),
-            );
+            let mut pool = BackendPool::new(name, &up.model, addrs);
+            pool.scaled_to_zero = up.scaled_to_zero;
+            pools.insert(name.clone(), Arc::new(pool));
         }
         // Validation guarantees every referenced backend has an entry.
         let pool = |name: &str, endpoint: &str| {
@@ -353,10 +359,20 @@ pub enum Applied {
     Swapped(String),
 }
 
+/// Requests held now for `backend` (see [`TableStore::subscribe`]).
+fn held_now(metrics: &Metrics, backend: &str) -> u64 {
+    let labels = BackendLabels {
+        backend: backend.to_owned(),
+    };
+    u64::try_from(metrics.held.get_or_create(&labels).get()).unwrap_or(0)
+}
+
 /// Holds the table being served.
 #[derive(Debug)]
 pub struct TableStore {
     current: ArcSwapOption<CompiledTable>,
+    /// Bumped at each swap: requests held for a Backend scaled to zero wait on it.
+    swaps: tokio::sync::watch::Sender<u64>,
     metrics: Arc<Metrics>,
     settings: TableSettings,
     // Serialises writers (file poller, kube watch) so compile-from-previous sees the latest.
@@ -368,10 +384,16 @@ impl TableStore {
     pub fn new(metrics: Arc<Metrics>, settings: TableSettings) -> Self {
         Self {
             current: ArcSwapOption::empty(),
+            swaps: tokio::sync::watch::Sender::new(0),
             metrics,
             settings,
             apply_lock: Mutex::new(()),
         }
+    }
+
+    /// Wakes at every table swap.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     /// The table being served, if any. One load per request keeps the request on one table.
@@ -408,6 +430,7 @@ impl TableStore {
             CompiledTable::compile(table, previous.as_deref(), self.settings, &self.metrics)?;
         let revision = compiled.revision.clone();
         self.current.store(Some(Arc::new(compiled)));
+        self.swaps.send_modify(|n| *n += 1);
         self.metrics.table_reloads.inc();
         self.metrics
             .set_revision(previous.as_ref().map(|p| p.revision.as_str()), &revision);

@@ -176,6 +176,8 @@ pub struct BackendPool {
     pub header_value: Option<HeaderValue>,
     /// Addresses in table order.
     pub addrs: Vec<Arc<AddrState>>,
+    /// Scaled to zero on purpose: its requests are held until a table gives it an address.
+    pub scaled_to_zero: bool,
     // Serialises ejection decisions so two failing addresses cannot both see the other as the
     // remaining healthy one and eject each other.
     eject_lock: Mutex<()>,
@@ -189,13 +191,20 @@ impl BackendPool {
             model: model.to_owned(),
             header_value: HeaderValue::from_str(name).ok(),
             addrs,
+            scaled_to_zero: false,
             eject_lock: Mutex::new(()),
         }
     }
 
-    /// Whether the pool has any address at all.
+    /// Whether the pool takes traffic: it has an address, or it is scaled to zero (its
+    /// requests are held until it has one).
     pub fn is_usable(&self) -> bool {
-        !self.addrs.is_empty()
+        !self.addrs.is_empty() || self.scaled_to_zero
+    }
+
+    /// Scaled to zero and without an address yet: a request for it must be held.
+    pub fn is_cold(&self) -> bool {
+        self.addrs.is_empty() && self.scaled_to_zero
     }
 
     /// Whether every address refuses new work now (each answered 429 with a window that has

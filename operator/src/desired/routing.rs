@@ -170,6 +170,8 @@ pub fn plan<'a>(
                 model: b.clone(),
                 addresses: view.map(|v| v.addresses.clone()).unwrap_or_default(),
                 ready: view.is_some_and(|v| v.ready),
+                // Set once the operator scales Backends to zero (issue 19).
+                scaled_to_zero: false,
             };
             (b, up)
         })
