@@ -82,6 +82,11 @@ pub struct BackendSpec {
     /// Overrides for the model-server sidecar container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarOverride>,
+
+    /// Scale on load: the replicas follow the requests in flight; when set it decides the
+    /// replicas and `replicas` is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
 }
 
 fn default_replicas() -> i32 {
@@ -128,9 +133,7 @@ pub const DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS: u32 = 300;
 /// Scaling a Backend on the requests in flight (a KPA-like decision: a stable window, a short
 /// panic window for surges, a delay before scaling down, and optional scale to zero).
 ///
-/// The decision crate (`serval-autoscale`) reads it; it becomes `BackendSpec.autoscaling` (and
-/// so part of the CRD) once an actuator acts on it, so no manifest can ask for what nothing
-/// does yet (issue 19).
+/// The decision crate (`serval-autoscale`) reads it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(

@@ -148,6 +148,14 @@ fn backend_rules_reject_with_clear_messages() {
             "batching.maxQueue must be at least batching.maxBatchSize",
         ),
         (
+            with(
+                good.clone(),
+                "spec.autoscaling",
+                json!({"minReplicas": 5, "maxReplicas": 2}),
+            ),
+            "autoscaling.minReplicas must be at most autoscaling.maxReplicas",
+        ),
+        (
             with(good.clone(), "spec.postprocess.topK", json!(5)),
             "postprocess.topK cannot exceed the number of labels",
         ),

@@ -12,7 +12,7 @@
 //! when every Backend is failing and no replica serves does `serval local` stop and exit
 //! non-zero: there is nothing left to serve, and a script running it should see the failure.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use crate::autoscaler::{self, Autoscaler, Snapshot, with_scaled_to_zero};
 use crate::manifests::{self, Manifests, resolve_model};
 use crate::restarts::{
     DEFAULT_MAX_RESTART_BACKOFF, ERROR_LINES_KEPT, Restarts, failure_reason, is_error_line,
@@ -55,6 +56,8 @@ pub struct Options {
     pub router_bin: PathBuf,
     /// Send demo requests once everything is ready (a PNG, an Open Inference Protocol request).
     pub demo: Option<PathBuf>,
+    /// Stable window of the autoscaling decision (Backends with `spec.autoscaling`).
+    pub stable_window: Duration,
 }
 
 struct Replica {
@@ -82,6 +85,10 @@ struct Supervisor {
     table_path: PathBuf,
     revision: String,
     announced: bool,
+    /// Backends with `spec.autoscaling`, by name.
+    autoscalers: BTreeMap<String, Autoscaler>,
+    /// Origin of the autoscaling samples' times.
+    origin: Instant,
 }
 
 /// Runs until Ctrl-C or SIGTERM, then stops every process it started. Fails if every Backend
@@ -121,7 +128,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         table_path,
         revision: String::new(),
         announced: false,
+        autoscalers: BTreeMap::new(),
+        origin: Instant::now(),
     };
+    sup.sync_autoscalers();
     sup.write_table()?;
     let mut router = sup.spawn_router()?;
 
@@ -185,6 +195,7 @@ impl Supervisor {
         self.reload_if_changed();
         self.reap_exited().await;
         self.probe_readiness().await;
+        self.autoscale().await;
         self.converge()?;
         self.write_table()?;
         self.stop_retired().await;
@@ -220,6 +231,7 @@ impl Supervisor {
                             (Some((a, _)), Some((b, _))) if a.spec == b.spec)
                     });
                     self.manifests = m;
+                    self.sync_autoscalers();
                 } else {
                     eprintln!(
                         "serval: ignoring the edit, keeping the running state:\n  {}",
@@ -302,25 +314,28 @@ impl Supervisor {
     /// Starts and retires replicas towards each Backend's spec, one surge replica at a time
     /// during a rollout so capacity never drops (max surge 1, max unavailable 0).
     fn converge(&mut self) -> anyhow::Result<()> {
-        let backends: Vec<(String, BackendSpec, PathBuf)> = self
+        let backends: Vec<(String, BackendSpec, PathBuf, usize)> = self
             .manifests
             .backends
             .iter()
-            .map(|(n, (b, f))| (n.clone(), b.spec.clone(), f.clone()))
+            .map(|(n, (b, f))| (n.clone(), b.spec.clone(), f.clone(), self.desired(n)))
             .collect();
         for r in self.replicas.iter_mut().filter(|r| r.retire_at.is_none()) {
             if !self.manifests.backends.contains_key(&r.backend) {
                 r.retire_at = Some(Instant::now() + DEFAULT_RETIRE_GRACE);
             }
         }
-        for (name, spec, file) in backends {
-            let desired = usize::try_from(spec.replicas).unwrap_or(0);
+        for (name, spec, file, desired) in backends {
             let live = |r: &&Replica| r.backend == name && r.retire_at.is_none();
             let current: Vec<usize> = (0..self.replicas.len())
-                .filter(|&i| live(&&self.replicas[i]) && self.replicas[i].spec == spec)
+                .filter(|&i| {
+                    live(&&self.replicas[i]) && same_process(&self.replicas[i].spec, &spec)
+                })
                 .collect();
             let outdated: Vec<usize> = (0..self.replicas.len())
-                .filter(|&i| live(&&self.replicas[i]) && self.replicas[i].spec != spec)
+                .filter(|&i| {
+                    live(&&self.replicas[i]) && !same_process(&self.replicas[i].spec, &spec)
+                })
                 .collect();
             let ready_current = current.iter().filter(|&&i| self.replicas[i].ready).count();
             let ready_outdated = outdated.iter().filter(|&&i| self.replicas[i].ready).count();
@@ -394,10 +409,12 @@ impl Supervisor {
                     .filter(|r| &r.backend == name && r.ready && r.retire_at.is_none())
                     .map(|r| format!("127.0.0.1:{}", r.port))
                     .collect();
+                // At zero the routes keep their weight: the router holds the requests.
+                let cold = self.autoscalers.get(name).is_some_and(|a| a.cold);
                 (
                     name.clone(),
                     BackendView {
-                        ready: !addresses.is_empty(),
+                        ready: cold || !addresses.is_empty(),
                         addresses,
                     },
                 )
@@ -411,13 +428,20 @@ impl Supervisor {
             self.manifests.endpoints.values().map(|(e, _)| e),
             &self.views(),
         );
-        if plan.table.revision == self.revision {
+        let cold: BTreeSet<String> = self
+            .autoscalers
+            .iter()
+            .filter(|(_, a)| a.cold)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let table = with_scaled_to_zero(plan.table, &cold);
+        if table.revision == self.revision {
             return Ok(());
         }
         let tmp = self.table_path.with_extension("tmp");
-        std::fs::write(&tmp, plan.table.to_json())?;
+        std::fs::write(&tmp, table.to_json())?;
         std::fs::rename(&tmp, &self.table_path)?; // atomic: the router never reads half a table
-        self.revision = plan.table.revision.clone();
+        self.revision = table.revision.clone();
         for (name, outcome) in &plan.outcomes {
             match &outcome.conflict_with {
                 Some(owner) => eprintln!(
@@ -480,6 +504,109 @@ impl Supervisor {
             .count()
     }
 
+    /// Replicas `name` should run: its autoscaler's decision, else `spec.replicas`.
+    fn desired(&self, name: &str) -> usize {
+        let replicas = match self.autoscalers.get(name) {
+            Some(a) => i64::from(a.replicas),
+            None => self
+                .manifests
+                .backends
+                .get(name)
+                .map_or(0, |(b, _)| i64::from(b.spec.replicas)),
+        };
+        usize::try_from(replicas).unwrap_or(0)
+    }
+
+    /// One autoscaler per Backend with `spec.autoscaling`; an edited policy keeps its samples.
+    fn sync_autoscalers(&mut self) {
+        let now = Instant::now();
+        let wanted: BTreeMap<&String, _> = self
+            .manifests
+            .backends
+            .iter()
+            .filter_map(|(name, (b, _))| {
+                let spec = b.spec.autoscaling.as_ref()?;
+                Some((name, autoscaler::policy(spec, self.opts.stable_window)))
+            })
+            .collect();
+        self.autoscalers.retain(|name, _| wanted.contains_key(name));
+        for (name, policy) in wanted {
+            match self.autoscalers.get_mut(name) {
+                Some(a) => a.set_policy(policy),
+                None => {
+                    let running = self
+                        .replicas
+                        .iter()
+                        .filter(|r| &r.backend == name && r.retire_at.is_none())
+                        .count();
+                    let running = u32::try_from(running).unwrap_or(u32::MAX);
+                    self.autoscalers
+                        .insert(name.clone(), Autoscaler::new(policy, running, now));
+                }
+            }
+        }
+    }
+
+    /// Samples and decides for each autoscaled Backend whose sample is due (at once when the
+    /// router holds requests for one at zero), and records the replicas to run.
+    async fn autoscale(&mut self) {
+        if self.autoscalers.is_empty() {
+            return;
+        }
+        // A replica that serves again ends the cold start: the table gives it an address.
+        let names: Vec<String> = self.autoscalers.keys().cloned().collect();
+        for name in &names {
+            if self.ready_count(name) > 0
+                && let Some(a) = self.autoscalers.get_mut(name)
+            {
+                a.cold = false;
+            }
+        }
+        let now = Instant::now();
+        let at_zero = self.autoscalers.values().any(|a| a.replicas == 0);
+        if !at_zero && !self.autoscalers.values().any(|a| a.wants_sample(now, 0)) {
+            return;
+        }
+        let router = autoscaler::read_router(self.opts.listen).await;
+        for name in names {
+            let held = router
+                .as_ref()
+                .and_then(|r| r.backends.iter().find(|b| b.backend == name))
+                .map_or(0, |b| b.held);
+            if !self
+                .autoscalers
+                .get(&name)
+                .is_some_and(|a| a.wants_sample(Instant::now(), held))
+            {
+                continue;
+            }
+            let ports: Vec<(u32, u16)> = self
+                .replicas
+                .iter()
+                .filter(|r| r.backend == name && r.ready && r.retire_at.is_none())
+                .map(|r| (r.id, r.port))
+                .collect();
+            let mut snapshots = BTreeMap::new();
+            for (id, port) in ports {
+                if let Some(signals) = autoscaler::read_sidecar(port).await {
+                    let at = Instant::now();
+                    snapshots.insert(id, Snapshot { at, signals });
+                }
+            }
+            let Some(a) = self.autoscalers.get_mut(&name) else {
+                continue;
+            };
+            let before = a.replicas;
+            let decision = a.observe(snapshots, held, Instant::now(), self.origin);
+            if decision.replicas != before {
+                eprintln!(
+                    "serval: backend {name}: {before} -> {} replicas ({})",
+                    decision.replicas, decision.reason
+                );
+            }
+        }
+    }
+
     fn is_failing(&self, name: &str) -> bool {
         self.restarts.get(name).is_some_and(Restarts::is_failing)
     }
@@ -498,10 +625,10 @@ impl Supervisor {
 
     /// Nothing is still loading: each Backend is ready on all its replicas, or failing.
     fn settled(&self) -> bool {
-        self.manifests.backends.iter().all(|(name, (b, _))| {
-            self.ready_count(name) >= usize::try_from(b.spec.replicas).unwrap_or(0)
-                || self.is_failing(name)
-        })
+        self.manifests
+            .backends
+            .keys()
+            .all(|name| self.ready_count(name) >= self.desired(name) || self.is_failing(name))
     }
 
     /// The failures, when every Backend that should run is failing and no replica serves.
@@ -510,7 +637,8 @@ impl Supervisor {
             .manifests
             .backends
             .iter()
-            .filter(|(_, (b, _))| b.spec.replicas > 0)
+            // An autoscaled Backend at zero still serves: the router holds its requests.
+            .filter(|(_, (b, _))| b.spec.autoscaling.is_some() || b.spec.replicas > 0)
             .map(|(name, _)| name)
             .peekable();
         wanted.peek()?;
@@ -566,10 +694,10 @@ impl Supervisor {
     fn progress(&self) -> String {
         self.manifests
             .backends
-            .iter()
-            .map(|(name, (b, _))| {
+            .keys()
+            .map(|name| {
                 let ready = self.ready_count(name);
-                let replicas = b.spec.replicas;
+                let replicas = self.desired(name);
                 match self.restarts.get(name) {
                     Some(r) if r.is_failing() => {
                         format!("{name} failing: {}", r.summary().unwrap_or_default())
@@ -619,6 +747,17 @@ impl Supervisor {
         );
         println!("  Press Ctrl-C to stop.\n");
     }
+}
+
+/// Whether a replica started for spec `a` runs as one for spec `b` would: the replica count
+/// and the autoscaling policy change how many run, not how each runs, so no restart.
+fn same_process(a: &BackendSpec, b: &BackendSpec) -> bool {
+    let strip = |s: &BackendSpec| BackendSpec {
+        replicas: 0,
+        autoscaling: None,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -710,4 +849,25 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .map(|d| d.join(name))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changing_only_the_replicas_or_the_autoscaling_restarts_no_replica() {
+        let spec: BackendSpec =
+            serde_json::from_value(serde_json::json!({"model": {"uri": "file://m.onnx"}}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let scaled = BackendSpec {
+            replicas: 5,
+            autoscaling: Some(serval_api::Autoscaling::default()),
+            ..spec.clone()
+        };
+        assert!(same_process(&spec, &scaled));
+        let mut rebatched = spec.clone();
+        rebatched.batching.max_batch_size = 1;
+        assert!(!same_process(&spec, &rebatched));
+    }
 }

@@ -1,6 +1,7 @@
 //! `serval`: run Serval manifests on this machine, print the CRDs, or show the version.
 #![forbid(unsafe_code)]
 
+mod autoscaler;
 mod demo;
 mod local;
 mod manifests;
@@ -43,6 +44,10 @@ enum Cmd {
         /// Once ready, send this PNG and an Open Inference Protocol request, and print the answers.
         #[arg(long)]
         demo: Option<PathBuf>,
+        /// Stable window of the autoscaling decision, in seconds (the operator's by default);
+        /// a shorter one follows a load change sooner.
+        #[arg(long, env = "SERVAL_AUTOSCALE_STABLE_WINDOW", default_value_t = autoscaler::DEFAULT_LOCAL_STABLE_WINDOW.as_secs())]
+        autoscale_stable_window: u64,
     },
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
@@ -66,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
             sidecar_bin,
             router_bin,
             demo,
+            autoscale_stable_window,
         } => {
             let opts = local::Options {
                 files: file,
@@ -73,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 sidecar_bin: sidecar_bin.unwrap_or_else(|| local::sibling_binary("serval-sidecar")),
                 router_bin: router_bin.unwrap_or_else(|| local::sibling_binary("serval-router")),
                 demo,
+                stable_window: std::time::Duration::from_secs(autoscale_stable_window),
             };
             local::run(opts).await
         }

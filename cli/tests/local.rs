@@ -390,11 +390,17 @@ impl Output {
 
 /// Like [`start`], with the output collected for assertions.
 fn start_collecting(dir: tempfile::TempDir) -> (Local, Output) {
+    start_collecting_with(dir, &[])
+}
+
+/// Like [`start_collecting`], with extra arguments to `serval local`.
+fn start_collecting_with(dir: tempfile::TempDir, extra: &[&str]) -> (Local, Output) {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_serval"))
         .args(["local", "-f"])
         .arg(dir.path().join("examples"))
         .args(["--port", &port.to_string()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -574,4 +580,225 @@ fn an_endpoint_naming_an_unknown_backend_is_refused_before_anything_starts() {
         !text.contains("[digits-v1#"),
         "a sidecar was started:\n{text}"
     );
+}
+
+/// A Backend of `slow.onnx` (one row per batch on one worker, so one replica's capacity is
+/// small) with this `autoscaling`, and an Endpoint `slow` to it, in a temp dir.
+fn autoscaled_slow(autoscaling: &str) -> tempfile::TempDir {
+    let backend = format!(
+        "apiVersion: serval.dev/v1alpha1\nkind: Backend\nmetadata: {{name: slow}}\n\
+         spec:\n  model: {{uri: \"file://../models/slow.onnx\"}}\n\
+         \x20 batching: {{maxBatchSize: 1, workers: 1, maxQueueDelayMillis: 5000}}\n\
+         \x20 autoscaling: {autoscaling}\n"
+    );
+    let dir = manifests(&[
+        ("slow.yaml", &backend),
+        ("ep.yaml", &endpoint("slow", "slow")),
+    ]);
+    std::fs::copy(
+        repo().join("models/slow.onnx"),
+        dir.path().join("models/slow.onnx"),
+    )
+    .unwrap();
+    dir
+}
+
+/// The stable window `serval local` decides on in these tests: short, so a scale-down shows
+/// within seconds of the load stopping instead of after the operator's minute.
+const TEST_STABLE_WINDOW: &[&str] = &["--autoscale-stable-window", "10"];
+
+/// Backend `slow` as the router sees it now (`/-/signals`).
+fn router_backend(client: &reqwest::blocking::Client, port: u16) -> Option<serde_json::Value> {
+    let signals: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/-/signals"))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    signals["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["backend"] == "slow")
+        .cloned()
+}
+
+fn replicas_in_router(client: &reqwest::blocking::Client, port: u16) -> Option<u64> {
+    router_backend(client, port)?["replicas"].as_u64()
+}
+
+/// One Open Inference Protocol request of `rows` rows for `slow`: Ok on a 200, else the
+/// status or error.
+fn infer_slow(client: &reqwest::blocking::Client, port: u16, rows: usize) -> Result<(), String> {
+    let body = serde_json::json!({"inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32",
+        "data": vec![0.01f32; rows * 256]}]});
+    match client
+        .post(format!("http://127.0.0.1:{port}/v2/models/slow/infer"))
+        .json(&body)
+        .send()
+    {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(r.status().to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Rows per request of the load: about 2.5 ms of model time each, so a few clients keep one
+/// replica's single worker busy and its requests queue.
+const ROWS_PER_REQUEST: usize = 16;
+
+/// Closed-loop clients calling `slow` until told to stop; each returns (ok, failures).
+fn clients(
+    n: usize,
+    port: u16,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
+    (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match infer_slow(&client, port, ROWS_PER_REQUEST) {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+/// The last lines of `serval local`'s output, for a failure message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn join(threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>) -> (usize, Vec<String>) {
+    threads.into_iter().map(|t| t.join().unwrap()).fold(
+        (0, Vec::new()),
+        |(ok, mut failed), (o, f)| {
+            failed.extend(f);
+            (ok + o, failed)
+        },
+    )
+}
+
+/// Eight concurrent clients on a Backend whose replica carries one request at its target:
+/// `serval local` starts more replicas, and once the load falls back to one client it retires
+/// them again, draining each, with not one request failed over the whole run.
+#[test]
+fn local_mode_scales_replicas_up_under_load_and_back_down_without_failing_a_request() {
+    let dir = autoscaled_slow(
+        "{minReplicas: 1, maxReplicas: 3, targetInflight: 1, scaleDownDelaySeconds: 2, \
+         scaleToZeroAfterSeconds: 3}",
+    );
+    let (local, output) = start_collecting_with(dir, TEST_STABLE_WINDOW);
+    let port = local.port;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_until("one ready replica", Duration::from_secs(120), || {
+        (replicas_in_router(&client, port) == Some(1) && infer_slow(&client, port, 1).is_ok())
+            .then_some(())
+    });
+
+    let stop_most = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_last = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let most = clients(7, port, &stop_most);
+    let last = clients(1, port, &stop_last);
+    let step = Instant::now();
+    let scaled = loop {
+        if let Some(n) = replicas_in_router(&client, port).filter(|&n| n > 1) {
+            break n;
+        }
+        assert!(
+            step.elapsed() < Duration::from_secs(60),
+            "no second replica within 60 s of the step:\n{}",
+            tail(&output.text())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "scaled to {scaled} replicas {:?} after the step to 8 clients",
+        step.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stop_most.store(true, std::sync::atomic::Ordering::Relaxed);
+    let calm = Instant::now();
+    wait_until("back to one replica", Duration::from_secs(120), || {
+        (replicas_in_router(&client, port) == Some(1)).then_some(())
+    });
+    eprintln!(
+        "back to 1 replica {:?} after the load fell to 1 client",
+        calm.elapsed()
+    );
+    // The retired replicas drain while the last client keeps calling.
+    std::thread::sleep(Duration::from_secs(3));
+    stop_last.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = join(most.into_iter().chain(last).collect());
+    let text = output.text();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("serval: backend slow: "))
+    {
+        eprintln!("{line}");
+    }
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} succeeded, {} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(text.contains("serval: backend slow: 1 -> "), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("serval: backend slow: ")
+            && l.ends_with(" -> 1 replicas (StableAverage)")),
+        "{text}"
+    );
+}
+
+/// With `minReplicas: 0` the Backend idles to zero (the router keeps its route, marked scaled
+/// to zero, and no model server runs), and the next request is held while a replica starts,
+/// then answered.
+#[test]
+fn local_mode_scales_an_idle_backend_to_zero_and_holds_the_next_request_while_it_starts() {
+    let dir = autoscaled_slow(
+        "{minReplicas: 0, maxReplicas: 3, targetInflight: 1, scaleDownDelaySeconds: 2, \
+         scaleToZeroAfterSeconds: 3}",
+    );
+    let needle = format!("{}.*--name slow", dir.path().display());
+    let (local, output) = start_collecting_with(dir, TEST_STABLE_WINDOW);
+    let port = local.port;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    wait_until("zero replicas", Duration::from_secs(120), || {
+        let b = router_backend(&client, port)?;
+        (b["replicas"] == 0 && b["scaledToZero"] == true && processes_with(&needle).is_empty())
+            .then_some(())
+    });
+
+    let started = Instant::now();
+    let answer = infer_slow(&client, port, 1);
+    let latency = started.elapsed();
+    eprintln!("first request after zero answered in {latency:?} (held while a replica started)");
+    assert_eq!(answer, Ok(()), "{}", output.text());
+    let text = output.text();
+    assert!(
+        text.contains("serval: backend slow: 1 -> 0 replicas (ScaleToZero)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("serval: backend slow: 0 -> 1 replicas (ColdStart)"),
+        "{text}"
+    );
+    assert_eq!(replicas_in_router(&client, port), Some(1));
 }

@@ -755,3 +755,27 @@ async fn concurrent_siblings_send_the_shared_objects_once() {
         "the second reconcile reads the router: {calls:?}"
     );
 }
+
+/// In a cluster this version does not act on `spec.autoscaling`: the status says so (Degraded,
+/// with the reason and the replicas kept) instead of ignoring the field.
+#[test]
+fn a_backend_asking_for_autoscaling_is_told_the_operator_keeps_its_replicas() {
+    let mut b = backend("auto", 2);
+    b.spec.autoscaling = Some(serde_json::from_value(json!({"maxReplicas": 4})).unwrap());
+    let b = with_ready(b, true);
+    let status = serde_json::to_value(b.status.as_ref().unwrap()).unwrap();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True", "{status}");
+    assert_eq!(degraded["reason"], "AutoscalingNotInCluster");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.replicas (2)")),
+        "{degraded}"
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    // Without it, the same Backend is not degraded.
+    let plain = with_ready(backend("plain", 2), true);
+    let status = serde_json::to_value(plain.status.as_ref().unwrap()).unwrap();
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+}

@@ -380,6 +380,21 @@ pub fn status_for(
             },
         ]
     };
+    let mut observed = observed;
+    if backend.spec.autoscaling.is_some() {
+        // Asked for and not delivered here: say so where `kubectl describe` and alerts look,
+        // rather than ignore the field.
+        observed.retain(|o| o.type_ != DEGRADED);
+        observed.push(Observed::new(
+            DEGRADED,
+            true,
+            reason::AUTOSCALING_NOT_IN_CLUSTER,
+            format!(
+                "spec.autoscaling is acted on by `serval local` only in this version; the \
+                 operator keeps spec.replicas ({desired})"
+            ),
+        ));
+    }
     let previous = backend
         .status
         .as_ref()
