@@ -6,18 +6,20 @@
 #   make bench-compare   the full comparison (3 repetitions, c = 1,8,32,64; ~20-25 min)
 #   make bench-quick     1 repetition, short windows, c = 1,32 (~3 min; for iterating)
 #   make bench-overload  10x capacity on the CNN, directly and through the router (~3 min)
+#   make bench-autoscale a 1 -> 16 -> 1 client step and a scale from zero in `serval local` (~3 min)
 #
 # bench-compare writes bench/results/{results.json,README.md,*.png}; bench-quick writes the
 # same into $(SERVAL_CACHE)/bench-quick so it never overwrites the published results.
-# bench-overload writes bench/results/overload.{json,txt}.
+# bench-overload writes bench/results/overload.{json,txt}; bench-autoscale autoscale.{json,txt}.
 
 BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_ARGS ?=
 
 OVERLOAD_ARGS ?=
+AUTOSCALE_ARGS ?=
 
-.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload
+.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale
 
 bench-venv: $(BENCH_VENV)/.installed
 $(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
@@ -51,3 +53,13 @@ bench-overload:
 	$(CARGO) build --release -p serval-sidecar -p serval-router -p serval-loadgen --bins
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
 		$(VENV)/bin/python bench/overload.py --out bench/results $(OVERLOAD_ARGS)
+
+# Autoscaling (issue 19): `serval local` serving MobileNetV2 one row at a time on one worker, a
+# closed-loop step of 1 -> 16 -> 1 clients with a fixed single replica and with
+# `spec.autoscaling`, then scale from zero. Standard library only, so the models venv's python.
+# AUTOSCALE_ARGS="--quick --out /tmp/a" checks the harness in ~1.5 min.
+bench-autoscale:
+	$(MAKE) -C models mobilenet VENV=$(VENV)
+	$(CARGO) build --release -p serval-cli -p serval-sidecar -p serval-router --bins
+	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		$(VENV)/bin/python bench/autoscale.py --out bench/results $(AUTOSCALE_ARGS)
