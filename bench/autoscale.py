@@ -302,7 +302,7 @@ def step_run(name: str, autoscaling: dict | None, args, body: bytes, headers: di
          and pre_p99 and w["p99_ms"] <= RECOVERED_FACTOR * pre_p99), None)
     warm_failed = sum(1 for r in warm_reqs if r[2] != 200)
     return {
-        "name": name, "autoscaling": autoscaling, "dir": str(local.dir),
+        "name": name, "autoscaling": autoscaling,
         "schedule_s": {"pre": args.pre, "step": args.step, "post": args.post,
                        "step_clients": args.step_clients, "warmup": args.warmup},
         # Answers before the first 200 are start-up (the router has no table yet), not failures.
@@ -357,8 +357,7 @@ def fresh_sidecar_ready_ms(scratch: Path) -> dict:
     finally:
         stop(p)
     m = LOAD_MS.search(logf.read_text(errors="replace"))
-    return {"start_to_ready_ms": ready, "load_ms": int(m.group(1)) if m else None,
-            "log": str(logf)}
+    return {"start_to_ready_ms": ready, "load_ms": int(m.group(1)) if m else None}
 
 
 def zero_run(args, body: bytes, headers: dict, scratch: Path) -> dict:
@@ -402,7 +401,7 @@ def zero_run(args, body: bytes, headers: dict, scratch: Path) -> dict:
     finally:
         local.close()
     fresh = [fresh_sidecar_ready_ms(scratch) for _ in range(args.zero_trials)]
-    return {"autoscaling": autoscaling, "dir": str(local.dir), "trials": trials,
+    return {"autoscaling": autoscaling, "trials": trials,
             "fresh_sidecar": fresh,
             "failed_total": sum(1 for t in trials if t["status"] != 200)}
 
@@ -557,7 +556,8 @@ def main() -> int:
             "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "pre": args.pre, "step": args.step, "post": args.post,
             "step_clients": args.step_clients, "stable_window": args.stable_window,
-            "quick": args.quick, "cache": str(CACHE)}
+            # Committed results name no machine's folders (scratch folders are temporary).
+            "quick": args.quick, "cache": "$SERVAL_CACHE"}
     log(f"load average {meta['loadavg_before']}; logs in {scratch}")
     base = step_run("fixed", None, args, body, headers, scratch)
     auto = step_run("autoscaling", {"minReplicas": 1, "maxReplicas": args.max_replicas,
