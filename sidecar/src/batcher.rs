@@ -99,6 +99,8 @@ struct Shared {
     inline_rows: usize,
     /// Rows of a full batch: what the queue drains by.
     full_batch: usize,
+    /// Calibrated run time of a full batch, fixed at start: only the slowdown moves.
+    full_batch_time: Duration,
     /// How much slower runs are now than at calibration.
     slowdown: Slowdown,
     /// Rows run successfully, for the load signals.
@@ -119,7 +121,7 @@ impl Shared {
     fn admit(&self, st: &State, rows: usize, deadline: Instant) -> RequestResult<()> {
         let rate = DrainRate {
             batch_rows: self.full_batch,
-            batch_time: self.slowdown.scale(self.engine.predict(self.full_batch)),
+            batch_time: self.slowdown.scale(self.full_batch_time),
             workers: self.limits.workers,
         };
         let wait = rate.expected_wait(QueueView {
@@ -258,12 +260,14 @@ impl Batcher {
         let inline_rows = inline_rows(&engine, &limits);
         tracing::debug!(inline_rows, "requests up to this many rows may run inline");
         let full_batch = engine.dispatch_size(limits.max_batch).min(limits.max_batch);
+        let full_batch_time = engine.predict(full_batch);
         let shared = Arc::new(Shared {
             engine,
             metrics,
             limits,
             inline_rows,
             full_batch,
+            full_batch_time,
             slowdown: Slowdown::default(),
             rows_run: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
