@@ -442,4 +442,29 @@ pub struct BackendStatus {
     /// `Ready`, `Progressing` and `Degraded`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The autoscaler's last decision, when `spec.autoscaling` is set. Written by the
+    /// operator's autoscaler (its own field manager) when the decision changes, not per sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the autoscaler decided for a Backend and why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Replicas the autoscaler set (the Deployment's replicas; `spec.replicas` is ignored).
+    pub desired_replicas: i32,
+    /// Average requests in flight over the stable window at the last decision, summed over
+    /// the replicas and the requests the router holds; absent without load data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_inflight: Option<f64>,
+    /// Why: a CamelCase reason (`StableAverage`, `PanicSurge`, `ScaleDownDelayed`,
+    /// `ScaleToZero`, `ColdStart`, `NoData`, ...).
+    pub last_decision: String,
+    /// The reason in a sentence, and that `spec.replicas` is ignored.
+    #[serde(default)]
+    pub message: String,
+    /// When the replica count last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }

@@ -21,8 +21,6 @@ pub mod reason {
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     /// Nothing to do.
     pub const UP_TO_DATE: &str = "UpToDate";
-    /// `spec.autoscaling` is set, and this version acts on it in `serval local` only.
-    pub const AUTOSCALING_NOT_IN_CLUSTER: &str = "AutoscalingNotInCluster";
     /// Every backend named in traffic exists and is ready.
     pub const BACKENDS_READY: &str = "BackendsReady";
     /// A backend named in the Endpoint does not exist.

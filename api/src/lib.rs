@@ -13,8 +13,9 @@ pub mod sidecar;
 pub mod signals;
 
 pub use backend::{
-    Autoscaling, Backend, BackendSpec, BackendStatus, Batching, ColorMode, ImagePreprocess,
-    ModelSource, Postprocess, Preprocess, SidecarOverride, TensorLayout, UserContainer,
+    Autoscaling, AutoscalingStatus, Backend, BackendSpec, BackendStatus, Batching, ColorMode,
+    ImagePreprocess, ModelSource, Postprocess, Preprocess, SidecarOverride, TensorLayout,
+    UserContainer,
 };
 pub use endpoint::{
     EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule, Mirror, Retries, Sticky,

@@ -19,6 +19,7 @@
 mod decide;
 mod policy;
 mod reason;
+mod scaler;
 mod window;
 
 pub use decide::{Decision, State, decide};
@@ -27,4 +28,5 @@ pub use policy::{
     MIN_TARGET_INFLIGHT, Policy,
 };
 pub use reason::Reason;
+pub use scaler::{Scaler, Snapshot, sample};
 pub use window::{MAX_WINDOW_SAMPLES, Sample, Window};

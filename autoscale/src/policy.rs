@@ -76,6 +76,19 @@ impl From<&Autoscaling> for Policy {
 }
 
 impl Policy {
+    /// This policy deciding on a stable window of `stable_window` (at least one sample
+    /// interval); the panic window stays the default unless that is longer than the stable
+    /// window. Actuators let operators shorten it (tests, demos) without touching the API.
+    #[must_use]
+    pub fn with_stable_window(self, stable_window: Duration) -> Self {
+        let stable_window = stable_window.max(DEFAULT_SAMPLE_INTERVAL);
+        Self {
+            stable_window,
+            panic_window: DEFAULT_PANIC_WINDOW.min(stable_window),
+            ..self
+        }
+    }
+
     /// The target actually divided by: never zero, negative or NaN.
     pub(crate) fn target(&self) -> f64 {
         // f64::max ignores NaN, so a NaN target also lands on the floor.

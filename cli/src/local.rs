@@ -12,7 +12,7 @@
 //! when every Backend is failing and no replica serves does `serval local` stop and exit
 //! non-zero: there is nothing left to serve, and a script running it should see the failure.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,11 +26,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::autoscaler::{self, Autoscaler, Snapshot, with_scaled_to_zero};
+use crate::autoscaler::{self, Autoscaler};
 use crate::manifests::{self, Manifests, resolve_model};
 use crate::restarts::{
     DEFAULT_MAX_RESTART_BACKOFF, ERROR_LINES_KEPT, Restarts, failure_reason, is_error_line,
 };
+use serval_autoscale::Snapshot;
 
 /// How often the supervisor looks at processes and files.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -414,7 +415,8 @@ impl Supervisor {
                 (
                     name.clone(),
                     BackendView {
-                        ready: cold || !addresses.is_empty(),
+                        ready: !addresses.is_empty(),
+                        scaled_to_zero: cold && addresses.is_empty(),
                         addresses,
                     },
                 )
@@ -428,13 +430,7 @@ impl Supervisor {
             self.manifests.endpoints.values().map(|(e, _)| e),
             &self.views(),
         );
-        let cold: BTreeSet<String> = self
-            .autoscalers
-            .iter()
-            .filter(|(_, a)| a.cold)
-            .map(|(name, _)| name.clone())
-            .collect();
-        let table = with_scaled_to_zero(plan.table, &cold);
+        let table = plan.table;
         if table.revision == self.revision {
             return Ok(());
         }

@@ -40,6 +40,8 @@ pub struct OperatorConfig {
     pub lease_namespace: String,
     /// `RUST_LOG`.
     pub log_filter: String,
+    /// More arguments (e.g. `--signals-file`).
+    pub extra_args: Vec<String>,
 }
 
 impl OperatorConfig {
@@ -52,7 +54,15 @@ impl OperatorConfig {
             lease_name: "serval-operator".to_owned(),
             lease_namespace: namespace.to_owned(),
             log_filter: DEFAULT_OPERATOR_LOG_FILTER.to_owned(),
+            extra_args: Vec::new(),
         }
+    }
+
+    /// The same configuration with more arguments.
+    #[must_use]
+    pub fn with_args<I: IntoIterator<Item = String>>(mut self, args: I) -> Self {
+        self.extra_args.extend(args);
+        self
     }
 
     /// The same configuration under another Lease identity.
@@ -108,6 +118,7 @@ impl Operator {
         if let Some(ns) = &config.watch_namespace {
             args.push(format!("--watch-namespace={ns}"));
         }
+        args.extend(config.extra_args.iter().cloned());
         let envs = [
             ("KUBECONFIG", kubeconfig.as_os_str()),
             ("RUST_LOG", config.log_filter.as_ref()),

@@ -523,6 +523,18 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         Duration::ZERO,
         Some(&serval_operator::Error::MissingField("uid")),
     );
+    // Per-Backend autoscaler families exist once a Backend autoscales.
+    let backend_labels = serval_operator::metrics::BackendLabels {
+        backend_namespace: "team".to_owned(),
+        backend: "v1".to_owned(),
+    };
+    m.autoscaler_desired.get_or_create(&backend_labels).set(2);
+    m.autoscaler_observed
+        .get_or_create(&backend_labels)
+        .set(3.5);
+    m.autoscaler_scales
+        .get_or_create(&serval_operator::metrics::ScaleLabels { direction: "up" })
+        .inc();
     let mut operator = String::new();
     prometheus_client::encoding::text::encode(&mut operator, &registry).unwrap();
 
@@ -865,6 +877,7 @@ async fn install_scenario(
             lease_name: LEASE.to_owned(),
             lease_namespace: ns.clone(),
             log_filter: DEFAULT_OPERATOR_LOG_FILTER.to_owned(),
+            extra_args: Vec::new(),
         },
     )?);
     let examples = repo_root().join("examples").display().to_string();

@@ -466,6 +466,249 @@ async fn weights_and_scaling(s: &mut Scenario) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Issue 19: a Backend with `spec.autoscaling`, its load scripted through the operator's test
+/// signal source (a JSON file; kwok pods run no model server), reaches the right Deployment
+/// replicas and status: up on a surge with an Event, down to zero with its route kept and
+/// marked scaled to zero, back from zero on held requests, and back to `spec.replicas` when
+/// autoscaling is removed. The user's spec is never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_follows_the_load_to_zero_and_back() {
+    let _shared = EXCLUSIVE.read().await;
+    let mut s = Scenario::new("autoscale", false).await;
+    let result = autoscaling(&mut s).await;
+    s.finish(result);
+}
+
+async fn autoscaling(s: &mut Scenario) -> anyhow::Result<()> {
+    let signals = s.cluster.dir().join(format!("signals-{}.json", s.ns));
+    let key = format!("{}/auto", s.ns);
+    let script = |load: &str| -> anyhow::Result<Instant> {
+        // Atomic, as the operator may read it at any moment.
+        let tmp = signals.with_extension("tmp");
+        std::fs::write(&tmp, format!(r#"{{"{key}": {load}}}"#))?;
+        std::fs::rename(&tmp, &signals)?;
+        Ok(Instant::now())
+    };
+    std::fs::write(&signals, "{}")?;
+    s.start_operator(OperatorConfig::namespaced(&s.ns).with_args([
+        format!("--signals-file={}", signals.display()),
+        // A short stable window, so that the scenario takes seconds, not minutes.
+        "--autoscale-stable-window=3".to_owned(),
+    ]))?;
+    s.apply(&format!(
+        "{}  autoscaling:
+    minReplicas: 0
+    maxReplicas: 5
+    targetInflight: 4
+    scaleDownDelaySeconds: 2
+    scaleToZeroAfterSeconds: 3
+{}",
+        backend_yaml("auto", 1),
+        endpoint_yaml("auto", "/auto", &[("auto", 100)])
+    ))?;
+    let deployments: Api<Deployment> = s.api();
+    let wait_replicas = |want: i32| {
+        let deployments = deployments.clone();
+        async move {
+            wait_for_async(
+                &format!("Deployment auto at {want} replicas"),
+                READY_TIMEOUT,
+                || {
+                    let deployments = deployments.clone();
+                    async move {
+                        let d = deployments.get_opt("auto").await?;
+                        Ok(d.and_then(|d| d.spec?.replicas)
+                            .filter(|r| *r == want)
+                            .map(|_| ()))
+                    }
+                },
+            )
+            .await
+        }
+    };
+    let decided = |b: &Backend, want: i32| {
+        b.status
+            .as_ref()
+            .and_then(|st| st.autoscaling.as_ref())
+            .is_some_and(|a| a.desired_replicas == want)
+    };
+
+    // No load data yet: the starting replica stays, and the status says why.
+    let b = s
+        .wait_backend("auto", "1/1 ready, decided on no data", |b| {
+            decided(b, 1)
+                && b.status.as_ref().is_some_and(|st| st.ready_replicas == 1)
+                && backend_ready(b)
+        })
+        .await?;
+    let a = b
+        .status
+        .and_then(|st| st.autoscaling)
+        .context("status.autoscaling")?;
+    ensure!(a.last_decision == "NoData", "{a:?}");
+    ensure!(
+        a.message.contains("spec.replicas (1) is ignored"),
+        "the status must say autoscaling wins: {a:?}"
+    );
+
+    // A surge: 10 in flight at a target of 4 is three replicas.
+    let surged = script(r#"{"inflight": 10, "requests": 50}"#)?;
+    wait_replicas(3).await?;
+    report!(
+        "MEASURE autoscaling: load 10 in flight -> Deployment at 3 replicas in {} ms (1 s samples)",
+        surged.elapsed().as_millis()
+    );
+    let b = s
+        .wait_backend("auto", "3/3 ready, decided 3", |b| {
+            decided(b, 3) && b.status.as_ref().is_some_and(|st| st.ready_replicas == 3)
+        })
+        .await?;
+    ensure!(backend_ready(&b), "Ready while scaled up");
+    ensure!(b.spec.replicas == 1, "the spec was written: {:?}", b.spec);
+    let a = b
+        .status
+        .and_then(|st| st.autoscaling)
+        .context("status.autoscaling")?;
+    ensure!(
+        a.observed_inflight.is_some_and(|v| v > 0.0) && a.last_scale_time.is_some(),
+        "{a:?}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = s.api();
+    wait_for_async("a ScaledUp Event on Backend auto", READY_TIMEOUT, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("ScaledUp")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("auto")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("-> 3 replicas"))
+                })
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    let metrics = s.operators[0].metrics()?;
+    ensure!(
+        metrics.contains(&format!(
+            "serval_operator_autoscaler_desired_replicas{{backend_namespace=\"{}\",backend=\"auto\"}} 3",
+            s.ns
+        )),
+        "desired replicas metric missing:\n{metrics}"
+    );
+
+    // Idle: after the panic and the scale-down delay, one replica, then none after the
+    // scale-to-zero period. The route stays, marked scaled to zero for the router to hold.
+    let idle = script(r#"{"inflight": 0, "requests": 0}"#)?;
+    wait_replicas(0).await?;
+    report!(
+        "MEASURE autoscaling: idle -> Deployment at 0 replicas in {} ms (stable window 3 s, \
+         scale-down delay 2 s, scale to zero after 3 s)",
+        idle.elapsed().as_millis()
+    );
+    let b = s
+        .wait_backend("auto", "at zero", |b| {
+            decided(b, 0) && b.status.as_ref().is_some_and(|st| st.ready_replicas == 0)
+        })
+        .await?;
+    let a = b.status.as_ref().and_then(|st| st.autoscaling.as_ref());
+    ensure!(a.is_some_and(|a| a.last_decision == "ScaleToZero"), "{a:?}");
+    ensure!(
+        condition_is(
+            b.status.as_ref().map(|st| st.conditions.as_slice()),
+            READY,
+            "False"
+        ),
+        "at zero the Backend is not Ready: {:?}",
+        b.status
+    );
+    wait_for_async(
+        "the table marks auto scaled to zero",
+        READY_TIMEOUT,
+        || async {
+            let table = s.routing_table().await?;
+            let held = table
+                .backends
+                .get("auto")
+                .is_some_and(|u| u.scaled_to_zero && u.addresses.is_empty());
+            Ok((held && weights(&table, "auto")? == [("auto", 100)]).then_some(()))
+        },
+    )
+    .await?;
+    s.wait_endpoint("auto", "still Ready at zero", |e| {
+        condition_is(
+            e.status.as_ref().map(|st| st.conditions.as_slice()),
+            READY,
+            "True",
+        )
+    })
+    .await?;
+
+    // Two requests held by the router: a replica per two at once, and the route is served
+    // again once one is Ready.
+    let held = script(r#"{"held": 2}"#)?;
+    wait_for_async("Deployment auto back from zero", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get_opt("auto").await?;
+            Ok(d.and_then(|d| d.spec?.replicas)
+                .filter(|r| *r > 0)
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    report!(
+        "MEASURE autoscaling: 2 requests held at zero -> Deployment scaled up in {} ms \
+         (held requests polled every 200 ms)",
+        held.elapsed().as_millis()
+    );
+    let b = s
+        .wait_backend("auto", "back from zero, Ready", |b| {
+            b.status
+                .as_ref()
+                .and_then(|st| st.autoscaling.as_ref())
+                .is_some_and(|a| a.desired_replicas >= 1)
+                && backend_ready(b)
+        })
+        .await?;
+    let a = b.status.as_ref().and_then(|st| st.autoscaling.as_ref());
+    ensure!(
+        a.is_some_and(|a| a.desired_replicas == 1),
+        "2 held at a target of 4: {a:?}"
+    );
+    wait_for_async("the table serves auto again", READY_TIMEOUT, || async {
+        let table = s.routing_table().await?;
+        Ok(table
+            .backends
+            .get("auto")
+            .filter(|u| !u.scaled_to_zero && !u.addresses.is_empty())
+            .map(|_| ()))
+    })
+    .await?;
+
+    // Autoscaling removed: spec.replicas rules again, and the autoscaler's status goes.
+    s.kubectl_ok([
+        "patch",
+        "backend",
+        "auto",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/autoscaling"},{"op":"replace","path":"/spec/replicas","value":2}]"#,
+    ])?;
+    wait_replicas(2).await?;
+    s.wait_backend("auto", "autoscaling status cleared", |b| {
+        b.status
+            .as_ref()
+            .is_some_and(|st| st.autoscaling.is_none() && st.replicas == 2)
+    })
+    .await?;
+    Ok(())
+}
+
 /// Deleting a Backend garbage-collects its children, and the Endpoint reports it missing and
 /// routes nothing to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

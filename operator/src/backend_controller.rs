@@ -66,8 +66,11 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
         None => {}
     }
 
-    let status = status_for(backend, Some(&deployment), now());
+    let mut status = status_for(backend, Some(&deployment), now());
     if backend.status.as_ref() != Some(&status) {
+        // `status.autoscaling` belongs to the autoscaler's field manager: a reconcile holding
+        // an older copy of the Backend must not write an older decision back.
+        status.autoscaling = None;
         apply_status(&Api::<Backend>::namespaced(client, &ns), &name, &status).await?;
     }
     Ok(Action::requeue(DEFAULT_RESYNC))

@@ -135,6 +135,21 @@ where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
     S: Serialize,
 {
+    apply_status_as(api, name, status, STATUS_FIELD_MANAGER).await
+}
+
+/// Server-side applies the status fields in `status` as `manager`: fields that manager set
+/// before and `status` leaves out are removed.
+pub async fn apply_status_as<K, S>(
+    api: &Api<K>,
+    name: &str,
+    status: &S,
+    manager: &str,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    S: Serialize,
+{
     let body = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
@@ -142,7 +157,7 @@ where
     });
     api.patch_status(
         name,
-        &PatchParams::apply(STATUS_FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(&body),
     )
     .await?;

@@ -15,7 +15,7 @@ use serval_api::{Backend, Endpoint};
 
 use crate::backoff;
 use crate::context::{Context, apply_status, now};
-use crate::desired::backend::{backend_address, is_ready};
+use crate::desired::backend::{backend_address, holds_at_zero, is_ready};
 use crate::desired::router::{
     ROUTER_NAME, configmap_for, deployment_for, owners, role_binding_for, role_for, router_ready,
     router_url, service_account_for, service_for,
@@ -134,6 +134,7 @@ pub fn backend_views(backends: &[Arc<Backend>], namespace: &str) -> BTreeMap<Str
             let view = BackendView {
                 ready: is_ready(b),
                 addresses: vec![backend_address(&name, namespace)],
+                scaled_to_zero: holds_at_zero(b),
             };
             (name, view)
         })

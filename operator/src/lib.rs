@@ -1,7 +1,9 @@
 //! The Serval operator: reconciles Backends into Deployments, Services and
-//! PodDisruptionBudgets, and Endpoints into per-namespace routing tables and routers.
+//! PodDisruptionBudgets, and Endpoints into per-namespace routing tables and routers; scales
+//! Backends with `spec.autoscaling` on the load their model servers and routers report.
 #![forbid(unsafe_code)]
 
+pub mod autoscaler;
 pub mod backend_controller;
 pub mod backoff;
 pub mod conditions;
@@ -12,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod run;
+pub mod signals;
 pub mod streams;
 
 pub use error::{Error, Result};

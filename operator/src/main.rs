@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::registry::Registry;
+use serval_operator::autoscaler::AutoscalerSettings;
 use serval_operator::http::{Health, serve};
 use serval_operator::metrics::Metrics;
 use serval_operator::run::{Settings, run};
@@ -46,6 +47,15 @@ struct Args {
     /// This replica's identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Stable window of autoscaling decisions, in seconds (Knative's 60 by default); the panic
+    /// window is 6 s or the stable window if shorter. Shorter follows load changes sooner.
+    #[arg(long, env = "SERVAL_AUTOSCALE_STABLE_WINDOW", default_value_t = serval_autoscale::DEFAULT_STABLE_WINDOW.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    autoscale_stable_window: u64,
+    /// Read autoscaling load from this JSON file instead of the pods'
+    /// `/-/signals` (for tests: `{"<namespace>/<backend>": {"inflight": 12.5, "requests": 40,
+    /// "held": 0}}`).
+    #[arg(long, env = "SERVAL_SIGNALS_FILE", hide = true)]
+    signals_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -131,6 +141,12 @@ async fn main() -> anyhow::Result<()> {
         sidecar_image: args.sidecar_image,
         router_image: args.router_image,
         namespace: args.watch_namespace,
+        identity: identity.clone(),
+        autoscaler: AutoscalerSettings {
+            stable_window: std::time::Duration::from_secs(args.autoscale_stable_window),
+            ..AutoscalerSettings::default()
+        },
+        signals_file: args.signals_file,
     };
     let stopped = controllers_stop.clone();
     run(client, settings, metrics.clone(), async move {

@@ -25,6 +25,29 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of per-Backend autoscaler metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Namespace of the Backend (not `namespace`, which Prometheus sets to the operator pod's).
+    pub backend_namespace: String,
+    /// Backend name.
+    pub backend: String,
+}
+
+/// Labels of autoscaler decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Why (`serval_autoscale::Reason`).
+    pub reason: &'static str,
+}
+
+/// Labels of scale changes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    /// `up` or `down`.
+    pub direction: &'static str,
+}
+
 /// All operator metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +59,18 @@ pub struct Metrics {
     pub duration: Family<ControllerLabels, Histogram>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Replicas the autoscaler set, per Backend.
+    pub autoscaler_desired: Family<BackendLabels, Gauge>,
+    /// Average in flight over the stable window at the last decision, per Backend.
+    pub autoscaler_observed: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Decisions taken (one per Backend per sample), by reason.
+    pub autoscaler_decisions: Family<DecisionLabels, Counter>,
+    /// Replica count changes, by direction.
+    pub autoscaler_scales: Family<ScaleLabels, Counter>,
+    /// Load snapshots that could not be read (a replica or router that did not answer).
+    pub autoscaler_signal_failures: Counter,
+    /// Time to read one round of load snapshots.
+    pub autoscaler_sample_duration: Histogram,
 }
 
 impl Metrics {
@@ -49,6 +84,13 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 15))
             }),
             leader: Gauge::default(),
+            autoscaler_desired: Family::default(),
+            autoscaler_observed: Family::default(),
+            autoscaler_decisions: Family::default(),
+            autoscaler_scales: Family::default(),
+            autoscaler_signal_failures: Counter::default(),
+            // 1 ms .. ~1 s: reads are concurrent and bounded by a timeout.
+            autoscaler_sample_duration: Histogram::new(exponential_buckets(0.001, 2.0, 11)),
         };
         let sub = registry.sub_registry_with_prefix("serval_operator");
         sub.register("reconciles", "Reconciles started", m.reconciles.clone());
@@ -67,6 +109,41 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
         );
+        sub.register(
+            "autoscaler_desired_replicas",
+            "Replicas the autoscaler set, per Backend",
+            m.autoscaler_desired.clone(),
+        );
+        sub.register(
+            "autoscaler_observed_inflight",
+            "Average requests in flight over the stable window at the last decision, per Backend",
+            m.autoscaler_observed.clone(),
+        );
+        sub.register(
+            "autoscaler_decisions",
+            "Autoscaling decisions taken (one per Backend per sample), by reason",
+            m.autoscaler_decisions.clone(),
+        );
+        sub.register(
+            "autoscaler_scales",
+            "Replica count changes made by the autoscaler, by direction",
+            m.autoscaler_scales.clone(),
+        );
+        sub.register(
+            "autoscaler_signal_failures",
+            "Load snapshots of model servers or routers that could not be read",
+            m.autoscaler_signal_failures.clone(),
+        );
+        sub.register(
+            "autoscaler_sample_duration_seconds",
+            "Time to read one round of load snapshots",
+            m.autoscaler_sample_duration.clone(),
+        );
+        for reason in serval_autoscale::Reason::ALL {
+            let _ = m.autoscaler_decisions.get_or_create(&DecisionLabels {
+                reason: reason.as_str(),
+            });
+        }
         m
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -13,11 +14,14 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serval_api::{Backend, Endpoint};
 
+use crate::autoscaler::{Autoscaler, AutoscalerSettings};
 use crate::backoff::FailureCounts;
 use crate::context::Context;
-use crate::desired::backend::{BackendDefaults, is_ready};
+use crate::desired::MANAGED_BY;
+use crate::desired::backend::{BackendDefaults, holds_at_zero, is_ready};
 use crate::desired::router::RouterDefaults;
 use crate::metrics::Metrics;
+use crate::signals::{FileSignals, HttpSignals, SignalSource};
 use crate::{backend_controller, endpoint_controller, streams};
 
 /// Debounce of reconcile triggers: collapses a burst of events (a `kubectl apply` of many
@@ -33,6 +37,13 @@ pub struct Settings {
     pub router_image: String,
     /// Watch only this namespace; all when `None`.
     pub namespace: Option<String>,
+    /// This replica's identity (the Lease holder), named in the Events it reports.
+    pub identity: String,
+    /// How Backends with `spec.autoscaling` are sampled.
+    pub autoscaler: AutoscalerSettings,
+    /// Read load from this JSON file instead of the pods (the end-to-end suite's test signal
+    /// source; see [`FileSignals`]).
+    pub signals_file: Option<std::path::PathBuf>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -61,8 +72,11 @@ pub async fn run(
         watcher(api::<Backend>(&client, ns), watcher::Config::default()),
     )
     .default_backoff();
-    // Endpoints care about a Backend appearing, disappearing or flipping readiness.
-    let (backend_all, backend_changed) = streams::split(backend_events, |b: &Backend| is_ready(b));
+    // Endpoints care about a Backend appearing, disappearing, flipping readiness, or going to
+    // or coming back from zero (its requests are then held rather than refused).
+    let (backend_all, backend_changed) = streams::split(backend_events, |b: &Backend| {
+        (is_ready(b), holds_at_zero(b))
+    });
 
     let (endpoint_store, endpoint_writer) = reflector::store::<Endpoint>();
     let endpoint_events = reflector(
@@ -123,11 +137,11 @@ pub async fn run(
         .owns(api::<ConfigMap>(&client, ns), router_children.clone())
         .owns(api::<Deployment>(&client, ns), router_children.clone())
         .owns(api::<Service>(&client, ns), router_children)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(
             endpoint_controller::reconcile,
             endpoint_controller::error_policy,
-            ctx,
+            ctx.clone(),
         )
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -135,8 +149,36 @@ pub async fn run(
             }
         });
 
+    // The autoscaler reads pod addresses from the EndpointSlices of the operator's Services.
+    let source: Arc<dyn SignalSource> = match &settings.signals_file {
+        Some(path) => Arc::new(FileSignals::new(path.clone())),
+        None => {
+            let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
+            let slices = reflector(
+                slice_writer,
+                watcher(
+                    api::<EndpointSlice>(&client, ns),
+                    watcher::Config::default()
+                        .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+                ),
+            )
+            .default_backoff()
+            .for_each(|_| async {});
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = slices => {}
+                    () = stop => {}
+                }
+            });
+            Arc::new(HttpSignals::new(slice_store, ctx.metrics.clone()))
+        }
+    };
+    let autoscaler = Autoscaler::new(settings.autoscaler, source, &settings.identity)
+        .run(ctx.clone(), shutdown.clone());
+
     tracing::info!(namespace = ns.unwrap_or("<all>"), "controllers running");
-    futures::join!(backends, endpoints);
+    futures::join!(backends, endpoints, autoscaler);
     tracing::info!("controllers stopped");
 }
 

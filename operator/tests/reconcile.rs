@@ -2,9 +2,11 @@
 //! must make, in order; a missing call fails at `expect`, an extra one at `done`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use http::{Method, Request, Response};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use kube::client::Body;
@@ -15,11 +17,13 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use serval_api::routing::RoutingTable;
 use serval_api::{Backend, BackendSpec, Endpoint, EndpointSpec};
+use serval_operator::autoscaler::{Autoscaler, AutoscalerSettings};
 use serval_operator::backoff::FailureCounts;
 use serval_operator::context::Context;
 use serval_operator::desired::backend::BackendDefaults;
 use serval_operator::desired::router::RouterDefaults;
 use serval_operator::metrics::Metrics;
+use serval_operator::signals::{BackendKey, Load, SignalSource};
 use serval_operator::{backend_controller, endpoint_controller};
 use tokio::task::JoinHandle;
 use tower_test::mock::{Handle, SendResponse};
@@ -756,26 +760,309 @@ async fn concurrent_siblings_send_the_shared_objects_once() {
     );
 }
 
-/// In a cluster this version does not act on `spec.autoscaling`: the status says so (Degraded,
-/// with the reason and the replicas kept) instead of ignoring the field.
-#[test]
-fn a_backend_asking_for_autoscaling_is_told_the_operator_keeps_its_replicas() {
-    let mut b = backend("auto", 2);
-    b.spec.autoscaling = Some(serde_json::from_value(json!({"maxReplicas": 4})).unwrap());
-    let b = with_ready(b, true);
-    let status = serde_json::to_value(b.status.as_ref().unwrap()).unwrap();
-    let degraded = condition(&status, "Degraded");
-    assert_eq!(degraded["status"], "True", "{status}");
-    assert_eq!(degraded["reason"], "AutoscalingNotInCluster");
-    assert!(
-        degraded["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("spec.replicas (2)")),
-        "{degraded}"
+// ---------------------------------------------------------------- Autoscaling
+
+/// Load a test scripts: the same answer to every read until changed.
+#[derive(Default)]
+struct ScriptedLoad(std::sync::Mutex<(Option<Load>, u64)>);
+
+impl ScriptedLoad {
+    fn set(&self, load: Option<Load>, held: u64) {
+        *self.0.lock().unwrap() = (load, held);
+    }
+}
+
+impl SignalSource for ScriptedLoad {
+    fn load<'a>(&'a self, backends: &'a [BackendKey]) -> BoxFuture<'a, BTreeMap<BackendKey, Load>> {
+        let (load, _) = *self.0.lock().unwrap();
+        let out = backends
+            .iter()
+            .filter_map(|k| Some((k.clone(), load?)))
+            .collect();
+        Box::pin(async move { out })
+    }
+
+    fn held<'a>(&'a self, backends: &'a [BackendKey]) -> BoxFuture<'a, BTreeMap<BackendKey, u64>> {
+        let (_, held) = *self.0.lock().unwrap();
+        let out = backends.iter().map(|k| (k.clone(), held)).collect();
+        Box::pin(async move { out })
+    }
+}
+
+fn autoscaled(name: &str, autoscaling: Value) -> Backend {
+    let mut b = backend(name, 2);
+    b.spec.autoscaling = Some(serde_json::from_value(autoscaling).unwrap());
+    b
+}
+
+/// Runs one autoscaler step in a task and hands the autoscaler back.
+fn step(a: Autoscaler, ctx: &Arc<Context>) -> JoinHandle<Autoscaler> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut a = a;
+        a.step(&ctx, std::time::Instant::now()).await;
+        a
+    })
+}
+
+/// The step must finish, with no further call, soon after the last expected one.
+async fn finished(task: JoinHandle<Autoscaler>) -> Autoscaler {
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the step is blocked on an extra API call")
+        .expect("the step panicked")
+}
+
+/// Serves the autoscaler's status write (its own field manager) and returns the
+/// `status.autoscaling` it sent.
+async fn expect_autoscaling_status(server: &mut ApiServer, b: &Backend) -> Value {
+    let (method, path, query, body, reply) = server.next_call("autoscaler status").await;
+    assert_eq!(
+        (method, path.as_str()),
+        (
+            Method::PATCH,
+            "/apis/serval.dev/v1alpha1/namespaces/team/backends/auto/status"
+        )
     );
-    assert_eq!(condition(&status, "Ready")["status"], "True");
-    // Without it, the same Backend is not degraded.
-    let plain = with_ready(backend("plain", 2), true);
-    let status = serde_json::to_value(plain.status.as_ref().unwrap()).unwrap();
+    assert!(
+        query.contains("fieldManager=serval-operator-autoscaler") && query.contains("force=true"),
+        "{query}"
+    );
+    assert_eq!(
+        body["status"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["autoscaling"],
+        "the autoscaler writes its own field only"
+    );
+    reply.json(&serde_json::to_value(b).unwrap());
+    body["status"]["autoscaling"].clone()
+}
+
+/// Serves the Event of a scale and returns it.
+async fn expect_event(server: &mut ApiServer) -> Value {
+    server
+        .expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/team/events",
+            |b| b.clone(),
+        )
+        .await
+}
+
+/// A surge reaches a decision, the decision reaches the status (not the spec) with an Event,
+/// and the Backend reconcile then sets the Deployment's replicas from the status. A second
+/// sample with the same load writes nothing.
+#[tokio::test]
+async fn an_autoscaling_decision_is_recorded_in_status_with_an_event_and_sets_the_deployment() {
+    let mut h = harness();
+    let b = with_ready(
+        autoscaled(
+            "auto",
+            json!({"minReplicas": 1, "maxReplicas": 5, "targetInflight": 8}),
+        ),
+        true,
+    );
+    assert_eq!(
+        b.status.as_ref().unwrap().replicas,
+        2,
+        "before any decision: spec.replicas within the bounds"
+    );
+    h.add_backend(b.clone());
+    let load = Arc::new(ScriptedLoad::default());
+    // 24 in flight on 2 replicas at a target of 8: three replicas.
+    load.set(
+        Some(Load {
+            inflight: 24.0,
+            requests: 300,
+        }),
+        0,
+    );
+    let a = Autoscaler::new(AutoscalerSettings::default(), load.clone(), "test");
+    let task = step(a, &h.ctx);
+    let autoscaling = expect_autoscaling_status(&mut h.server, &b).await;
+    assert_eq!(autoscaling["desiredReplicas"], 3, "{autoscaling}");
+    assert_eq!(autoscaling["observedInflight"], 24.0);
+    assert_eq!(autoscaling["lastDecision"], "StableAverage");
+    assert!(
+        autoscaling["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.replicas (2) is ignored"),
+        "{autoscaling}"
+    );
+    assert!(autoscaling["lastScaleTime"].is_string());
+    let event = expect_event(&mut h.server).await;
+    assert_eq!(event["reason"], "ScaledUp");
+    assert_eq!(event["action"], "Scale");
+    assert_eq!(event["regarding"]["name"], "auto");
+    assert_eq!(event["regarding"]["kind"], "Backend");
+    let note = event["note"].as_str().unwrap();
+    assert!(note.starts_with("2 -> 3 replicas"), "{note}");
+    assert!(note.contains("24.0 in flight"), "{note}");
+    let a = finished(task).await;
+
+    // The same load a second later: the status already says it, so no write.
+    let task = step(a, &h.ctx);
+    let _a = finished(task).await;
+
+    // The Backend as the API server now has it: the controller sizes the Deployment from the
+    // decision, and never sends the autoscaler's field back.
+    let mut decided = b.clone();
+    decided.status.as_mut().unwrap().autoscaling =
+        Some(serde_json::from_value(autoscaling).unwrap());
+    let decided = Arc::new(decided);
+    let task = tokio::spawn(backend_controller::reconcile(
+        decided.clone(),
+        h.ctx.clone(),
+    ));
+    let dep = h
+        .server
+        .apply("/apis/apps/v1/namespaces/team/deployments/auto")
+        .await;
+    assert_eq!(dep["spec"]["replicas"], 3);
+    h.server
+        .apply("/api/v1/namespaces/team/services/auto")
+        .await;
+    h.server
+        .apply("/apis/policy/v1/namespaces/team/poddisruptionbudgets/auto")
+        .await;
+    let status = h
+        .server
+        .expect(
+            Method::PATCH,
+            "/apis/serval.dev/v1alpha1/namespaces/team/backends/auto/status",
+            |_| serde_json::to_value(decided.as_ref()).unwrap(),
+        )
+        .await;
+    assert_eq!(status["status"]["replicas"], 3);
+    assert!(
+        status["status"].get("autoscaling").is_none(),
+        "the Backend controller must not write the autoscaler's field: {status}"
+    );
+    done(task).await;
+}
+
+/// A Backend at zero keeps its route with its requests held, and a held request starts a
+/// replica on the next poll, without waiting for the next load sample.
+#[tokio::test]
+async fn a_backend_at_zero_keeps_its_route_and_a_held_request_starts_a_replica() {
+    let mut h = harness();
+    let mut b = with_ready(
+        autoscaled(
+            "auto",
+            json!({"minReplicas": 0, "maxReplicas": 4, "targetInflight": 1}),
+        ),
+        false,
+    );
+    b.status.as_mut().unwrap().autoscaling = Some(serval_api::AutoscalingStatus {
+        desired_replicas: 0,
+        observed_inflight: Some(0.0),
+        last_decision: "ScaleToZero".to_owned(),
+        message: String::new(),
+        last_scale_time: None,
+    });
+    let b = with_status_from_deployment(b);
+    assert!(serval_operator::desired::backend::holds_at_zero(&b));
+    h.add_backend(b.clone());
+
+    // The routing table keeps the route's weight and marks the Backend scaled to zero.
+    let ep = endpoint("digits", &[("auto", 100)], 100);
+    h.add_endpoint(&ep);
+    let task = h.reconcile_endpoint(&ep);
+    let (table, _) = expect_router_objects(&mut h.server, true).await;
+    assert_eq!(weights(&table, "digits"), [("auto".to_owned(), 100)]);
+    assert!(table.backends["auto"].scaled_to_zero);
+    assert!(table.backends["auto"].addresses.is_empty());
+    let status = expect_endpoint_status(&mut h.server, &ep).await;
+    assert_eq!(condition(&status, "Ready")["status"], "True", "{status}");
+    done(task).await;
+
+    // Idle: the first sample finds nothing to do but record why.
+    let load = Arc::new(ScriptedLoad::default());
+    load.set(Some(Load::default()), 0);
+    let a = Autoscaler::new(AutoscalerSettings::default(), load.clone(), "test");
+    let task = step(a, &h.ctx);
+    let autoscaling = expect_autoscaling_status(&mut h.server, &b).await;
+    assert_eq!(
+        (
+            &autoscaling["desiredReplicas"],
+            &autoscaling["lastDecision"]
+        ),
+        (&json!(0), &json!("IdleAtZero"))
+    );
+    let a = finished(task).await;
+
+    // Two requests held: the next poll (well before the next sample) starts two replicas.
+    load.set(Some(Load::default()), 2);
+    let task = step(a, &h.ctx);
+    let autoscaling = expect_autoscaling_status(&mut h.server, &b).await;
+    assert_eq!(
+        (
+            &autoscaling["desiredReplicas"],
+            &autoscaling["lastDecision"]
+        ),
+        (&json!(2), &json!("ColdStart"))
+    );
+    let event = expect_event(&mut h.server).await;
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("0 -> 2 replicas"),
+        "{event}"
+    );
+    finished(task).await;
+}
+
+/// The Backend's status as its controller computes it from the Deployment its current
+/// desired count makes (not `spec.replicas`), with no replica ready.
+fn with_status_from_deployment(mut b: Backend) -> Backend {
+    let t = k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap();
+    let mut d = serval_operator::desired::backend::deployment_for(
+        &b,
+        &BackendDefaults {
+            sidecar_image: "serval-sidecar:test".to_owned(),
+        },
+    );
+    d.metadata.generation = Some(1);
+    d.status = Some(DeploymentStatus {
+        observed_generation: Some(1),
+        ..DeploymentStatus::default()
+    });
+    b.status = Some(serval_operator::desired::backend::status_for(
+        &b,
+        Some(&d),
+        t,
+    ));
+    b
+}
+
+/// An autoscaled Backend stays Ready while a scale-up loads its new replicas, so its Endpoints
+/// keep routing to it; a Backend at a fixed count keeps the stricter rule.
+#[test]
+fn an_autoscaled_backend_serves_while_new_replicas_load() {
+    let mut b = autoscaled("auto", json!({"maxReplicas": 6}));
+    b.status = Some(serval_api::BackendStatus {
+        autoscaling: Some(serval_api::AutoscalingStatus {
+            desired_replicas: 5,
+            last_decision: "PanicSurge".to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let t = k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap();
+    let mut d = deployment_reporting(&b, 1);
+    d.spec.as_mut().unwrap().replicas = Some(5);
+    let status = serval_operator::desired::backend::status_for(&b, Some(&d), t);
+    assert_eq!(status.replicas_summary, "1/5");
+    let status = serde_json::to_value(&status).unwrap();
+    assert_eq!(condition(&status, "Ready")["status"], "True", "{status}");
     assert_eq!(condition(&status, "Degraded")["status"], "False");
+
+    let fixed = with_ready(backend("fixed", 5), false);
+    let status = serde_json::to_value(fixed.status.as_ref().unwrap()).unwrap();
+    assert_eq!(condition(&status, "Ready")["status"], "False");
 }

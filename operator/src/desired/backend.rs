@@ -114,6 +114,50 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Replicas the Backend's Deployment should have: `spec.replicas`, or with `spec.autoscaling`
+/// the autoscaler's last decision (kept in `status.autoscaling`, so it survives an operator
+/// restart), or before any decision the count autoscaling starts from.
+pub fn desired_replicas(backend: &Backend) -> i32 {
+    if backend.spec.autoscaling.is_none() {
+        return backend.spec.replicas;
+    }
+    match backend.status.as_ref().and_then(|s| s.autoscaling.as_ref()) {
+        Some(a) => a.desired_replicas,
+        None => i32::try_from(initial_replicas(backend)).unwrap_or(i32::MAX),
+    }
+}
+
+/// Where autoscaling starts for a Backend the autoscaler has not decided for yet: the replicas
+/// it was last reconciled to (autoscaling added to a running Backend), else `spec.replicas`,
+/// within the bounds, and at least one so the model is loaded and checked once.
+pub fn initial_replicas(backend: &Backend) -> u32 {
+    let spec = backend.spec.autoscaling.clone().unwrap_or_default();
+    let running = backend
+        .status
+        .as_ref()
+        .map_or(backend.spec.replicas, |s| s.replicas);
+    serval_autoscale::Scaler::new(
+        serval_autoscale::Policy::from(&spec),
+        u32::try_from(running).unwrap_or(0),
+    )
+    .replicas()
+}
+
+/// Whether the router should hold this Backend's requests rather than refuse them: it may
+/// scale to zero (`autoscaling.minReplicas: 0`) and no replica serves now, so the autoscaler
+/// starts one when requests are held.
+pub fn holds_at_zero(backend: &Backend) -> bool {
+    backend
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.min_replicas == 0)
+        && backend
+            .status
+            .as_ref()
+            .is_none_or(|s| s.ready_replicas == 0)
+}
+
 /// The Backend's Deployment: the model-server sidecar, and the user container when given.
 pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployment {
     let spec = &backend.spec;
@@ -206,7 +250,7 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
     Deployment {
         metadata: meta(backend),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(desired_replicas(backend)),
             selector: LabelSelector {
                 match_labels: Some(selector(backend)),
                 ..LabelSelector::default()
@@ -266,7 +310,7 @@ pub fn service_for(backend: &Backend) -> Service {
 /// A PodDisruptionBudget keeping all but one replica during voluntary disruptions, or `None`
 /// when there is at most one replica (a PDB would then block node drains forever).
 pub fn pdb_for(backend: &Backend) -> Option<PodDisruptionBudget> {
-    (backend.spec.replicas > 1).then(|| PodDisruptionBudget {
+    (desired_replicas(backend) > 1).then(|| PodDisruptionBudget {
         metadata: meta(backend),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
@@ -302,7 +346,8 @@ pub fn status_for(
     deployment: Option<&Deployment>,
     now: Timestamp,
 ) -> BackendStatus {
-    let desired = backend.spec.replicas;
+    let desired = desired_replicas(backend);
+    let autoscaled = backend.spec.autoscaling.is_some();
     let generation = backend.meta().generation;
     let dstatus = deployment
         .and_then(|d| d.status.clone())
@@ -350,8 +395,11 @@ pub fn status_for(
         ]
     } else {
         let ready_msg = format!("{ready}/{desired} replicas ready");
+        // An autoscaled Backend serves as soon as one replica does: a scale-up (or a start from
+        // zero) must not take it out of its Endpoints' routes while replicas load.
+        let serves = ready >= desired || (autoscaled && ready > 0);
         vec![
-            if ready >= desired {
+            if serves {
                 Observed::new(READY, true, reason::REPLICAS_READY, ready_msg.clone())
             } else {
                 Observed::new(READY, false, reason::REPLICAS_NOT_READY, ready_msg.clone())
@@ -380,21 +428,6 @@ pub fn status_for(
             },
         ]
     };
-    let mut observed = observed;
-    if backend.spec.autoscaling.is_some() {
-        // Asked for and not delivered here: say so where `kubectl describe` and alerts look,
-        // rather than ignore the field.
-        observed.retain(|o| o.type_ != DEGRADED);
-        observed.push(Observed::new(
-            DEGRADED,
-            true,
-            reason::AUTOSCALING_NOT_IN_CLUSTER,
-            format!(
-                "spec.autoscaling is acted on by `serval local` only in this version; the \
-                 operator keeps spec.replicas ({desired})"
-            ),
-        ));
-    }
     let previous = backend
         .status
         .as_ref()
@@ -408,6 +441,9 @@ pub fn status_for(
         url: Some(backend_url(backend)),
         selector: Some(format!("{BACKEND_LABEL}={}", backend.name_any())),
         conditions: settle(previous, observed, generation, now),
+        // The autoscaler's own field: carried over so a comparison with the stored status
+        // holds, and never sent by the status apply (see `backend_controller`).
+        autoscaling: backend.status.as_ref().and_then(|s| s.autoscaling.clone()),
     }
 }
 

@@ -22,6 +22,9 @@ pub struct BackendView {
     pub ready: bool,
     /// Where it is reached.
     pub addresses: Vec<String>,
+    /// Autoscaled to zero and not serving yet: its routes keep their weight and the router
+    /// holds its requests until a table gives it an address (implies no `addresses`).
+    pub scaled_to_zero: bool,
 }
 
 /// How one Endpoint fared in the plan.
@@ -87,7 +90,8 @@ pub fn plan<'a>(
         }
         claimed.insert(route_key(ep), name.clone());
 
-        let usable = |b: &str| backends.get(b).is_some_and(|v| v.ready);
+        // A Backend at zero keeps its traffic: the router holds its requests meanwhile.
+        let usable = |b: &str| backends.get(b).is_some_and(|v| v.ready || v.scaled_to_zero);
         let spec = &ep.spec;
         let mut named: Vec<&str> = spec.traffic.iter().map(|t| t.backend.as_str()).collect();
         named.extend(spec.mirror.iter().map(|m| m.backend.as_str()));
@@ -95,7 +99,7 @@ pub fn plan<'a>(
         for b in named {
             let list = match backends.get(b) {
                 None => &mut outcome.missing,
-                Some(v) if !v.ready => &mut outcome.not_ready,
+                Some(v) if !v.ready && !v.scaled_to_zero => &mut outcome.not_ready,
                 Some(_) => continue,
             };
             if !list.iter().any(|x| x == b) {
@@ -166,12 +170,15 @@ pub fn plan<'a>(
         .into_iter()
         .map(|b| {
             let view = backends.get(&b);
+            let scaled_to_zero = view.is_some_and(|v| v.scaled_to_zero);
             let up = Upstream {
                 model: b.clone(),
-                addresses: view.map(|v| v.addresses.clone()).unwrap_or_default(),
+                addresses: view
+                    .filter(|_| !scaled_to_zero)
+                    .map(|v| v.addresses.clone())
+                    .unwrap_or_default(),
                 ready: view.is_some_and(|v| v.ready),
-                // Set once the operator scales Backends to zero (issue 19).
-                scaled_to_zero: false,
+                scaled_to_zero,
             };
             (b, up)
         })
