@@ -12,6 +12,11 @@ Writes into --out (committed, small):
     fixed1.onnx        y = x + 1 over float [1,4]: a graph with a fixed batch of one.
     slow.onnx          32 x (y = tanh(y W)) over float [N,256], one shared 256x256 W: a model
                        slow enough per row (~4 MFLOP) that queueing and admission show in tests.
+    digits-v2.onnx     digits retrained with another seed and shape: a good canary.
+    digits-permuted.onnx  digits trained on labels shifted by one class: a bad canary that
+                       disagrees with digits.onnx on nearly every row.
+    digits/agreement.json  1,000 noisy digits and the classes digits and digits-v2 give them
+                       (onnxruntime): the offline truth of mirror agreement tests.
     digits/<name>.png  8x8 grayscale digits from the data set, pixel = value * 15, so the
                        built-in preprocess {"width":8,"height":8,"layout":"Flat","scale":1/15}
                        recovers the data-set values (0..16) exactly.
@@ -72,6 +77,71 @@ def digits(out: str) -> None:
     with open(os.path.join(pngs, "labels.json"), "w") as f:
         json.dump(labels, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def canaries(out: str) -> None:
+    """Canaries of digits.onnx for rollouts and mirror agreement (issue 20), same interface:
+
+    digits-v2.onnx        retrained (another seed and shape): as accurate, a good canary.
+    digits-permuted.onnx  trained on labels shifted by one class (y -> (y + 1) % 10): it
+                          disagrees with digits.onnx on nearly every row, a bad canary.
+    """
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    y = data.target
+    for name, labels, seed, hidden in [
+        ("digits-v2", y, SEED + 1, (96, 48)),
+        ("digits-permuted", (y + 1) % 10, SEED, (128, 64)),
+    ]:
+        clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=300, random_state=seed)
+        clf.fit(x, labels)
+        model = to_onnx(
+            clf,
+            x[:1],
+            options={id(clf): {"zipmap": False}},
+            target_opset={"": OPSET, "ai.onnx.ml": 3},
+        )
+        model.graph.name = name
+        model.producer_version = "serval"
+        with open(os.path.join(out, f"{name}.onnx"), "wb") as f:
+            f.write(model.SerializeToString())
+        print(f"{name}.onnx: training accuracy on its labels {clf.score(x, labels):.4f}")
+
+
+def agreement_corpus(out: str) -> None:
+    """digits/agreement.json: 1,000 noisy digits (integers 0..16, so a PNG at value * 15 holds
+    them exactly) and the class each of digits.onnx and digits-v2.onnx gives them, computed
+    here with onnxruntime: the offline truth the router's mirror agreement is checked against.
+    """
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(SEED)
+    rows = rng.choice(len(data.data), size=1000, replace=False)
+    noisy = np.clip(np.rint(data.data[rows] + rng.normal(0.0, 4.0, size=(1000, 64))), 0, 16)
+    x = noisy.astype(np.float32)
+    classes = {}
+    for name in ["digits", "digits-v2"]:
+        sess = ort.InferenceSession(os.path.join(out, f"{name}.onnx"))
+        _, probs = sess.run(None, {"X": x})
+        classes[name] = probs.argmax(axis=1).tolist()
+    agree = int(sum(a == b for a, b in zip(classes["digits"], classes["digits-v2"])))
+    corpus = {
+        "inputs": noisy.astype(int).tolist(),
+        "stable": classes["digits"],
+        "canary": classes["digits-v2"],
+        "agree": agree,
+    }
+    os.makedirs(os.path.join(out, "digits"), exist_ok=True)
+    with open(os.path.join(out, "digits", "agreement.json"), "w") as f:
+        json.dump(corpus, f, separators=(",", ":"))
+        f.write("\n")
+    print(f"digits/agreement.json: digits and digits-v2 agree on {agree} of 1000 noisy digits")
 
 
 def identity(out: str) -> None:
@@ -249,13 +319,21 @@ def main() -> None:
     parser.add_argument("--mobilenet-out", default=None)
     parser.add_argument("--skip-small", action="store_true",
                         help="only write mobilenetv2 (the committed models stay untouched)")
+    parser.add_argument("--only-canaries", action="store_true",
+                        help="only write the digits canaries (the other models stay untouched)")
     args = parser.parse_args()
+    if args.only_canaries:
+        canaries(args.out)
+        agreement_corpus(args.out)
+        return
     if not args.skip_small:
         digits(args.out)
         identity(args.out)
         gather(args.out)
         fixed_batch(args.out)
         slow(args.out)
+        canaries(args.out)
+        agreement_corpus(args.out)
         check(args.out)
     if args.mobilenet_out:
         mobilenetv2(args.mobilenet_out)

@@ -110,6 +110,46 @@ pub struct Mirror {
     /// Share of requests copied, 0-100.
     #[schemars(range(min = 0, max = 100))]
     pub percent: u32,
+    /// How the shadow's answers are compared with the primary's, row by row. Default: the
+    /// argmax of the first floating-point output with two or more values per row, else exact
+    /// equality of the first output; image and V1 answers with labels by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<MirrorCompare>,
+}
+
+/// How a shadow's answers are compared with the primary's.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.tolerance) || (has(self.mode) && self.mode == 'Close')").message("mirror.compare.tolerance applies to mode Close only")
+)]
+pub struct MirrorCompare {
+    /// The output compared (Open Inference Protocol and V1 answers); by default the first
+    /// floating-point output with two or more values per row, else the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub output: Option<String>,
+    /// `Argmax` (the same class), `Close` (every value within `tolerance`) or `Exact`.
+    /// Default: `Argmax` for a floating-point output with two or more values per row, else
+    /// `Exact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MirrorCompareMode>,
+    /// Largest absolute difference of two values that still agree, with `mode: Close`
+    /// (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub tolerance: Option<f64>,
+}
+
+/// How two rows of an output are compared.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum MirrorCompareMode {
+    /// The same index of the largest value (the same class).
+    Argmax,
+    /// Every value within `tolerance` of the other's.
+    Close,
+    /// Equal values.
+    Exact,
 }
 
 /// Route requests carrying a header value to a Backend.

@@ -18,8 +18,8 @@ pub use backend::{
     UserContainer,
 };
 pub use endpoint::{
-    EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule, Mirror, Retries, Sticky,
-    TrafficTarget,
+    EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule, Mirror, MirrorCompare,
+    MirrorCompareMode, Retries, Sticky, TrafficTarget,
 };
 pub use routing::RoutingTable;
 

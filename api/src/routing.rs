@@ -26,7 +26,7 @@ pub const ENDPOINT_HEADER: &str = "serval-endpoint";
 pub const RETRY_AFTER_MS_HEADER: &str = "serval-retry-after-ms";
 
 /// A complete routing table.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RoutingTable {
     /// Always [`ROUTING_TABLE_API_VERSION`].
@@ -41,7 +41,7 @@ pub struct RoutingTable {
 }
 
 /// How one Endpoint's traffic is routed.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Endpoint name; clients may also call `/v2/models/<endpoint>/…` and `/v1/models/<endpoint>…`.
@@ -79,13 +79,20 @@ pub struct WeightedBackend {
 }
 
 /// Shadow a share of requests to another backend.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MirrorPolicy {
     /// Backend receiving the copies.
     pub backend: String,
     /// Share of requests copied, 0–100.
     pub percent: u32,
+    /// How answers are compared (the Endpoint's `mirror.compare`).
+    #[serde(default, skip_serializing_if = "is_default_compare")]
+    pub compare: crate::MirrorCompare,
+}
+
+fn is_default_compare(c: &crate::MirrorCompare) -> bool {
+    *c == crate::MirrorCompare::default()
 }
 
 /// Send requests whose header equals a value to a given backend.

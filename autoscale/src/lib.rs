@@ -19,6 +19,7 @@
 mod decide;
 mod policy;
 mod reason;
+pub mod rollout;
 mod scaler;
 mod window;
 

@@ -802,3 +802,193 @@ fn local_mode_scales_an_idle_backend_to_zero_and_holds_the_next_request_while_it
     );
     assert_eq!(replicas_in_router(&client, port), Some(1));
 }
+
+// ---------------------------------------------------------------- Mirror agreement (issue 20)
+
+/// The offline truth: 1,000 noisy digits and the class each model gives them (onnxruntime,
+/// `models/generate.py`).
+#[derive(serde::Deserialize)]
+struct AgreementCorpus {
+    inputs: Vec<Vec<u8>>,
+    stable: Vec<usize>,
+    canary: Vec<usize>,
+    agree: u64,
+}
+
+fn digits_backend(name: &str, model: &str) -> String {
+    format!(
+        "apiVersion: serval.dev/v1alpha1\nkind: Backend\nmetadata: {{name: {name}}}\n\
+         spec:\n  model: {{uri: \"file://../models/{model}\"}}\n  replicas: 1\n\
+         \x20 preprocess: {{image: {{width: 8, height: 8, color: Grayscale, layout: Flat, scale: 0.0666666666666667}}}}\n\
+         \x20 postprocess: {{output: probabilities, labels: [zero, one, two, three, four, five, six, seven, eight, nine]}}\n"
+    )
+}
+
+/// Sends one digit in some protocol.
+type SendDigit<'a> = dyn Fn(&[u8]) -> reqwest::Result<reqwest::blocking::Response> + 'a;
+
+fn png_of(pixels: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, 8, 8);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(pixels).unwrap();
+    writer.finish().unwrap();
+    out
+}
+
+/// `(agree, disagree, errors)` counted by the router for the `mirrored` Endpoint's shadow.
+fn mirror_counts(client: &reqwest::blocking::Client, port: u16) -> (u64, u64, u64) {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/-/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    let (mut agree, mut disagree, mut errors) = (0, 0, 0);
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if !series.contains(r#"endpoint="mirrored""#) {
+            continue;
+        }
+        let v = value.parse::<f64>().unwrap_or(0.0) as u64;
+        if series.starts_with("serval_router_mirror_agreement_total") {
+            if series.contains(r#"result="agree""#) {
+                agree += v;
+            } else if series.contains(r#"result="disagree""#) {
+                disagree += v;
+            }
+        } else if series.starts_with("serval_router_mirror_errors_total") {
+            errors += v;
+        }
+    }
+    (agree, disagree, errors)
+}
+
+/// Issue 20: a shadow's agreement is counted right in every protocol. The stable model and a
+/// retrained canary disagree on 153 of 1,000 noisy digits (onnxruntime, offline); sent through
+/// an Endpoint mirroring every request to the canary, in Open Inference Protocol JSON, with
+/// binary outputs, V1 and as PNGs, each 1,000 requests must count exactly that, with no
+/// comparison error.
+#[test]
+fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
+    let corpus: AgreementCorpus = serde_json::from_slice(
+        &std::fs::read(repo().join("models/digits/agreement.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(corpus.inputs.len(), 1000);
+    let truth = corpus
+        .stable
+        .iter()
+        .zip(&corpus.canary)
+        .filter(|(a, b)| a == b)
+        .count() as u64;
+    assert_eq!(truth, corpus.agree);
+    assert!(
+        truth > 500 && truth < 1000,
+        "a corpus on which the models both agree and disagree: {truth}"
+    );
+
+    let endpoint = "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: mirrored}\n\
+         spec:\n  route: {pathPrefix: /mirrored}\n  traffic: [{backend: stable, weight: 100}]\n\
+         \x20 mirror: {backend: canary, percent: 100}\n  timeoutMillis: 10000\n";
+    let dir = manifests(&[
+        ("stable.yaml", &digits_backend("stable", "digits.onnx")),
+        ("canary.yaml", &digits_backend("canary", "digits-v2.onnx")),
+        ("endpoint.yaml", endpoint),
+    ]);
+    std::fs::copy(
+        repo().join("models/digits-v2.onnx"),
+        dir.path().join("models/digits-v2.onnx"),
+    )
+    .unwrap();
+    let (local, output) = start_collecting(dir);
+    let port = local.port;
+    let client = reqwest::blocking::Client::new();
+    let oip = |x: &[u8], binary: bool| {
+        let row: Vec<f32> = x.iter().map(|&v| f32::from(v)).collect();
+        let mut body = serde_json::json!({
+            "inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": row}]
+        });
+        if binary {
+            body["parameters"] = serde_json::json!({"binary_data_output": true});
+        }
+        client
+            .post(format!(
+                "http://127.0.0.1:{port}/mirrored/v2/models/mirrored/infer"
+            ))
+            .json(&body)
+            .send()
+    };
+    wait_until(
+        "the mirrored Endpoint to serve",
+        Duration::from_secs(60),
+        || {
+            oip(&corpus.inputs[0], false)
+                .ok()
+                .filter(|r| r.status().is_success())
+        },
+    );
+    // The canary is ready too once a mirrored request is compared.
+    wait_until("the canary to answer", Duration::from_secs(60), || {
+        let _ = oip(&corpus.inputs[0], false);
+        let (a, d, _) = mirror_counts(&client, port);
+        (a + d > 0).then_some(())
+    });
+
+    let protocols: [(&str, &SendDigit<'_>); 4] = [
+        ("OIP JSON", &|x| oip(x, false)),
+        ("OIP binary", &|x| oip(x, true)),
+        ("V1", &|x| {
+            let row: Vec<f32> = x.iter().map(|&v| f32::from(v)).collect();
+            client
+                .post(format!(
+                    "http://127.0.0.1:{port}/mirrored/v1/models/mirrored:predict"
+                ))
+                .json(&serde_json::json!({ "instances": [row] }))
+                .send()
+        }),
+        ("PNG", &|x| {
+            let pixels: Vec<u8> = x.iter().map(|&v| v * 15).collect();
+            client
+                .post(format!(
+                    "http://127.0.0.1:{port}/mirrored/v1/models/mirrored:predict"
+                ))
+                .header("content-type", "image/png")
+                .body(png_of(&pixels))
+                .send()
+        }),
+    ];
+    for (protocol, send) in protocols {
+        // Earlier comparisons (the warm-up) must all be in before counting from here.
+        std::thread::sleep(Duration::from_millis(300));
+        let before = mirror_counts(&client, port);
+        for x in &corpus.inputs {
+            let resp = send(x).unwrap();
+            assert!(
+                resp.status().is_success(),
+                "{protocol}: {} {}",
+                resp.status(),
+                resp.text().unwrap_or_default()
+            );
+        }
+        let (agree, disagree, errors) = wait_until(
+            &format!("{protocol}: 1,000 comparisons"),
+            Duration::from_secs(30),
+            || {
+                let now = mirror_counts(&client, port);
+                let delta = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
+                (delta.0 + delta.1 + delta.2 >= 1000).then_some(delta)
+            },
+        );
+        eprintln!("{protocol}: agree {agree}, disagree {disagree}, errors {errors}");
+        assert_eq!(
+            (agree, disagree, errors),
+            (truth, 1000 - truth, 0),
+            "{protocol}: the router's counts against the offline truth\n{}",
+            tail(&output.text())
+        );
+    }
+}

@@ -573,9 +573,16 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         .inc();
     m.mirror
         .get_or_create(&MirrorLabels {
+            endpoint: endpoint.clone(),
+            backend: backend.clone(),
+            result: "agree",
+        })
+        .inc();
+    m.mirror_errors
+        .get_or_create(&serval_router::metrics::MirrorErrorLabels {
             endpoint,
             backend,
-            result: "agree",
+            reason: "shadow_status",
         })
         .inc();
     m.table_info

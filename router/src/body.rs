@@ -31,24 +31,65 @@ enum Kind {
     Upstream(Incoming),
 }
 
-/// Copies up to `limit` bytes of a body and hands them over when it ends: `None` when the
-/// body failed, was cut short or was larger than the limit.
+/// What the mirror learns of the primary's answer.
+#[derive(Debug)]
+pub enum PrimaryAnswer {
+    /// A successful answer, whole.
+    Body {
+        /// `Content-Type`.
+        content_type: Option<String>,
+        /// `Inference-Header-Content-Length`: binary outputs follow this much JSON.
+        header_length: Option<usize>,
+        /// The body.
+        body: Bytes,
+    },
+    /// No comparable answer: the mirror's error reason (`primary_status`, `primary_failed`,
+    /// `primary_too_large`).
+    Failed(&'static str),
+}
+
+/// Copies up to `limit` bytes of the primary's body and hands them, with the head's content
+/// type, to the mirror when the body ends; a failed, cut short or oversized body, or a failed
+/// answer, is handed over as its reason.
 #[derive(Debug)]
 pub struct Tee {
     buf: BytesMut,
     limit: usize,
     overflow: bool,
-    tx: Option<oneshot::Sender<Option<Bytes>>>,
+    content_type: Option<String>,
+    header_length: Option<usize>,
+    tx: Option<oneshot::Sender<PrimaryAnswer>>,
 }
 
 impl Tee {
     /// A tee sending its copy to `tx`.
-    pub fn new(limit: usize, tx: oneshot::Sender<Option<Bytes>>) -> Self {
+    pub fn new(limit: usize, tx: oneshot::Sender<PrimaryAnswer>) -> Self {
         Self {
             buf: BytesMut::new(),
             limit,
             overflow: false,
+            content_type: None,
+            header_length: None,
             tx: Some(tx),
+        }
+    }
+
+    /// Records what the answer's head says about its body.
+    pub fn set_head(&mut self, headers: &http::HeaderMap) {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        self.content_type = text("content-type").map(str::to_owned);
+        self.header_length = text(crate::agreement::HEADER_LENGTH).and_then(|v| v.parse().ok());
+    }
+
+    /// The primary answered nothing comparable, for `reason`.
+    pub fn fail(mut self, reason: &'static str) {
+        self.send(PrimaryAnswer::Failed(reason));
+    }
+
+    fn send(&mut self, answer: PrimaryAnswer) {
+        if let Some(tx) = self.tx.take() {
+            // The mirror task may have given up already; nothing to do then.
+            let _ = tx.send(answer);
         }
     }
 
@@ -61,11 +102,18 @@ impl Tee {
     }
 
     fn finish(&mut self, ok: bool) {
-        if let Some(tx) = self.tx.take() {
-            let copy = (ok && !self.overflow).then(|| std::mem::take(&mut self.buf).freeze());
-            // The mirror task may have given up already; nothing to do then.
-            let _ = tx.send(copy);
-        }
+        let answer = if !ok {
+            PrimaryAnswer::Failed("primary_failed")
+        } else if self.overflow {
+            PrimaryAnswer::Failed("primary_too_large")
+        } else {
+            PrimaryAnswer::Body {
+                content_type: self.content_type.take(),
+                header_length: self.header_length,
+                body: std::mem::take(&mut self.buf).freeze(),
+            }
+        };
+        self.send(answer);
     }
 }
 

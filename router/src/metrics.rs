@@ -96,8 +96,22 @@ pub struct MirrorLabels {
     pub endpoint: String,
     /// Shadow backend name.
     pub backend: String,
-    /// `agree`, `disagree`, `error` or `dropped`.
+    /// `agree` or `disagree` (rows).
     pub result: &'static str,
+}
+
+/// `{endpoint, backend, reason}` of a mirrored request that could not be compared.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorErrorLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Shadow backend name.
+    pub backend: String,
+    /// `shadow_status`, `shadow_unreachable`, `shadow_timeout`, `shadow_too_large`,
+    /// `primary_status`, `primary_failed`, `primary_timeout`, `primary_too_large`,
+    /// `primary_unreadable`, `shadow_unreadable`, `mismatch`, `dropped` (no capacity) or
+    /// `streamed` (a body too large to copy).
+    pub reason: &'static str,
 }
 
 /// `{revision}`.
@@ -144,6 +158,8 @@ pub struct Metrics {
     pub ejections: Family<AddressLabels, Counter>,
     /// Mirror outcomes.
     pub mirror: Family<MirrorLabels, Counter>,
+    /// Mirrored requests that could not be compared, by reason.
+    pub mirror_errors: Family<MirrorErrorLabels, Counter>,
     /// Requests no route claimed.
     pub unmatched: Counter,
     /// Requests refused before routing for breaking an HTTP rule (e.g. no Host).
@@ -185,6 +201,7 @@ impl Metrics {
             retry_budget_exhausted: Family::default(),
             ejections: Family::default(),
             mirror: Family::default(),
+            mirror_errors: Family::default(),
             unmatched: Counter::default(),
             refused: Counter::default(),
             table_info: Family::default(),
@@ -225,7 +242,16 @@ impl Metrics {
             "Upstream address ejections",
             m.ejections.clone(),
         );
-        registry.register("mirror_agreement", "Mirror outcomes", m.mirror.clone());
+        registry.register(
+            "mirror_agreement",
+            "Rows of mirrored requests whose shadow answer agreed or disagreed with the primary's",
+            m.mirror.clone(),
+        );
+        registry.register(
+            "mirror_errors",
+            "Mirrored requests that could not be compared, by reason",
+            m.mirror_errors.clone(),
+        );
         registry.register(
             "unmatched_requests",
             "Requests no route claimed",

@@ -1,17 +1,25 @@
 //! Shadow traffic: a copy of a sampled request goes to the mirror backend in its own task,
 //! bounded by a semaphore (over the bound a copy is dropped, never queued), and the shadow's
-//! answer is compared with the primary's once both are in.
+//! answer is compared with the primary's, row by row, once both are in. Rows that agree and
+//! disagree are counted in `mirror_agreement`; a pair that could not be compared is counted in
+//! `mirror_errors` with its reason (never as a disagreement) and logged, at most once a second.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method};
+use serval_api::MirrorCompare;
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::agreement;
-use crate::body::{Tee, collect_limited};
-use crate::metrics::{Metrics, MirrorLabels};
+use crate::agreement::{self, Answer};
+use crate::body::{PrimaryAnswer, Tee, collect_limited};
+use crate::metrics::{Metrics, MirrorErrorLabels, MirrorLabels};
+
+/// Least time between two log lines about mirror errors: a shadow failing every request must
+/// not flood the log; the metric counts them all.
+pub const MIRROR_LOG_INTERVAL: Duration = Duration::from_secs(1);
 use crate::proxy::{full_body, upstream_request};
 use crate::upstream::{BackendPool, HttpClient, OutlierPolicy};
 
@@ -22,6 +30,8 @@ pub struct ShadowCopy {
     pub endpoint: String,
     /// Shadow backend.
     pub pool: Arc<BackendPool>,
+    /// How answers are compared.
+    pub compare: Arc<MirrorCompare>,
     /// Request method.
     pub method: Method,
     /// Path and query, naming the shadow's model.
@@ -42,6 +52,22 @@ pub struct Mirror {
     outlier: OutlierPolicy,
     permits: Arc<Semaphore>,
     compare_limit: usize,
+    /// When an error was last logged, in ms since `epoch`.
+    last_log: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+/// A shadow's answer, whole.
+struct Captured {
+    content_type: Option<String>,
+    header_length: Option<usize>,
+    body: Bytes,
+}
+
+/// How one mirrored request ended.
+enum Outcome {
+    Rows(agreement::Rows),
+    Error(&'static str, String),
 }
 
 /// Marks shadow requests so model servers and logs can tell them apart.
@@ -63,57 +89,131 @@ impl Mirror {
             outlier,
             permits,
             compare_limit,
+            last_log: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         }
     }
 
-    /// Counts one mirror outcome.
-    pub fn count(&self, endpoint: &str, backend: &str, result: &'static str) {
+    /// Counts a mirrored request that could not be compared, for `reason`.
+    pub fn error(&self, endpoint: &str, backend: &str, reason: &'static str) {
         self.metrics
-            .mirror
-            .get_or_create(&MirrorLabels {
+            .mirror_errors
+            .get_or_create(&MirrorErrorLabels {
                 endpoint: endpoint.to_owned(),
                 backend: backend.to_owned(),
-                result,
+                reason,
             })
             .inc();
+    }
+
+    fn rows(&self, endpoint: &str, backend: &str, rows: agreement::Rows) {
+        for (result, n) in [("agree", rows.agree), ("disagree", rows.disagree)] {
+            if n > 0 {
+                self.metrics
+                    .mirror
+                    .get_or_create(&MirrorLabels {
+                        endpoint: endpoint.to_owned(),
+                        backend: backend.to_owned(),
+                        result,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Whether an error may be logged now (at most one per [`MIRROR_LOG_INTERVAL`]).
+    fn may_log(&self) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let interval = u64::try_from(MIRROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_log.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= interval)
+            && self
+                .last_log
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Starts the shadow request; returns the tee that must capture the primary's answer, or
     /// `None` when the copy was dropped for lack of capacity.
     pub fn launch(&self, copy: ShadowCopy) -> Option<Tee> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.count(&copy.endpoint, &copy.pool.name, "dropped");
+            self.error(&copy.endpoint, &copy.pool.name, "dropped");
             return None;
         };
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.run(&copy, rx).await;
+            let outcome = this.run(&copy, rx).await;
             drop(permit);
-            tracing::debug!(endpoint = %copy.endpoint, shadow = %copy.pool.name, result, "mirror");
-            this.count(&copy.endpoint, &copy.pool.name, result);
+            let (endpoint, shadow) = (&copy.endpoint, &copy.pool.name);
+            match outcome {
+                Outcome::Rows(rows) => {
+                    tracing::debug!(%endpoint, %shadow, ?rows, "mirror compared");
+                    this.rows(endpoint, shadow, rows);
+                }
+                Outcome::Error(reason, message) => {
+                    if this.may_log() {
+                        tracing::warn!(%endpoint, %shadow, reason, %message, "mirrored request not compared");
+                    }
+                    this.error(endpoint, shadow, reason);
+                }
+            }
         });
         Some(Tee::new(self.compare_limit, tx))
     }
 
-    async fn run(
-        &self,
-        copy: &ShadowCopy,
-        primary: oneshot::Receiver<Option<Bytes>>,
-    ) -> &'static str {
+    async fn run(&self, copy: &ShadowCopy, primary: oneshot::Receiver<PrimaryAnswer>) -> Outcome {
         let shadow = match tokio::time::timeout(copy.timeout, self.send(copy)).await {
-            Ok(Some(b)) => b,
-            _ => return "error",
+            Ok(Ok(b)) => b,
+            Ok(Err((reason, message))) => return Outcome::Error(reason, message),
+            Err(_) => {
+                let message = format!("no answer within {:?}", copy.timeout);
+                return Outcome::Error("shadow_timeout", message);
+            }
         };
-        match tokio::time::timeout(copy.timeout, primary).await {
-            Ok(Ok(Some(p))) => agreement::compare(&p, &shadow).as_str(),
-            _ => "error",
+        let (content_type, header_length, body) = match tokio::time::timeout(copy.timeout, primary)
+            .await
+        {
+            Ok(Ok(PrimaryAnswer::Body {
+                content_type,
+                header_length,
+                body,
+            })) => (content_type, header_length, body),
+            Ok(Ok(PrimaryAnswer::Failed(reason))) => {
+                return Outcome::Error(reason, "the primary's answer".to_owned());
+            }
+            Ok(Err(_)) => {
+                return Outcome::Error("primary_failed", "the primary's answer".to_owned());
+            }
+            Err(_) => {
+                let message = format!("the primary's body did not end within {:?}", copy.timeout);
+                return Outcome::Error("primary_timeout", message);
+            }
+        };
+        let primary = Answer {
+            content_type: content_type.as_deref(),
+            header_length,
+            body: &body,
+        };
+        let shadow = Answer {
+            content_type: shadow.content_type.as_deref(),
+            header_length: shadow.header_length,
+            body: &shadow.body,
+        };
+        match agreement::compare(&copy.compare, &primary, &shadow) {
+            Ok(rows) => Outcome::Rows(rows),
+            Err(u) => Outcome::Error(u.reason, u.message),
         }
     }
 
-    async fn send(&self, copy: &ShadowCopy) -> Option<Bytes> {
-        let (idx, _inflight) = copy.pool.pick(&[])?;
-        let path = http::uri::PathAndQuery::try_from(copy.path.as_str()).ok()?;
+    async fn send(&self, copy: &ShadowCopy) -> Result<Captured, (&'static str, String)> {
+        let unreachable = |m: String| ("shadow_unreachable", m);
+        let (idx, _inflight) = copy
+            .pool
+            .pick(&[])
+            .ok_or_else(|| unreachable("the shadow backend has no address".to_owned()))?;
+        let path = http::uri::PathAndQuery::try_from(copy.path.as_str())
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut req = upstream_request(
             &copy.method,
             &copy.pool.addrs[idx],
@@ -121,23 +221,44 @@ impl Mirror {
             &copy.headers,
             full_body(copy.body.clone()),
         )
-        .ok()?;
+        .map_err(|e| unreachable(e.to_string()))?;
         req.headers_mut()
             .insert(SHADOW_HEADER, http::HeaderValue::from_static("1"));
         match self.client.request(req).await {
             Ok(resp) if resp.status().is_success() => {
                 copy.pool.record_success(idx);
-                collect_limited(resp.into_body(), self.compare_limit).await
+                let text = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+                let content_type = text("content-type").map(str::to_owned);
+                let header_length = text(agreement::HEADER_LENGTH).and_then(|v| v.parse().ok());
+                match collect_limited(resp.into_body(), self.compare_limit).await {
+                    Some(body) => Ok(Captured {
+                        content_type,
+                        header_length,
+                        body,
+                    }),
+                    None => Err((
+                        "shadow_too_large",
+                        format!("cut short or larger than {} bytes", self.compare_limit),
+                    )),
+                }
             }
             Ok(resp) => {
-                if resp.status().is_server_error() {
+                let status = resp.status();
+                if status.is_server_error() {
                     copy.pool.record_failure(idx, self.outlier, &self.metrics);
                 }
-                None
+                // The shadow's own words: a preprocess mismatch says what it refused.
+                let body = collect_limited(resp.into_body(), 1024)
+                    .await
+                    .unwrap_or_default();
+                Err((
+                    "shadow_status",
+                    format!("{status}: {}", String::from_utf8_lossy(&body)),
+                ))
             }
-            Err(_) => {
+            Err(e) => {
                 copy.pool.record_failure(idx, self.outlier, &self.metrics);
-                None
+                Err(unreachable(e.to_string()))
             }
         }
     }

@@ -410,11 +410,17 @@ impl Proxy {
                     {
                         continue;
                     }
-                    // Only successful answers are compared; dropping the tee reports `error`.
-                    let tee = if status.is_success() {
-                        tee.take()
-                    } else {
-                        None
+                    // Only successful answers are compared.
+                    let tee = match tee.take() {
+                        Some(mut t) if status.is_success() => {
+                            t.set_head(resp.headers());
+                            Some(t)
+                        }
+                        Some(t) => {
+                            t.fail("primary_status");
+                            None
+                        }
+                        None => None,
                     };
                     return Ok(into_proxy_response(resp, inflight, tee));
                 }
@@ -463,18 +469,20 @@ impl Proxy {
         query: Option<&str>,
         body: &Option<Bytes>,
     ) -> Option<Tee> {
-        let (pool, percent) = route.mirror.as_ref()?;
-        if rand::random_range(0..100u32) >= *percent {
+        let mirror = route.mirror.as_ref()?;
+        let pool = &mirror.pool;
+        if rand::random_range(0..100u32) >= mirror.percent {
             return None;
         }
         let Some(body) = body else {
             // A streamed body can be read once only.
-            self.mirror.count(&route.endpoint, &pool.name, "dropped");
+            self.mirror.error(&route.endpoint, &pool.name, "streamed");
             return None;
         };
         self.mirror.launch(ShadowCopy {
             endpoint: route.endpoint.clone(),
             pool: pool.clone(),
+            compare: mirror.compare.clone(),
             method: method.clone(),
             path: target.path.render(&pool.model, query),
             headers: headers.clone(),

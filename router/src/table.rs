@@ -90,8 +90,8 @@ pub struct CompiledRoute {
     pub matches: Vec<(HeaderName, String, Arc<BackendPool>)>,
     /// Header that pins a caller to a backend.
     pub sticky: Option<HeaderName>,
-    /// Shadow backend and percentage.
-    pub mirror: Option<(Arc<BackendPool>, u32)>,
+    /// Shadow traffic.
+    pub mirror: Option<CompiledMirror>,
     /// Deadline for the upstream's response head.
     pub timeout: Duration,
     /// Extra attempts allowed.
@@ -105,6 +105,17 @@ pub struct CompiledRoute {
     pub primary: Option<Arc<BackendPool>>,
     /// The Endpoint's name as the value of [`serval_api::routing::ENDPOINT_HEADER`].
     pub endpoint_header: Option<HeaderValue>,
+}
+
+/// A route's shadow traffic.
+#[derive(Debug)]
+pub struct CompiledMirror {
+    /// The shadow backend.
+    pub pool: Arc<BackendPool>,
+    /// Share of requests copied, 1–100.
+    pub percent: u32,
+    /// How its answers are compared.
+    pub compare: Arc<serval_api::MirrorCompare>,
 }
 
 impl CompiledRoute {
@@ -266,7 +277,11 @@ impl CompiledTable {
                 .map(|h| header(h, e))
                 .transpose()?;
             let mirror = match &r.mirror {
-                Some(m) if m.percent > 0 => Some((pool(&m.backend, e)?, m.percent)),
+                Some(m) if m.percent > 0 => Some(CompiledMirror {
+                    pool: pool(&m.backend, e)?,
+                    percent: m.percent,
+                    compare: Arc::new(m.compare.clone()),
+                }),
                 _ => None,
             };
             let percent = r.retries.budget_percent;

@@ -14,13 +14,19 @@ fn mirrored(endpoint: &str, primary: &str, shadow: &str, timeout_ms: u64) -> ser
     r
 }
 
+/// Rows counted as `agree`/`disagree`, or requests not compared for a reason (`shadow_timeout`,
+/// `dropped`, ...).
 fn outcome(m: &str, endpoint: &str, shadow: &str, result: &str) -> f64 {
-    metric(
-        m,
-        &format!(
+    let series = if matches!(result, "agree" | "disagree") {
+        format!(
             r#"serval_router_mirror_agreement_total{{endpoint="{endpoint}",backend="{shadow}",result="{result}"}}"#
-        ),
-    )
+        )
+    } else {
+        format!(
+            r#"serval_router_mirror_errors_total{{endpoint="{endpoint}",backend="{shadow}",reason="{result}"}}"#
+        )
+    };
+    metric(m, &series)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,12 +36,15 @@ async fn shadows_are_compared_and_never_affect_the_primary() {
     let other = upstream("other", answer("one")).await;
     let sleepy = upstream("sleepy", slow("seven", Duration::from_secs(30))).await;
     let dead = dead_address().await;
+    // A shadow that refuses the request (a different preprocess: 415).
+    let picky = upstream("picky", Behavior::Status(415)).await;
     let doc = table(
         vec![
             mirrored("agree", "p", "same", 5000),
             mirrored("disagree", "p", "other", 5000),
             mirrored("slow", "p", "sleepy", 1500),
             mirrored("dead", "p", "gone", 5000),
+            mirrored("refused", "p", "picky", 5000),
         ],
         &[
             ("p", vec![primary.address()]),
@@ -43,12 +52,13 @@ async fn shadows_are_compared_and_never_affect_the_primary() {
             ("other", vec![other.address()]),
             ("sleepy", vec![sleepy.address()]),
             ("gone", vec![dead]),
+            ("picky", vec![picky.address()]),
         ],
     );
     let r = router(&doc).await;
     let c = client();
     let n = 10;
-    for endpoint in ["agree", "disagree", "slow", "dead"] {
+    for endpoint in ["agree", "disagree", "slow", "dead", "refused"] {
         let start = Instant::now();
         for _ in 0..n {
             let (status, backend, body) = call(
@@ -69,14 +79,26 @@ async fn shadows_are_compared_and_never_affect_the_primary() {
     let expect = [
         ("agree", "same", "agree"),
         ("disagree", "other", "disagree"),
-        ("slow", "sleepy", "error"),
-        ("dead", "gone", "error"),
+        ("slow", "sleepy", "shadow_timeout"),
+        ("dead", "gone", "shadow_unreachable"),
+        // Counted apart from disagreement, with its reason.
+        ("refused", "picky", "shadow_status"),
     ];
     for (endpoint, shadow, result) in expect {
         wait_for(&format!("{endpoint} mirror outcomes"), || {
             outcome(&r.metrics(), endpoint, shadow, result) == n as f64
         })
         .await;
+    }
+    let m = r.metrics();
+    for (endpoint, shadow) in [("slow", "sleepy"), ("dead", "gone"), ("refused", "picky")] {
+        for result in ["agree", "disagree"] {
+            assert_eq!(
+                outcome(&m, endpoint, shadow, result),
+                0.0,
+                "{endpoint}: {m}"
+            );
+        }
     }
     assert_eq!(same.hits(), n);
     assert_eq!(other.hits(), n);
@@ -111,7 +133,7 @@ async fn over_the_concurrency_bound_copies_are_dropped_not_queued() {
     let m = r.metrics();
     assert_eq!(outcome(&m, "e", "sleepy", "dropped"), 8.0, "{m}");
     wait_for("in-flight shadows to time out", || {
-        outcome(&r.metrics(), "e", "sleepy", "error") == 2.0
+        outcome(&r.metrics(), "e", "sleepy", "shadow_timeout") == 2.0
     })
     .await;
 }

@@ -138,6 +138,7 @@ pub fn plan<'a>(
                 .map(|m| MirrorPolicy {
                     backend: m.backend.clone(),
                     percent: m.percent,
+                    compare: m.compare.clone().unwrap_or_default(),
                 }),
             matches: spec
                 .matches
