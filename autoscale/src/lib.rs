@@ -1,5 +1,6 @@
-//! Autoscaling decisions for Serval Backends, in pure code: load samples in, a replica count and
-//! its reason out.
+//! Serval's closed-loop decisions, in pure code: autoscaling (load samples in, a replica count
+//! and its reason out) and progressive rollout ([`rollout`]: an interval's counters in, a
+//! verdict and the next step out).
 //!
 //! Why a crate of its own: the operator (Deployment replicas) and `serval local` (processes) must
 //! make the same decision from the same samples, and a decision with no clock, no I/O and no
