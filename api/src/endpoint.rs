@@ -32,7 +32,9 @@ pub const MAX_TRAFFIC_TARGETS: usize = 16;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.mirror) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests")
+    validation = Rule::new("!has(self.mirror) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests"),
+    validation = Rule::new("!has(self.rollout) || !self.traffic.exists(t, t.backend == self.rollout.canary)").message("rollout.canary must not be in traffic: traffic lists the stable Backends, and the rollout gives the canary its share"),
+    validation = Rule::new("!has(self.rollout) || !has(self.mirror)").message("rollout and mirror are exclusive: a rollout's Shadow step mirrors the traffic to its canary")
 )]
 pub struct EndpointSpec {
     /// Where clients call this Endpoint.
@@ -66,6 +68,165 @@ pub struct EndpointSpec {
     /// Retries on connection failure and 503.
     #[serde(default)]
     pub retries: Retries,
+
+    /// Roll a canary Backend out step by step, judged on live metrics: promoted when every
+    /// step passes its gates, rolled back to `traffic` after `failureLimit` failed intervals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// Default length of a judged interval: a minute of traffic.
+pub const DEFAULT_ROLLOUT_INTERVAL_SECONDS: u32 = 60;
+/// Default canary requests an interval needs for a verdict: enough that one error in a hundred
+/// is a measured 1 %, not noise.
+pub const DEFAULT_ROLLOUT_MIN_REQUESTS: u32 = 100;
+/// Default failed intervals before rolling back: one bad minute may be a blip, two are not.
+pub const DEFAULT_ROLLOUT_FAILURE_LIMIT: u32 = 2;
+/// Default largest canary error rate (5xx): 1 %.
+pub const DEFAULT_MAX_ERROR_RATE: f64 = 0.01;
+/// Default largest canary p99 over the stable Backends' p99 in the same interval.
+pub const DEFAULT_MAX_LATENCY_RATIO: f64 = 1.5;
+/// Default least agreement of a shadowed canary with the stable answers: 95 % of rows.
+pub const DEFAULT_MIN_AGREEMENT: f64 = 0.95;
+
+/// A progressive rollout of a canary Backend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// The Backend rolled out. `traffic` lists the stable Backends; they share what the canary
+    /// does not get, by their weights.
+    #[schemars(length(min = 1, max = 63))]
+    pub canary: String,
+    /// Steps in order: `Shadow` (the canary gets a mirror of the traffic and is judged on
+    /// agreement) and canary weights in percent (judged on error rate and p99 latency against
+    /// the stable Backends), e.g. `[Shadow, 5, 25, 50, 100]`.
+    #[serde(default = "default_steps")]
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(s, string(s) == 'Shadow' || (string(s).matches('^[0-9]+$') && int(string(s)) >= 1 && int(string(s)) <= 100))").message("rollout.steps are Shadow or a canary weight from 1 to 100"))]
+    pub steps: Vec<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// Length of one judged interval, seconds.
+    #[serde(default = "default_interval_seconds")]
+    #[schemars(range(min = 1, max = 3_600))]
+    pub interval_seconds: u32,
+    /// Canary requests (mirrored ones in `Shadow`) an interval needs for a verdict; fewer is
+    /// `Waiting`, never a pass or a failure.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_requests: u32,
+    /// Failed intervals over the rollout that roll it back.
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_limit: u32,
+    /// What an interval must stay within.
+    #[serde(default)]
+    pub gates: RolloutGates,
+}
+
+fn default_steps() -> Vec<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    vec![
+        IntOrString::String("Shadow".to_owned()),
+        IntOrString::Int(5),
+        IntOrString::Int(25),
+        IntOrString::Int(50),
+        IntOrString::Int(100),
+    ]
+}
+fn default_interval_seconds() -> u32 {
+    DEFAULT_ROLLOUT_INTERVAL_SECONDS
+}
+fn default_min_requests() -> u32 {
+    DEFAULT_ROLLOUT_MIN_REQUESTS
+}
+fn default_failure_limit() -> u32 {
+    DEFAULT_ROLLOUT_FAILURE_LIMIT
+}
+
+/// Limits each judged interval must stay within.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutGates {
+    /// Largest share of canary requests answered with a 5xx (or mirrored requests it failed),
+    /// 0-1.
+    #[serde(default = "default_max_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+    /// Largest canary p99 latency over the stable Backends' p99 in the same interval.
+    #[serde(default = "default_max_latency_ratio")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub max_latency_ratio: f64,
+    /// Least share of mirrored rows whose answer agrees with the stable answer, 0-1.
+    #[serde(default = "default_min_agreement")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_agreement: f64,
+}
+
+impl Default for RolloutGates {
+    fn default() -> Self {
+        Self {
+            max_error_rate: DEFAULT_MAX_ERROR_RATE,
+            max_latency_ratio: DEFAULT_MAX_LATENCY_RATIO,
+            min_agreement: DEFAULT_MIN_AGREEMENT,
+        }
+    }
+}
+
+fn default_max_error_rate() -> f64 {
+    DEFAULT_MAX_ERROR_RATE
+}
+fn default_max_latency_ratio() -> f64 {
+    DEFAULT_MAX_LATENCY_RATIO
+}
+fn default_min_agreement() -> f64 {
+    DEFAULT_MIN_AGREEMENT
+}
+
+/// Where a rollout stands, as the operator (or `serval local`) reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Shadowing`, `Progressing`, `Waiting`, `Promoted` or `RolledBack`.
+    pub phase: String,
+    /// Index of the current step in `spec.rollout.steps`.
+    pub step: u32,
+    /// The canary's share of the traffic now, percent.
+    pub canary_percent: u32,
+    /// Whether the canary gets a mirror of the traffic now.
+    pub shadow: bool,
+    /// Failed intervals so far.
+    pub failures: u32,
+    /// Why the rollout is where it is, in a sentence.
+    #[serde(default)]
+    pub message: String,
+    /// The last judged interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_interval: Option<RolloutInterval>,
+    /// What the rollout was started for (the rollout spec and the canary's generation):
+    /// a change restarts it.
+    #[serde(default)]
+    pub started_for: String,
+    /// When the phase or step last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// One judged interval's measured values, against the gates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutInterval {
+    /// `Pass`, `Fail` or `Waiting`.
+    pub verdict: String,
+    /// Canary requests (mirrored ones in `Shadow`).
+    pub canary_requests: u64,
+    /// Canary error rate, 0-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
+    /// Canary p99 over the stable Backends' p99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ratio: Option<f64>,
+    /// Agreeing rows over compared rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
 }
 
 fn default_timeout_millis() -> u32 {
@@ -235,6 +396,9 @@ pub struct EndpointStatus {
     /// `Ready`, `Progressing` and `Degraded`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The rollout's progress, when `spec.rollout` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// One Backend's effective share of traffic.

@@ -19,7 +19,8 @@ pub use backend::{
 };
 pub use endpoint::{
     EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule, Mirror, MirrorCompare,
-    MirrorCompareMode, Retries, Sticky, TrafficTarget,
+    MirrorCompareMode, Retries, Rollout, RolloutGates, RolloutInterval, RolloutStatus, Sticky,
+    TrafficTarget,
 };
 pub use routing::RoutingTable;
 

@@ -251,8 +251,14 @@ pub fn judge(policy: &RolloutPolicy, step: Step, obs: &Observed) -> (Verdict, Me
             let measured = Measured {
                 canary_requests: c.requests,
                 error_rate: ratio(c.errors, c.requests),
+                // A p99 of a handful of requests is noise: the ratio needs `min_requests` on
+                // the stable side too (at a 100 % step it has none, and latency is not judged).
                 latency_ratio: match (c.p99_seconds, obs.stable.p99_seconds) {
-                    (Some(canary), Some(stable)) if stable > 0.0 => Some(canary / stable),
+                    (Some(canary), Some(stable))
+                        if stable > 0.0 && obs.stable.requests >= policy.min_requests =>
+                    {
+                        Some(canary / stable)
+                    }
                     _ => None,
                 },
                 agreement: None,
@@ -324,11 +330,9 @@ fn percent(fraction: f64) -> String {
     format!("{:.1} %", fraction * 100.0)
 }
 
-/// Upper bounds of the latency buckets routers count requests in, seconds: 25 % apart from
-/// 0.5 ms to about 80 s, so a p99 read from them is within a few percent, and a latency ratio
-/// of 1.5 is told from 1.0.
-pub fn latency_bounds() -> Vec<f64> {
-    (0..54).map(|i| 0.0005 * 1.25_f64.powi(i)).collect()
+/// The routers' latency bucket bounds (`serval_api::signals::latency_bucket_bounds`).
+pub fn latency_bounds() -> &'static [f64] {
+    serval_api::signals::latency_bucket_bounds()
 }
 
 /// The `q` quantile (0–1) of requests counted per bucket of `bounds` (one more count than

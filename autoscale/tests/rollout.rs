@@ -264,6 +264,27 @@ fn waiting_is_judged_again_once_traffic_returns() {
 }
 
 #[test]
+fn latency_is_not_judged_on_a_handful_of_stable_requests() {
+    let p = policy();
+    let obs = Observed {
+        canary: Traffic {
+            requests: 500,
+            errors: 0,
+            p99_seconds: Some(0.060),
+        },
+        // The few requests still in flight on the stable Backends when the canary took 100 %.
+        stable: Traffic {
+            requests: 3,
+            errors: 0,
+            p99_seconds: Some(0.010),
+        },
+        ..Observed::default()
+    };
+    let (verdict, measured) = judge(&p, Step::Weight(100), &obs);
+    assert_eq!((verdict, measured.latency_ratio), (Verdict::Pass, None));
+}
+
+#[test]
 fn shadow_failures_count_against_the_error_gate_not_as_disagreement() {
     let p = policy();
     let obs = Observed {
@@ -285,16 +306,16 @@ fn p99_is_read_from_the_routers_buckets_within_a_few_percent() {
     let bounds = latency_bounds();
     let mut counts = vec![0u64; bounds.len() + 1];
     // 1,000 requests at 10 ms and 10 at 100 ms: p99 falls at the 10 ms bucket.
-    let bucket = |s: f64| bounds.iter().position(|b| s <= *b).unwrap_or(bounds.len());
+    let bucket = serval_api::signals::latency_bucket;
     counts[bucket(0.010)] += 1000;
     counts[bucket(0.100)] += 10;
-    let p99 = quantile(&bounds, &counts, 0.99).unwrap_or_default();
+    let p99 = quantile(bounds, &counts, 0.99).unwrap_or_default();
     assert!((p99 / 0.010 - 1.0).abs() < 0.25, "{p99}");
     // Half slow: p99 at 100 ms.
     counts[bucket(0.100)] += 990;
-    let p99 = quantile(&bounds, &counts, 0.99).unwrap_or_default();
+    let p99 = quantile(bounds, &counts, 0.99).unwrap_or_default();
     assert!((p99 / 0.100 - 1.0).abs() < 0.25, "{p99}");
-    assert_eq!(quantile(&bounds, &vec![0; bounds.len() + 1], 0.99), None);
+    assert_eq!(quantile(bounds, &vec![0; bounds.len() + 1], 0.99), None);
     // Deltas between readings, across a restart.
     assert_eq!(bucket_deltas(&[5, 10, 3], &[7, 10, 1]), [2, 0, 1]);
 }

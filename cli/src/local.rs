@@ -31,6 +31,7 @@ use crate::manifests::{self, Manifests, resolve_model};
 use crate::restarts::{
     DEFAULT_MAX_RESTART_BACKOFF, ERROR_LINES_KEPT, Restarts, failure_reason, is_error_line,
 };
+use crate::rollouts;
 use serval_autoscale::Snapshot;
 
 /// How often the supervisor looks at processes and files.
@@ -90,6 +91,8 @@ struct Supervisor {
     autoscalers: BTreeMap<String, Autoscaler>,
     /// Origin of the autoscaling samples' times.
     origin: Instant,
+    /// Endpoints with `spec.rollout`, by name.
+    rollouts: BTreeMap<String, rollouts::LocalRollout>,
 }
 
 /// Runs until Ctrl-C or SIGTERM, then stops every process it started. Fails if every Backend
@@ -131,8 +134,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         announced: false,
         autoscalers: BTreeMap::new(),
         origin: Instant::now(),
+        rollouts: BTreeMap::new(),
     };
     sup.sync_autoscalers();
+    sup.sync_rollouts();
     sup.write_table()?;
     let mut router = sup.spawn_router()?;
 
@@ -197,6 +202,7 @@ impl Supervisor {
         self.reap_exited().await;
         self.probe_readiness().await;
         self.autoscale().await;
+        self.roll_out().await;
         self.converge()?;
         self.write_table()?;
         self.stop_retired().await;
@@ -233,6 +239,7 @@ impl Supervisor {
                     });
                     self.manifests = m;
                     self.sync_autoscalers();
+                    self.sync_rollouts();
                 } else {
                     eprintln!(
                         "serval: ignoring the edit, keeping the running state:\n  {}",
@@ -424,12 +431,39 @@ impl Supervisor {
             .collect()
     }
 
+    /// (Re)starts the rollouts whose spec or canary changed, and forgets removed ones.
+    fn sync_rollouts(&mut self) {
+        for line in rollouts::sync(&mut self.rollouts, &self.manifests, Instant::now()) {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Judges the rollouts whose interval ended on the router's counters.
+    async fn roll_out(&mut self) {
+        if self.rollouts.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if rollouts::until_next(&self.rollouts, now).is_some_and(|d| !d.is_zero()) {
+            return;
+        }
+        let signals = autoscaler::read_router(self.opts.listen).await;
+        let lines = rollouts::judge_due(&mut self.rollouts, &self.manifests, signals.as_ref(), now);
+        for line in lines {
+            eprintln!("{line}");
+        }
+    }
+
     /// Plans the table exactly as the operator does and writes it when it changed.
     fn write_table(&mut self) -> anyhow::Result<()> {
-        let plan = plan(
-            self.manifests.endpoints.values().map(|(e, _)| e),
-            &self.views(),
-        );
+        // The rollouts' progress is status, which the plan reads as the operator's does.
+        let endpoints: Vec<serval_api::Endpoint> = self
+            .manifests
+            .endpoints
+            .values()
+            .map(|(e, _)| rollouts::with_status(e, &self.rollouts))
+            .collect();
+        let plan = plan(&endpoints, &self.views());
         let table = plan.table;
         if table.revision == self.revision {
             return Ok(());

@@ -6,6 +6,7 @@ mod demo;
 mod local;
 mod manifests;
 mod restarts;
+mod rollouts;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -164,6 +164,11 @@ pub fn missing_backends(m: &Manifests) -> Vec<String> {
                     .iter()
                     .enumerate()
                     .map(|(i, rule)| (format!("spec.match[{i}].backend"), &rule.backend)),
+            )
+            .chain(
+                spec.rollout
+                    .iter()
+                    .map(|r| ("spec.rollout.canary".to_owned(), &r.canary)),
             );
         for (field, backend) in named {
             if m.backends.contains_key(backend) {

@@ -992,3 +992,187 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
         );
     }
 }
+
+// ---------------------------------------------------------------- Rollouts (issue 20)
+
+/// A stable digits Backend and a canary rolled out over `[Shadow, 50, 100]` with 1 s intervals.
+/// The client sends the noisy corpus, on which even the good canary agrees with the stable
+/// model on 85 % of digits (the permuted one on about 3 %): `minAgreement` is set to 70 %, 2.7
+/// standard deviations below 85 % for the 45 rows of an interval.
+fn rollout_manifests(canary_model: &str) -> tempfile::TempDir {
+    let endpoint = "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits}\n\
+         spec:\n  route: {pathPrefix: /digits}\n  traffic: [{backend: stable, weight: 100}]\n\
+         \x20 rollout:\n    canary: canary\n    steps: [Shadow, 50, 100]\n    intervalSeconds: 1\n\
+         \x20   minRequests: 20\n    failureLimit: 2\n    gates: {minAgreement: 0.7}\n";
+    let dir = manifests(&[
+        ("stable.yaml", &digits_backend("stable", "digits.onnx")),
+        ("canary.yaml", &digits_backend("canary", canary_model)),
+        ("endpoint.yaml", endpoint),
+    ]);
+    std::fs::copy(
+        repo().join("models").join(canary_model),
+        dir.path().join("models").join(canary_model),
+    )
+    .unwrap();
+    dir
+}
+
+/// Sends the corpus's digits in a loop (about 100 requests a second) until `stop`; returns
+/// the answers that were not 200.
+fn digits_client(
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    let corpus: AgreementCorpus = serde_json::from_slice(
+        &std::fs::read(repo().join("models/digits/agreement.json")).unwrap(),
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::new();
+        let (mut sent, mut failed) = (0, Vec::new());
+        for x in corpus.inputs.iter().cycle() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let row: Vec<f32> = x.iter().map(|&v| f32::from(v)).collect();
+            let body = serde_json::json!({
+                "inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": row}]
+            });
+            let resp = client
+                .post(format!(
+                    "http://127.0.0.1:{port}/digits/v2/models/digits/infer"
+                ))
+                .json(&body)
+                .send();
+            sent += 1;
+            match resp {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => failed.push(format!("{}", r.status())),
+                Err(e) => failed.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (sent, failed)
+    })
+}
+
+/// Issue 20: a retrained canary as accurate as the stable model passes its shadow step
+/// (agreement), then each weight step, and is promoted; no client request fails meanwhile.
+#[test]
+fn a_good_canary_is_promoted_through_every_step_in_local_mode() {
+    let (local, output) = start_collecting(rollout_manifests("digits-v2.onnx"));
+    let port = local.port;
+    wait_until("the Endpoint to serve", Duration::from_secs(60), || {
+        output
+            .text()
+            .contains("serval: routing digits: stable=100%")
+            .then_some(())
+    });
+    // The router reads the table a moment after it is written: start once it answers.
+    let c = reqwest::blocking::Client::new();
+    wait_until(
+        "the router to serve digits",
+        Duration::from_secs(30),
+        || {
+            c.post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
+            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+        },
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = digits_client(port, stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !output.text().contains("Promoted") {
+        assert!(
+            Instant::now() < deadline,
+            "no promotion:\n{}",
+            tail(&output.text())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = client.join().unwrap();
+    let text = output.text();
+    eprintln!("{}", tail(&text));
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    let shadowed = text.find("Shadowing").unwrap();
+    let progressing = text.find("Progressing step 1/3, canary 50 %").expect(&text);
+    let promoted = text.find("Promoted").unwrap();
+    assert!(shadowed < progressing && progressing < promoted, "{text}");
+    assert!(
+        text.contains("agreement"),
+        "the shadow step is judged on agreement: {text}"
+    );
+}
+
+/// Issue 20: a canary trained on shifted labels disagrees in its shadow step and is rolled back
+/// after `failureLimit` failed intervals without ever taking a client's request.
+#[test]
+fn a_disagreeing_canary_is_rolled_back_from_its_shadow_step_in_local_mode() {
+    let (local, output) = start_collecting(rollout_manifests("digits-permuted.onnx"));
+    let port = local.port;
+    wait_until("the Endpoint to serve", Duration::from_secs(60), || {
+        output
+            .text()
+            .contains("serval: routing digits: stable=100%")
+            .then_some(())
+    });
+    // The router reads the table a moment after it is written: start once it answers.
+    let c = reqwest::blocking::Client::new();
+    wait_until(
+        "the router to serve digits",
+        Duration::from_secs(30),
+        || {
+            c.post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
+            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+        },
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = digits_client(port, stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !output.text().contains("RolledBack") {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback:\n{}",
+            tail(&output.text())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Traffic after the rollback: all of it on the stable Backend.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = client.join().unwrap();
+    let text = output.text();
+    eprintln!("{}", tail(&text));
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(text.contains("minAgreement"), "{text}");
+    assert!(
+        !text.contains("Progressing"),
+        "the canary never left its shadow step: {text}"
+    );
+    let c = reqwest::blocking::Client::new();
+    for _ in 0..20 {
+        let r = c
+            .post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
+            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.headers().get("serval-backend").unwrap().to_str().unwrap(),
+            "stable"
+        );
+    }
+}

@@ -119,6 +119,10 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
         now(),
     );
     if endpoint.status.as_ref() != Some(&status) {
+        // `status.rollout` belongs to the rollout's field manager (see `backend_controller` for
+        // `status.autoscaling`).
+        let mut status = status;
+        status.rollout = None;
         apply_status(&Api::<Endpoint>::namespaced(client, &ns), &name, &status).await?;
     }
     Ok(Action::requeue(DEFAULT_RESYNC))
@@ -152,6 +156,7 @@ pub fn endpoints_using(backend: &Backend, endpoints: &[Arc<Endpoint>]) -> Vec<Ob
             let s = &e.spec;
             s.traffic.iter().any(|t| t.backend == name)
                 || s.mirror.as_ref().is_some_and(|m| m.backend == name)
+                || s.rollout.as_ref().is_some_and(|r| r.canary == name)
                 || s.matches.iter().any(|m| m.backend == name)
         })
         .map(|e| ObjectRef::from_obj(e.as_ref()))

@@ -15,12 +15,27 @@ use prometheus_client::registry::Registry;
 use serval_shards::OpenConnections;
 
 /// Counters of one (endpoint, backend) pair for the load signals; clones share them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RouteCounters {
     requests: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
     overloaded: Arc<AtomicU64>,
     latency_micros: Arc<AtomicU64>,
+    /// Per bucket of `serval_api::signals::latency_bucket_bounds`, plus the overflow.
+    latency_buckets: Arc<[AtomicU64]>,
+}
+
+impl Default for RouteCounters {
+    fn default() -> Self {
+        let buckets = serval_api::signals::latency_bucket_bounds().len() + 1;
+        Self {
+            requests: Arc::default(),
+            errors: Arc::default(),
+            overloaded: Arc::default(),
+            latency_micros: Arc::default(),
+            latency_buckets: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl RouteCounters {
@@ -34,6 +49,10 @@ impl RouteCounters {
         }
         self.latency_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        let bucket = serval_api::signals::latency_bucket(elapsed.as_secs_f64());
+        if let Some(b) = self.latency_buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The counters as the signals format has them.
@@ -45,6 +64,11 @@ impl RouteCounters {
             errors: self.errors.load(Ordering::Relaxed),
             overloaded: self.overloaded.load(Ordering::Relaxed),
             latency_seconds: self.latency_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            latency_buckets: self
+                .latency_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }

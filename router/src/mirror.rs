@@ -263,3 +263,71 @@ impl Mirror {
         }
     }
 }
+
+/// Reasons of `mirror_errors` that are the shadow's failure (they count against a canary in
+/// its `Shadow` step); the others are the primary's or the router's.
+pub const SHADOW_FAILURES: [&str; 5] = [
+    "shadow_status",
+    "shadow_unreachable",
+    "shadow_timeout",
+    "shadow_too_large",
+    "shadow_unreadable",
+];
+
+/// Every reason of `mirror_errors`.
+pub const ERROR_REASONS: [&str; 13] = [
+    "shadow_status",
+    "shadow_unreachable",
+    "shadow_timeout",
+    "shadow_too_large",
+    "shadow_unreadable",
+    "primary_status",
+    "primary_failed",
+    "primary_timeout",
+    "primary_too_large",
+    "primary_unreadable",
+    "mismatch",
+    "dropped",
+    "streamed",
+];
+
+/// The mirror counters of `endpoint` to `shadow`, as the load signals have them.
+pub fn signals(
+    metrics: &Metrics,
+    endpoint: &str,
+    shadow: &str,
+) -> serval_api::signals::MirrorSignals {
+    let rows = |result| {
+        metrics
+            .mirror
+            .get_or_create(&MirrorLabels {
+                endpoint: endpoint.to_owned(),
+                backend: shadow.to_owned(),
+                result,
+            })
+            .get()
+    };
+    let mut out = serval_api::signals::MirrorSignals {
+        endpoint: endpoint.to_owned(),
+        backend: shadow.to_owned(),
+        agree: rows("agree"),
+        disagree: rows("disagree"),
+        ..Default::default()
+    };
+    for reason in ERROR_REASONS {
+        let n = metrics
+            .mirror_errors
+            .get_or_create(&MirrorErrorLabels {
+                endpoint: endpoint.to_owned(),
+                backend: shadow.to_owned(),
+                reason,
+            })
+            .get();
+        if SHADOW_FAILURES.contains(&reason) {
+            out.shadow_errors += n;
+        } else {
+            out.other_errors += n;
+        }
+    }
+    out
+}

@@ -211,8 +211,17 @@ impl CompiledTable {
             })
             .collect();
         backends.sort_by(|a, b| a.backend.cmp(&b.backend));
+        let mirrors = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let m = r.mirror.as_ref()?;
+                Some(crate::mirror::signals(metrics, &r.endpoint, &m.pool.name))
+            })
+            .collect();
         serval_api::signals::RouterSignals {
             revision: self.revision.clone(),
+            mirrors,
             routes,
             backends,
         }

@@ -4,6 +4,7 @@
 //! routing table from the same functions.
 
 pub mod backend;
+pub mod rollout;
 pub mod router;
 pub mod routing;
 

@@ -11,7 +11,7 @@ use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
 use serval_api::routing::{
     HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable, Upstream, WeightedBackend,
 };
-use serval_api::{EffectiveTraffic, Endpoint, EndpointStatus};
+use serval_api::{EffectiveTraffic, Endpoint, EndpointStatus, Mirror, TrafficTarget};
 
 use crate::conditions::{Observed, settle};
 
@@ -93,8 +93,9 @@ pub fn plan<'a>(
         // A Backend at zero keeps its traffic: the router holds its requests meanwhile.
         let usable = |b: &str| backends.get(b).is_some_and(|v| v.ready || v.scaled_to_zero);
         let spec = &ep.spec;
-        let mut named: Vec<&str> = spec.traffic.iter().map(|t| t.backend.as_str()).collect();
-        named.extend(spec.mirror.iter().map(|m| m.backend.as_str()));
+        let (declared, mirror) = declared(ep);
+        let mut named: Vec<&str> = declared.iter().map(|t| t.backend.as_str()).collect();
+        named.extend(mirror.iter().map(|m| m.backend.as_str()));
         named.extend(spec.matches.iter().map(|m| m.backend.as_str()));
         for b in named {
             let list = match backends.get(b) {
@@ -107,8 +108,7 @@ pub fn plan<'a>(
             }
         }
 
-        let traffic: Vec<WeightedBackend> = spec
-            .traffic
+        let traffic: Vec<WeightedBackend> = declared
             .iter()
             .map(|t| WeightedBackend {
                 backend: t.backend.clone(),
@@ -118,7 +118,7 @@ pub fn plan<'a>(
         let total: u32 = traffic.iter().map(|t| t.weight).sum();
         outcome.traffic = percentages(&traffic, total)
             .into_iter()
-            .zip(&spec.traffic)
+            .zip(&declared)
             .map(|(percent, t)| EffectiveTraffic {
                 backend: t.backend.clone(),
                 weight: t.weight,
@@ -131,8 +131,7 @@ pub fn plan<'a>(
             endpoint: name.clone(),
             path_prefix: spec.route.path_prefix.clone(),
             host: spec.route.host.clone(),
-            mirror: spec
-                .mirror
+            mirror: mirror
                 .as_ref()
                 .filter(|m| usable(&m.backend) && m.percent > 0)
                 .map(|m| MirrorPolicy {
@@ -192,6 +191,68 @@ pub fn plan<'a>(
     }
     .seal();
     Plan { table, outcomes }
+}
+
+/// The traffic and mirror an Endpoint asks for now: its spec; or, with a rollout, the stable
+/// Backends of `traffic` sharing what the canary's current step (from `status.rollout`, else
+/// the first step) leaves them, by their weights, and a mirror of every request to the canary
+/// while it is shadowed.
+pub fn declared(ep: &Endpoint) -> (Vec<TrafficTarget>, Option<Mirror>) {
+    let spec = &ep.spec;
+    let Some(rollout) = &spec.rollout else {
+        return (spec.traffic.clone(), spec.mirror.clone());
+    };
+    let (percent, shadow) = match ep.status.as_ref().and_then(|s| s.rollout.as_ref()) {
+        Some(r) => (r.canary_percent.min(100), r.shadow),
+        None => match crate::desired::rollout::steps(rollout).first() {
+            Some(serval_autoscale::rollout::Step::Weight(w)) => ((*w).min(100), false),
+            _ => (0, true),
+        },
+    };
+    // Weights stay within the table's 0-100: the stable Backends share 100 - percent by their
+    // weights (largest remainder), the canary has percent.
+    let stable: u32 = spec.traffic.iter().map(|t| t.weight).sum();
+    let shares = if stable == 0 {
+        vec![0; spec.traffic.len()]
+    } else {
+        let left = 100 - percent;
+        let weighted: Vec<WeightedBackend> = spec
+            .traffic
+            .iter()
+            .map(|t| WeightedBackend {
+                backend: t.backend.clone(),
+                weight: t.weight,
+            })
+            .collect();
+        percentages(&weighted, stable)
+            .into_iter()
+            .map(|p| p * left / 100)
+            .collect::<Vec<_>>()
+    };
+    let mut traffic: Vec<TrafficTarget> = spec
+        .traffic
+        .iter()
+        .zip(shares)
+        .map(|(t, weight)| TrafficTarget {
+            backend: t.backend.clone(),
+            weight,
+        })
+        .collect();
+    let given: u32 = traffic.iter().map(|t| t.weight).sum();
+    // What integer division left goes to the first stable Backend with a weight.
+    if let Some(first) = traffic.iter_mut().find(|t| t.weight > 0) {
+        first.weight += (100 - percent).saturating_sub(given);
+    }
+    traffic.push(TrafficTarget {
+        backend: rollout.canary.clone(),
+        weight: percent,
+    });
+    let mirror = shadow.then(|| Mirror {
+        backend: rollout.canary.clone(),
+        percent: 100,
+        compare: None,
+    });
+    (traffic, mirror)
 }
 
 /// Integer percentages summing to exactly 100 (largest remainder), or all 0 when `total` is 0.
@@ -329,5 +390,8 @@ pub fn status_for(
         traffic: outcome.traffic.clone(),
         url: in_table.then(|| format!("{router_url}{}", endpoint.spec.route.path_prefix)),
         conditions: settle(previous, observed, generation, now),
+        // The rollout's own field, written by its actuator: carried over so a comparison with
+        // the stored status holds, and never sent by the Endpoint controller.
+        rollout: endpoint.status.as_ref().and_then(|s| s.rollout.clone()),
     }
 }
