@@ -35,6 +35,10 @@ pub mod flags {
     pub const POSTPROCESS: &str = "--postprocess";
     /// Idle-polling window after each answered request, microseconds; 0 disables.
     pub const IDLE_POLL_MICROS: &str = "--idle-poll-micros";
+    /// Share of inference requests answered 500 on purpose, percent (fault injection).
+    pub const FAULT_ERROR_PERCENT: &str = "--fault-error-percent";
+    /// Delay added to every inference request on purpose, milliseconds (fault injection).
+    pub const FAULT_DELAY_MILLIS: &str = "--fault-delay-millis";
 }
 
 /// Arguments for one `serval-sidecar` process serving `name` with `spec`.
@@ -86,6 +90,36 @@ pub fn sidecar_args(
     if let Some(post) = &spec.postprocess {
         let json = serde_json::to_string(post).unwrap_or_else(|_| "{}".to_owned());
         args.extend([flags::POSTPROCESS.to_owned(), json]);
+    }
+    args
+}
+
+/// Backend annotation: answer this percentage of inference requests with a 500, on purpose
+/// (fault injection, to rehearse a rollback or an alert).
+pub const FAULT_ERROR_PERCENT_ANNOTATION: &str = "serval.dev/fault-error-percent";
+/// Backend annotation: delay every inference request by this many milliseconds, on purpose.
+pub const FAULT_DELAY_MILLIS_ANNOTATION: &str = "serval.dev/fault-delay-millis";
+
+/// Model-server arguments for the fault-injection annotations of a Backend; values that do
+/// not parse are left out.
+pub fn fault_args(annotations: Option<&std::collections::BTreeMap<String, String>>) -> Vec<String> {
+    let mut args = Vec::new();
+    let Some(a) = annotations else {
+        return args;
+    };
+    if let Some(p) = a
+        .get(FAULT_ERROR_PERCENT_ANNOTATION)
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|p| (0.0..=100.0).contains(p) && *p > 0.0)
+    {
+        args.extend([flags::FAULT_ERROR_PERCENT.to_owned(), p.to_string()]);
+    }
+    if let Some(ms) = a
+        .get(FAULT_DELAY_MILLIS_ANNOTATION)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+    {
+        args.extend([flags::FAULT_DELAY_MILLIS.to_owned(), ms.to_string()]);
     }
     args
 }

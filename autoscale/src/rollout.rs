@@ -270,6 +270,18 @@ pub fn judge(policy: &RolloutPolicy, step: Step, obs: &Observed) -> (Verdict, Me
                 );
                 return (Verdict::Waiting(why), measured);
             }
+            // Below 100 % the stable Backends must carry enough requests to compare latency
+            // with: a step is never passed on a gate that could not be judged.
+            if let Step::Weight(w) = step
+                && w < 100
+                && obs.stable.requests < policy.min_requests
+            {
+                let why = format!(
+                    "{} stable requests, {} needed to compare latency",
+                    obs.stable.requests, policy.min_requests
+                );
+                return (Verdict::Waiting(why), measured);
+            }
             if let Some(rate) = measured.error_rate
                 && rate > gates.max_error_rate
             {

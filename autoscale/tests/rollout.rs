@@ -282,6 +282,12 @@ fn latency_is_not_judged_on_a_handful_of_stable_requests() {
     };
     let (verdict, measured) = judge(&p, Step::Weight(100), &obs);
     assert_eq!((verdict, measured.latency_ratio), (Verdict::Pass, None));
+    // Below 100 %, a gate that cannot be judged is no pass: the interval waits.
+    let (verdict, _) = judge(&p, Step::Weight(50), &obs);
+    assert!(
+        matches!(&verdict, Verdict::Waiting(w) if w.contains("stable requests")),
+        "{verdict:?}"
+    );
 }
 
 #[test]

@@ -512,6 +512,12 @@ impl Supervisor {
         self.next_id += 1;
         let mut cmd = Command::new(&self.opts.sidecar_bin);
         cmd.args(sidecar_args(name, spec, model, "127.0.0.1", port));
+        let annotations = self
+            .manifests
+            .backends
+            .get(name)
+            .and_then(|(b, _)| b.metadata.annotations.as_ref());
+        cmd.args(serval_api::sidecar::fault_args(annotations));
         let (child, logs) = spawn(cmd, format!("{name}#{id}"))?;
         Ok(Replica {
             backend: name.to_owned(),

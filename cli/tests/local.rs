@@ -1000,13 +1000,22 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
 /// model on 85 % of digits (the permuted one on about 3 %): `minAgreement` is set to 70 %, 2.7
 /// standard deviations below 85 % for the 45 rows of an interval.
 fn rollout_manifests(canary_model: &str) -> tempfile::TempDir {
+    rollout_manifests_with(canary_model, "")
+}
+
+/// [`rollout_manifests`] with the canary's fault-injection annotations (a YAML map body).
+fn rollout_manifests_with(canary_model: &str, annotations: &str) -> tempfile::TempDir {
     let endpoint = "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits}\n\
          spec:\n  route: {pathPrefix: /digits}\n  traffic: [{backend: stable, weight: 100}]\n\
          \x20 rollout:\n    canary: canary\n    steps: [Shadow, 50, 100]\n    intervalSeconds: 1\n\
          \x20   minRequests: 20\n    failureLimit: 2\n    gates: {minAgreement: 0.7}\n";
+    let canary = digits_backend("canary", canary_model).replace(
+        "metadata: {name: canary}",
+        &format!("metadata: {{name: canary, annotations: {{{annotations}}}}}"),
+    );
     let dir = manifests(&[
         ("stable.yaml", &digits_backend("stable", "digits.onnx")),
-        ("canary.yaml", &digits_backend("canary", canary_model)),
+        ("canary.yaml", &canary),
         ("endpoint.yaml", endpoint),
     ]);
     std::fs::copy(
@@ -1017,12 +1026,141 @@ fn rollout_manifests(canary_model: &str) -> tempfile::TempDir {
     dir
 }
 
+/// Starts `serval local` on `dir`, waits until the router serves the Endpoint, and starts the
+/// digits client at `period` between requests.
+fn rollout_run(
+    dir: tempfile::TempDir,
+    period: Duration,
+) -> (
+    Local,
+    Output,
+    Arc<std::sync::atomic::AtomicBool>,
+    ClientThread,
+) {
+    let (local, output) = start_collecting(dir);
+    let port = local.port;
+    wait_until("the Endpoint to serve", Duration::from_secs(60), || {
+        output
+            .text()
+            .contains("serval: routing digits: stable=100%")
+            .then_some(())
+    });
+    let c = reqwest::blocking::Client::new();
+    wait_until(
+        "the router to serve digits",
+        Duration::from_secs(30),
+        || {
+            c.post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
+            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+        },
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = digits_client_every(port, stop.clone(), period);
+    (local, output, stop, client)
+}
+
+/// Waits for `needle` in the output; fails with its tail.
+fn wait_output(output: &Output, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !output.text().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?}:\n{}",
+            tail(&output.text())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 20: a canary answering 5 % of its requests with an error (fault injection) is rolled
+/// back after `failureLimit` failed intervals, in its shadow step: no client sees its errors.
+#[test]
+fn a_canary_failing_five_percent_of_requests_is_rolled_back_in_local_mode() {
+    let dir = rollout_manifests_with("digits-v2.onnx", "serval.dev/fault-error-percent: \"5\"");
+    let (_local, output, stop, client) = rollout_run(dir, Duration::from_millis(10));
+    let started = Instant::now();
+    wait_output(&output, "RolledBack", Duration::from_secs(30));
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = client.join().unwrap();
+    let text = output.text();
+    eprintln!(
+        "MEASURE rollout: 5 % errors rolled back {} ms after the canary first got traffic \
+         (intervalSeconds 1 x failureLimit 2 + 1 s = 3,000 ms)\n{}",
+        took.as_millis(),
+        tail(&text)
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(text.contains("maxErrorRate"), "{text}");
+    assert!(
+        text.contains("rolled back after 2 failed intervals"),
+        "{text}"
+    );
+    assert!(!text.contains("Progressing"), "{text}");
+}
+
+/// Issue 20: a canary 30 ms slower than the stable model (fault injection) passes its shadow
+/// step (its answers agree) and fails the latency gate at its first weight step.
+#[test]
+fn a_slow_canary_fails_the_latency_gate_in_local_mode() {
+    let dir = rollout_manifests_with("digits-v2.onnx", "serval.dev/fault-delay-millis: \"30\"");
+    let (_local, output, stop, client) = rollout_run(dir, Duration::from_millis(10));
+    wait_output(&output, "RolledBack", Duration::from_secs(30));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = client.join().unwrap();
+    let text = output.text();
+    eprintln!("{}", tail(&text));
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(text.contains("Progressing step 1/3, canary 50 %"), "{text}");
+    assert!(text.contains("maxLatencyRatio"), "{text}");
+}
+
+/// Issue 20: at a tenth of a request per second no interval has `minRequests`: the rollout
+/// waits, neither promoted nor rolled back, and the canary keeps its shadow.
+#[test]
+fn a_canary_at_a_tenth_of_a_request_per_second_stays_waiting_in_local_mode() {
+    let dir = rollout_manifests("digits-v2.onnx");
+    let (_local, output, stop, client) = rollout_run(dir, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(6));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let text = output.text();
+    eprintln!("{}", tail(&text));
+    assert!(
+        text.contains("Waiting step 0/3, canary 0 % + shadow"),
+        "{text}"
+    );
+    for other in ["Progressing", "Promoted", "RolledBack", "failed ("] {
+        assert!(!text.contains(other), "{other}: {text}");
+    }
+    drop(client);
+}
+
+/// A client thread: requests sent, and the failures.
+type ClientThread = std::thread::JoinHandle<(usize, Vec<String>)>;
+
 /// Sends the corpus's digits in a loop (about 100 requests a second) until `stop`; returns
 /// the answers that were not 200.
-fn digits_client(
+fn digits_client(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> ClientThread {
+    digits_client_every(port, stop, Duration::from_millis(10))
+}
+
+/// [`digits_client`] with `period` between requests.
+fn digits_client_every(
     port: u16,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    period: Duration,
+) -> ClientThread {
     let corpus: AgreementCorpus = serde_json::from_slice(
         &std::fs::read(repo().join("models/digits/agreement.json")).unwrap(),
     )
@@ -1050,7 +1188,11 @@ fn digits_client(
                 Ok(r) => failed.push(format!("{}", r.status())),
                 Err(e) => failed.push(e.to_string()),
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // In short slices, so a stop is seen at once even at a long period.
+            let until = Instant::now() + period;
+            while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10).min(period));
+            }
         }
         (sent, failed)
     })

@@ -170,6 +170,14 @@ pub struct Args {
     /// (`serval local`), so the server stops with it even if it is killed.
     #[arg(long, env = "SERVAL_EXIT_WITH_STDIN")]
     pub exit_with_stdin: bool,
+    /// Fault injection: answer this percentage of inference requests with a 500 (the
+    /// Backend annotation `serval.dev/fault-error-percent`), to rehearse a rollback.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_error_percent: f64,
+    /// Fault injection: delay every inference request by this many milliseconds (the Backend
+    /// annotation `serval.dev/fault-delay-millis`).
+    #[arg(long, default_value_t = 0)]
+    pub fault_delay_millis: u64,
 }
 
 /// Validated settings of one sidecar.
@@ -223,6 +231,10 @@ pub struct Config {
     pub inline_max_run: Duration,
     /// Spin window after each answered request; zero disables.
     pub idle_poll: Duration,
+    /// Share of inference requests failed on purpose, 0-1 (fault injection; 0 in production).
+    pub fault_error_rate: f64,
+    /// Delay added to every inference request on purpose (fault injection).
+    pub fault_delay: Duration,
 }
 
 impl Config {
@@ -256,6 +268,8 @@ impl Config {
             calibration_time: Duration::from_millis(DEFAULT_CALIBRATION_MILLIS),
             inline_max_run: Duration::from_micros(DEFAULT_INLINE_MAX_MICROS),
             idle_poll: Duration::from_micros(DEFAULT_IDLE_POLL_MICROS),
+            fault_error_rate: 0.0,
+            fault_delay: Duration::ZERO,
         }
     }
 
@@ -322,6 +336,8 @@ impl Config {
             calibration_time: Duration::from_millis(args.calibration_millis),
             inline_max_run: Duration::from_micros(args.inline_max_micros),
             idle_poll: Duration::from_micros(args.idle_poll_micros),
+            fault_error_rate: (args.fault_error_percent / 100.0).clamp(0.0, 1.0),
+            fault_delay: Duration::from_millis(args.fault_delay_millis),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -122,6 +122,9 @@ pub enum RequestError {
     /// Inference failed (including a panic inside the engine); the server keeps serving.
     #[error("inference failed: {0}")]
     Inference(String),
+    /// Failed on purpose (`--fault-error-percent`, the Backend's fault-injection annotation).
+    #[error("injected fault (--fault-error-percent)")]
+    Injected,
 }
 
 /// Result alias for request handling.
@@ -147,7 +150,7 @@ impl RequestError {
             }
             Self::NotReady | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Inference(_) | Self::Injected => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -169,6 +172,7 @@ impl RequestError {
             Self::Draining => "draining",
             Self::DeadlineExceeded(_) => "deadline",
             Self::Inference(_) => "inference",
+            Self::Injected => "injected",
         }
     }
 

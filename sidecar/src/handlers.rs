@@ -305,6 +305,7 @@ async fn infer(
     // they are read, parsed and queued.
     let mut _held = None;
     let body = read_body(state, headers, body, deadline, &mut _held).await?;
+    inject_faults(&state.config).await?;
     if is_image {
         return image(state, &model, body, deadline).await;
     }
@@ -425,6 +426,18 @@ async fn image(
             &outputs,
         )?)),
     }
+}
+
+/// The configured fault injection (`--fault-delay-millis`, `--fault-error-percent`): off,
+/// and free, unless a Backend's annotations ask for it.
+async fn inject_faults(config: &crate::config::Config) -> RequestResult<()> {
+    if !config.fault_delay.is_zero() {
+        tokio::time::sleep(config.fault_delay).await;
+    }
+    if config.fault_error_rate > 0.0 && rand::random::<f64>() < config.fault_error_rate {
+        return Err(RequestError::Injected);
+    }
+    Ok(())
 }
 
 /// Header names parsed once rather than on every lookup.

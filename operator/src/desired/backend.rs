@@ -192,6 +192,9 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
         args: Some(
             sidecar_args(&name, spec, &model_path, "0.0.0.0", SIDECAR_PORT)
                 .into_iter()
+                .chain(serval_api::sidecar::fault_args(
+                    backend.metadata.annotations.as_ref(),
+                ))
                 .chain([flags::ADMIN_PORT.to_owned(), SIDECAR_ADMIN_PORT.to_string()])
                 .collect(),
         ),
