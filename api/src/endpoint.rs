@@ -102,7 +102,7 @@ pub struct Rollout {
     /// the stable Backends), e.g. `[Shadow, 5, 25, 50, 100]`.
     #[serde(default = "default_steps")]
     #[schemars(length(min = 1, max = 16))]
-    #[x_kube(validation = Rule::new("self.all(s, string(s) == 'Shadow' || (string(s).matches('^[0-9]+$') && int(string(s)) >= 1 && int(string(s)) <= 100))").message("rollout.steps are Shadow or a canary weight from 1 to 100"))]
+    #[x_kube(validation = Rule::new("self.all(s, type(s) == int ? (s >= 1 && s <= 100) : s == 'Shadow')").message("rollout.steps are Shadow or a canary weight from 1 to 100"))]
     pub steps: Vec<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
     /// Length of one judged interval, seconds.
     #[serde(default = "default_interval_seconds")]

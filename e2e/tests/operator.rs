@@ -125,7 +125,34 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
     // The examples are valid.
     s.kubectl_ok(["apply", "--dry-run=server", "-f", &examples_dir()])?;
 
-    let cases: [(&str, String, &str); 8] = [
+    let with_rollout = |name: &str, rollout: &str| {
+        format!(
+            "{}  rollout: {rollout}\n",
+            endpoint_yaml(name, &format!("/{name}"), &[("a", 100)])
+        )
+    };
+    let cases: [(&str, String, &str); 12] = [
+        (
+            "rollout canary in traffic",
+            with_rollout("ro1", "{canary: a}"),
+            "rollout.canary must not be in traffic",
+        ),
+        (
+            "rollout step 0",
+            with_rollout("ro2", "{canary: c, steps: [Shadow, 0]}"),
+            "rollout.steps are Shadow or a canary weight from 1 to 100",
+        ),
+        (
+            "rollout step misspelt",
+            with_rollout("ro3", "{canary: c, steps: [shadow, 50]}"),
+            "rollout.steps are Shadow or a canary weight from 1 to 100",
+        ),
+        (
+            "tolerance without mode Close",
+            endpoint_yaml("cmp", "/cmp", &[("a", 100)])
+                + "  mirror: {backend: m, percent: 10, compare: {tolerance: 0.1}}\n",
+            "mirror.compare.tolerance applies to mode Close only",
+        ),
         (
             "all weights 0",
             endpoint_yaml("zero", "/zero", &[("a", 0), ("b", 0)]),
@@ -485,7 +512,7 @@ async fn autoscaling(s: &mut Scenario) -> anyhow::Result<()> {
     let script = |load: &str| -> anyhow::Result<Instant> {
         // Atomic, as the operator may read it at any moment.
         let tmp = signals.with_extension("tmp");
-        std::fs::write(&tmp, format!(r#"{{"{key}": {load}}}"#))?;
+        std::fs::write(&tmp, format!(r#"{{"backends": {{"{key}": {load}}}}}"#))?;
         std::fs::rename(&tmp, &signals)?;
         Ok(Instant::now())
     };
@@ -706,6 +733,265 @@ async fn autoscaling(s: &mut Scenario) -> anyhow::Result<()> {
             .is_some_and(|st| st.autoscaling.is_none() && st.replicas == 2)
     })
     .await?;
+    Ok(())
+}
+
+/// Issue 20: progressive rollouts against the real control plane, the routers' counters
+/// scripted through the operator's test signal source. A canary whose mirrored answers agree
+/// goes Shadowing -> Progressing (50 %) -> Promoted; one whose answers disagree is rolled back
+/// from its shadow step. Status phases, Events and routing-table weights follow; the spec is
+/// never written, and the rolled-back Endpoint is not Degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_promote_a_good_canary_and_roll_back_a_bad_one() {
+    let _shared = EXCLUSIVE.read().await;
+    let mut s = Scenario::new("rollout", false).await;
+    let result = rollouts(&mut s).await;
+    s.finish(result);
+}
+
+/// Cumulative router counters after `ticks` ticks of 30 requests on each route of both
+/// Endpoints, the good canary's mirrored rows agreeing and the bad one's disagreeing.
+fn rollout_signals(ticks: u64) -> serval_api::signals::RouterSignals {
+    use serval_api::signals::{
+        MirrorSignals, RouteSignals, RouterSignals, latency_bucket, latency_bucket_bounds,
+    };
+    let n = 30 * ticks;
+    let mut buckets = vec![0; latency_bucket_bounds().len() + 1];
+    buckets[latency_bucket(0.005)] = n;
+    let route = |endpoint: &str, backend: &str| RouteSignals {
+        endpoint: endpoint.to_owned(),
+        backend: backend.to_owned(),
+        requests: n,
+        latency_seconds: 0.005 * n as f64,
+        latency_buckets: buckets.clone(),
+        ..RouteSignals::default()
+    };
+    let mirror = |endpoint: &str, backend: &str, agree: bool| MirrorSignals {
+        endpoint: endpoint.to_owned(),
+        backend: backend.to_owned(),
+        agree: if agree { n } else { 0 },
+        disagree: if agree { 0 } else { n },
+        ..MirrorSignals::default()
+    };
+    RouterSignals {
+        revision: "scripted".to_owned(),
+        routes: vec![
+            route("good", "stable-a"),
+            route("good", "good-canary"),
+            route("bad", "stable-b"),
+            route("bad", "bad-canary"),
+        ],
+        backends: Vec::new(),
+        mirrors: vec![
+            mirror("good", "good-canary", true),
+            mirror("bad", "bad-canary", false),
+        ],
+    }
+}
+
+async fn rollouts(s: &mut Scenario) -> anyhow::Result<()> {
+    let signals = s.cluster.dir().join(format!("signals-{}.json", s.ns));
+    std::fs::write(&signals, "{}")?;
+    s.start_operator(
+        OperatorConfig::namespaced(&s.ns)
+            .with_args([format!("--signals-file={}", signals.display())]),
+    )?;
+    let rollout = |name: &str, stable: &str, canary: &str| {
+        format!(
+            "---
+apiVersion: serval.dev/v1alpha1
+kind: Endpoint
+metadata:
+  name: {name}
+spec:
+  route: {{pathPrefix: \"/{name}\"}}
+  traffic: [{{backend: {stable}, weight: 100}}]
+  rollout:
+    canary: {canary}
+    steps: [Shadow, 50, 100]
+    intervalSeconds: 1
+    minRequests: 20
+    failureLimit: 2
+"
+        )
+    };
+    let mut manifest = String::new();
+    for b in ["stable-a", "good-canary", "stable-b", "bad-canary"] {
+        manifest.push_str(&backend_yaml(b, 1));
+    }
+    manifest.push_str(&rollout("good", "stable-a", "good-canary"));
+    manifest.push_str(&rollout("bad", "stable-b", "bad-canary"));
+    s.apply(&manifest)?;
+    s.kubectl_ok([
+        "wait",
+        "--for=condition=Ready",
+        "backend/stable-a",
+        "backend/good-canary",
+        "backend/stable-b",
+        "backend/bad-canary",
+        &format!("--timeout={}s", READY_TIMEOUT.as_secs()),
+    ])?;
+
+    // The routers' counters grow by 30 requests a route every 200 ms from here.
+    let ns = s.ns.clone();
+    let writer_path = signals.clone();
+    let writer = tokio::spawn(async move {
+        for tick in 1.. {
+            let file = serde_json::json!({ "routers": { ns.as_str(): rollout_signals(tick) } });
+            let tmp = writer_path.with_extension("tmp");
+            if std::fs::write(&tmp, file.to_string()).is_err()
+                || std::fs::rename(&tmp, &writer_path).is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    // The good canary: watched through the routing table as the router sees it.
+    let started = Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = started + READY_TIMEOUT;
+    loop {
+        let table = s.routing_table().await?;
+        let route = table.routes.iter().find(|r| r.endpoint == "good");
+        let state = match route {
+            Some(r)
+                if r.mirror
+                    .as_ref()
+                    .is_some_and(|m| m.backend == "good-canary") =>
+            {
+                "shadow".to_owned()
+            }
+            Some(_) => {
+                let w = weights(&table, "good")?;
+                let canary = w
+                    .iter()
+                    .find(|(b, _)| *b == "good-canary")
+                    .map_or(0, |x| x.1);
+                format!("canary {canary}")
+            }
+            None => "absent".to_owned(),
+        };
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if state == "canary 100" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "never promoted; table states {seen:?}"
+        );
+        tokio::time::sleep(FAST_POLL).await;
+    }
+    report!(
+        "MEASURE rollout: good canary through [Shadow, 50, 100] at 1 s intervals in {} ms; table states {seen:?}",
+        started.elapsed().as_millis()
+    );
+    ensure!(
+        seen.contains(&"shadow".to_owned()) && seen.contains(&"canary 50".to_owned()),
+        "the table went through the shadow and the 50 % steps: {seen:?}"
+    );
+    let good = s
+        .wait_endpoint("good", "rollout Promoted", |e| {
+            e.status
+                .as_ref()
+                .and_then(|st| st.rollout.as_ref())
+                .is_some_and(|r| r.phase == "Promoted" && r.canary_percent == 100)
+        })
+        .await?;
+    ensure!(
+        good.metadata.generation == Some(1) && good.spec.traffic.len() == 1,
+        "the spec was written: {:?}",
+        good.spec
+    );
+    let r = good
+        .status
+        .as_ref()
+        .and_then(|st| st.rollout.clone())
+        .context("rollout")?;
+    ensure!(
+        r.last_interval
+            .as_ref()
+            .is_some_and(|i| i.verdict == "Pass"),
+        "{r:?}"
+    );
+
+    // The bad canary: rolled back from its shadow step; the stable Backend serves it all.
+    let bad = s
+        .wait_endpoint("bad", "rollout RolledBack", |e| {
+            e.status
+                .as_ref()
+                .and_then(|st| st.rollout.as_ref())
+                .is_some_and(|r| r.phase == "RolledBack")
+        })
+        .await?;
+    let r = bad
+        .status
+        .as_ref()
+        .and_then(|st| st.rollout.clone())
+        .context("rollout")?;
+    ensure!(
+        r.step == 0 && r.canary_percent == 0 && !r.shadow && r.message.contains("minAgreement"),
+        "{r:?}"
+    );
+    ensure!(
+        r.last_interval
+            .as_ref()
+            .is_some_and(|i| i.agreement == Some(0.0)),
+        "{r:?}"
+    );
+    let table = s.routing_table().await?;
+    ensure!(
+        weights(&table, "bad")? == [("stable-b", 100), ("bad-canary", 0)],
+        "{:?}",
+        weights(&table, "bad")
+    );
+    ensure!(
+        table
+            .routes
+            .iter()
+            .find(|r| r.endpoint == "bad")
+            .is_some_and(|r| r.mirror.is_none()),
+        "no mirror after the rollback"
+    );
+    let conditions = bad.status.as_ref().map(|st| st.conditions.as_slice());
+    ensure!(
+        condition_is(conditions, READY, "True") && !condition_is(conditions, DEGRADED, "True"),
+        "a rolled-back Endpoint serves and is not Degraded: {conditions:?}"
+    );
+
+    // An Event per transition.
+    let events: Api<k8s_openapi::api::events::v1::Event> = s.api();
+    let reasons = |endpoint: &'static str| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            anyhow::Ok(
+                list.items
+                    .into_iter()
+                    .filter(|e| {
+                        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(endpoint)
+                    })
+                    .filter_map(|e| e.reason)
+                    .collect::<BTreeSet<String>>(),
+            )
+        }
+    };
+    let good_reasons = reasons("good").await?;
+    for want in ["RolloutStarted", "RolloutProgressing", "RolloutPromoted"] {
+        ensure!(
+            good_reasons.contains(want),
+            "{want} missing: {good_reasons:?}"
+        );
+    }
+    let bad_reasons = reasons("bad").await?;
+    ensure!(
+        bad_reasons.contains("RolloutRolledBack"),
+        "RolloutRolledBack missing: {bad_reasons:?}"
+    );
+    writer.abort();
     Ok(())
 }
 

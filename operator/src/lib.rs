@@ -13,6 +13,7 @@ pub mod endpoint_controller;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod rollouts;
 pub mod run;
 pub mod signals;
 pub mod streams;

@@ -21,6 +21,7 @@ use crate::desired::MANAGED_BY;
 use crate::desired::backend::{BackendDefaults, holds_at_zero, is_ready};
 use crate::desired::router::RouterDefaults;
 use crate::metrics::Metrics;
+use crate::rollouts::Rollouts;
 use crate::signals::{FileSignals, HttpSignals, SignalSource};
 use crate::{backend_controller, endpoint_controller, streams};
 
@@ -174,11 +175,12 @@ pub async fn run(
             Arc::new(HttpSignals::new(slice_store, ctx.metrics.clone()))
         }
     };
-    let autoscaler = Autoscaler::new(settings.autoscaler, source, &settings.identity)
+    let autoscaler = Autoscaler::new(settings.autoscaler, source.clone(), &settings.identity)
         .run(ctx.clone(), shutdown.clone());
+    let rollouts = Rollouts::new(source, &settings.identity).run(ctx.clone(), shutdown.clone());
 
     tracing::info!(namespace = ns.unwrap_or("<all>"), "controllers running");
-    futures::join!(backends, endpoints, autoscaler);
+    futures::join!(backends, endpoints, autoscaler, rollouts);
     tracing::info!("controllers stopped");
 }
 

@@ -76,6 +76,10 @@ pub trait SignalSource: Send + Sync {
     /// Requests the routers hold now for each of `backends` (Backends at zero), read more
     /// often than [`SignalSource::load`] so that a held request starts a replica at once.
     fn held<'a>(&'a self, backends: &'a [BackendKey]) -> BoxFuture<'a, BTreeMap<BackendKey, u64>>;
+
+    /// The snapshot of each router of `namespace`, by router (pod) name; a router that does
+    /// not answer is left out.
+    fn routers<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, BTreeMap<String, RouterSignals>>;
 }
 
 /// The model servers' and routers' `/-/signals`, at the addresses their Services'
@@ -181,26 +185,35 @@ impl HttpSignals {
 
     /// Requests held now per Backend, summed over the routers of each namespace of
     /// `backends`.
-    async fn read_held(&self, backends: &[BackendKey]) -> HashMap<BackendKey, u64> {
-        let mut namespaces: Vec<&str> = backends.iter().map(|b| b.namespace.as_str()).collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        let routers: Vec<(String, String)> = namespaces
+    /// `(namespace, router pod, snapshot)` of every answering router of `namespaces`.
+    async fn read_routers(&self, namespaces: &[&str]) -> Vec<(String, String, RouterSignals)> {
+        let routers: Vec<(String, String, String)> = namespaces
             .iter()
             .flat_map(|ns| {
                 self.serving(ns, ROUTER_NAME)
                     .into_iter()
-                    .map(|(_, addr)| ((*ns).to_owned(), addr))
+                    .map(|(pod, addr)| ((*ns).to_owned(), pod, addr))
             })
             .collect();
-        let answers: Vec<(String, Option<RouterSignals>)> = futures::stream::iter(routers)
-            .map(|(ns, addr)| async move { (ns, self.get(&addr, self.router_port).await) })
+        futures::stream::iter(routers)
+            .map(|(ns, pod, addr)| async move {
+                let got = self.get(&addr, self.router_port).await;
+                got.map(|s| (ns, pod, s))
+            })
             .buffer_unordered(DEFAULT_SIGNALS_CONCURRENCY)
+            .filter_map(|x| async move { x })
             .collect()
-            .await;
+            .await
+    }
+
+    async fn read_held(&self, backends: &[BackendKey]) -> HashMap<BackendKey, u64> {
+        let mut namespaces: Vec<&str> = backends.iter().map(|b| b.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let answers = self.read_routers(&namespaces).await;
         let mut held = HashMap::new();
-        for (namespace, signals) in answers {
-            for b in signals.into_iter().flat_map(|s| s.backends) {
+        for (namespace, _, signals) in answers {
+            for b in signals.backends {
                 let key = BackendKey {
                     namespace: namespace.clone(),
                     name: b.backend,
@@ -287,6 +300,17 @@ impl SignalSource for HttpSignals {
         }
         .boxed()
     }
+
+    fn routers<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, BTreeMap<String, RouterSignals>> {
+        async move {
+            self.read_routers(&[namespace])
+                .await
+                .into_iter()
+                .map(|(_, pod, s)| (pod, s))
+                .collect()
+        }
+        .boxed()
+    }
 }
 
 /// One Backend's entry in a [`FileSignals`] file.
@@ -304,11 +328,25 @@ pub struct FileLoad {
     pub held: u64,
 }
 
-/// Load scripted in a JSON file, `{"<namespace>/<backend>": {"inflight": 12.5, "requests":
-/// 40, "held": 0}}`, read on every call: a Backend not in the file has no data. For tests
-/// (the operator's `--signals-file`), where pods run no model server.
+/// Signals scripted in a JSON file, read on every call, for tests (the operator's
+/// `--signals-file`) where pods run no model server or router:
+/// `{"backends": {"<namespace>/<backend>": {"inflight": 12.5, "requests": 40, "held": 0}},
+///   "routers": {"<namespace>": <a router's /-/signals snapshot>}}`.
+/// A Backend not in the file has no data; a namespace not in it has no router.
 pub struct FileSignals {
     path: PathBuf,
+}
+
+/// The [`FileSignals`] file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignalsFile {
+    /// Load per `<namespace>/<backend>`.
+    #[serde(default)]
+    pub backends: HashMap<String, FileLoad>,
+    /// One router's snapshot per namespace.
+    #[serde(default)]
+    pub routers: HashMap<String, RouterSignals>,
 }
 
 impl FileSignals {
@@ -317,17 +355,20 @@ impl FileSignals {
         Self { path }
     }
 
-    async fn read(&self, backends: &[BackendKey]) -> BTreeMap<BackendKey, FileLoad> {
+    async fn file(&self) -> SignalsFile {
         let parsed = match tokio::fs::read(&self.path).await {
-            Ok(bytes) => serde_json::from_slice::<HashMap<String, FileLoad>>(&bytes)
-                .map_err(|e| e.to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Ok(bytes) => serde_json::from_slice::<SignalsFile>(&bytes).map_err(|e| e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SignalsFile::default()),
             Err(e) => Err(e.to_string()),
         };
-        let all = parsed.unwrap_or_else(|error| {
+        parsed.unwrap_or_else(|error| {
             tracing::warn!(path = %self.path.display(), %error, "unreadable signals file");
-            HashMap::new()
-        });
+            SignalsFile::default()
+        })
+    }
+
+    async fn read(&self, backends: &[BackendKey]) -> BTreeMap<BackendKey, FileLoad> {
+        let all = self.file().await.backends;
         backends
             .iter()
             .filter_map(|k| Some((k.clone(), *all.get(&k.to_string())?)))
@@ -359,6 +400,18 @@ impl SignalSource for FileSignals {
                 .await
                 .into_iter()
                 .map(|(k, f)| (k, f.held))
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn routers<'a>(&'a self, namespace: &'a str) -> BoxFuture<'a, BTreeMap<String, RouterSignals>> {
+        async move {
+            let mut file = self.file().await;
+            file.routers
+                .remove(namespace)
+                .map(|s| ("file".to_owned(), s))
+                .into_iter()
                 .collect()
         }
         .boxed()
@@ -534,7 +587,7 @@ mod tests {
 
         std::fs::write(
             &path,
-            r#"{"team/a": {"inflight": 2.5, "requests": 10, "held": 3}, "team/b": {}}"#,
+            r#"{"backends": {"team/a": {"inflight": 2.5, "requests": 10, "held": 3}, "team/b": {}}}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let loads = source.load(&keys).await;
@@ -549,7 +602,8 @@ mod tests {
         assert_eq!(loads.get(&key("c")), None, "not in the file: no data");
         assert_eq!(source.held(&keys).await.get(&key("a")), Some(&3));
 
-        std::fs::write(&path, r#"{"team/a": {"inflght": 1}}"#).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, r#"{"backends": {"team/a": {"inflght": 1}}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(
             source.load(&keys).await.is_empty(),
             "a misspelt field is refused, not read as idle"

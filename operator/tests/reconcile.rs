@@ -787,6 +787,13 @@ impl SignalSource for ScriptedLoad {
         let out = backends.iter().map(|k| (k.clone(), held)).collect();
         Box::pin(async move { out })
     }
+
+    fn routers<'a>(
+        &'a self,
+        _namespace: &'a str,
+    ) -> BoxFuture<'a, BTreeMap<String, serval_api::signals::RouterSignals>> {
+        Box::pin(async move { BTreeMap::new() })
+    }
 }
 
 fn autoscaled(name: &str, autoscaling: Value) -> Backend {
