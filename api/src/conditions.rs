@@ -15,6 +15,8 @@ pub mod reason {
     pub const REPLICAS_NOT_READY: &str = "ReplicasNotReady";
     /// A rollout is in progress.
     pub const ROLLING_OUT: &str = "RollingOut";
+    /// An Endpoint's progressive rollout (`spec.rollout`) is under way.
+    pub const ROLLOUT: &str = "Rollout";
     /// The Deployment exceeded its progress deadline.
     pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     /// Scaled to zero replicas on purpose.

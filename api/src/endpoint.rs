@@ -101,8 +101,8 @@ pub struct Rollout {
     /// agreement) and canary weights in percent (judged on error rate and p99 latency against
     /// the stable Backends), e.g. `[Shadow, 5, 25, 50, 100]`.
     #[serde(default = "default_steps")]
-    #[schemars(length(min = 1, max = 16))]
-    #[x_kube(validation = Rule::new("self.all(s, type(s) == int ? (s >= 1 && s <= 100) : s == 'Shadow')").message("rollout.steps are Shadow or a canary weight from 1 to 100"))]
+    #[schemars(schema_with = "steps_schema")]
+    #[x_kube(validation = Rule::new("self.all(s, string(s) == 'Shadow' || (string(s).matches('^[0-9]{1,3}$') && int(string(s)) >= 1 && int(string(s)) <= 100))").message("rollout.steps are Shadow or a canary weight from 1 to 100"))]
     pub steps: Vec<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
     /// Length of one judged interval, seconds.
     #[serde(default = "default_interval_seconds")]
@@ -120,6 +120,22 @@ pub struct Rollout {
     /// What an interval must stay within.
     #[serde(default)]
     pub gates: RolloutGates,
+}
+
+/// 1-16 items, each an int or a string of at most 6 characters: the bound keeps the CEL rule's
+/// estimated cost within the API server's budget (an unbounded string was refused), and the
+/// rule is one `kube-cel` evaluates too (it has no `type()`), so `serval local` checks it.
+fn steps_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 16,
+        "items": {
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "maxLength": 6
+        }
+    })
 }
 
 fn default_steps() -> Vec<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString> {

@@ -956,11 +956,19 @@ spec:
             .is_some_and(|r| r.mirror.is_none()),
         "no mirror after the rollback"
     );
-    let conditions = bad.status.as_ref().map(|st| st.conditions.as_slice());
-    ensure!(
-        condition_is(conditions, READY, "True") && !condition_is(conditions, DEGRADED, "True"),
-        "a rolled-back Endpoint serves and is not Degraded: {conditions:?}"
-    );
+    // A rolled-back Endpoint serves, is not Degraded, and is done progressing.
+    s.wait_endpoint("bad", "Ready, not Degraded, not Progressing", |e| {
+        let c = e.status.as_ref().map(|st| st.conditions.as_slice());
+        condition_is(c, READY, "True")
+            && condition_is(c, DEGRADED, "False")
+            && condition_is(c, "Progressing", "False")
+    })
+    .await?;
+    s.wait_endpoint("good", "not Progressing once promoted", |e| {
+        let c = e.status.as_ref().map(|st| st.conditions.as_slice());
+        condition_is(c, READY, "True") && condition_is(c, "Progressing", "False")
+    })
+    .await?;
 
     // An Event per transition.
     let events: Api<k8s_openapi::api::events::v1::Event> = s.api();

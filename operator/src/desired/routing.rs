@@ -354,22 +354,37 @@ pub fn status_for(
             )
         };
         let progressing = !router_ready || !outcome.not_ready.is_empty();
+        // A rollout under way is progress too; a finished one (promoted or rolled back, which
+        // is the rollout doing its job) is not, and neither is Degraded.
+        let rollout = endpoint
+            .status
+            .as_ref()
+            .and_then(|s| s.rollout.as_ref())
+            .filter(|_| endpoint.spec.rollout.is_some());
+        let progress = match rollout {
+            Some(r) if !matches!(r.phase.as_str(), "Promoted" | "RolledBack") => Observed::new(
+                PROGRESSING,
+                true,
+                reason::ROLLOUT,
+                format!("rollout {}: {}", r.phase, r.message),
+            ),
+            _ if progressing => Observed::new(
+                PROGRESSING,
+                true,
+                reason::ROLLING_OUT,
+                "waiting for the router and Backends to become ready",
+            ),
+            Some(r) => Observed::new(
+                PROGRESSING,
+                false,
+                reason::UP_TO_DATE,
+                format!("rollout {}: {}", r.phase, r.message),
+            ),
+            None => Observed::new(PROGRESSING, false, reason::UP_TO_DATE, ""),
+        };
         vec![
             ready,
-            Observed::new(
-                PROGRESSING,
-                progressing,
-                if progressing {
-                    reason::ROLLING_OUT
-                } else {
-                    reason::UP_TO_DATE
-                },
-                if progressing {
-                    "waiting for the router and Backends to become ready"
-                } else {
-                    ""
-                },
-            ),
+            progress,
             Observed::new(
                 DEGRADED,
                 degraded_reason != reason::BACKENDS_READY,
