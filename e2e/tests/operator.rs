@@ -122,8 +122,16 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
         "no traffic docs in:\n{explain}"
     );
 
-    // The examples are valid.
+    // The examples are valid, the rollout and autoscaling ones too.
     s.kubectl_ok(["apply", "--dry-run=server", "-f", &examples_dir()])?;
+    for dir in ["rollout", "autoscaling"] {
+        s.kubectl_ok([
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &format!("{}/{dir}", examples_dir()),
+        ])?;
+    }
 
     let with_rollout = |name: &str, rollout: &str| {
         format!(
