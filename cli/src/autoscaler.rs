@@ -56,6 +56,12 @@ impl Autoscaler {
         }
     }
 
+    /// Whether the Backend may scale to zero (`minReplicas: 0`): with no replica serving, its
+    /// requests are then held rather than refused, as the operator does.
+    pub fn may_scale_to_zero(&self) -> bool {
+        self.scaler.policy().min_replicas == 0
+    }
+
     /// Takes an edited policy; the samples and the decision's memory stay.
     pub fn set_policy(&mut self, policy: Policy) {
         self.scaler.set_policy(policy);

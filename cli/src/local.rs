@@ -417,8 +417,12 @@ impl Supervisor {
                     .filter(|r| &r.backend == name && r.ready && r.retire_at.is_none())
                     .map(|r| format!("127.0.0.1:{}", r.port))
                     .collect();
-                // At zero the routes keep their weight: the router holds the requests.
-                let cold = self.autoscalers.get(name).is_some_and(|a| a.cold);
+                // At zero (or before a Backend that may scale to zero first serves) the routes
+                // keep their weight: the router holds the requests, as in a cluster.
+                let cold = self
+                    .autoscalers
+                    .get(name)
+                    .is_some_and(|a| a.cold || a.may_scale_to_zero());
                 (
                     name.clone(),
                     BackendView {
