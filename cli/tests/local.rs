@@ -1149,13 +1149,8 @@ fn a_canary_at_a_tenth_of_a_request_per_second_stays_waiting_in_local_mode() {
 /// A client thread: requests sent, and the failures.
 type ClientThread = std::thread::JoinHandle<(usize, Vec<String>)>;
 
-/// Sends the corpus's digits in a loop (about 100 requests a second) until `stop`; returns
-/// the answers that were not 200.
-fn digits_client(port: u16, stop: Arc<std::sync::atomic::AtomicBool>) -> ClientThread {
-    digits_client_every(port, stop, Duration::from_millis(10))
-}
-
-/// [`digits_client`] with `period` between requests.
+/// Sends the corpus's digits in a loop, `period` apart, until `stop`; returns the answers
+/// that were not 200.
 fn digits_client_every(
     port: u16,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -1202,38 +1197,11 @@ fn digits_client_every(
 /// (agreement), then each weight step, and is promoted; no client request fails meanwhile.
 #[test]
 fn a_good_canary_is_promoted_through_every_step_in_local_mode() {
-    let (local, output) = start_collecting(rollout_manifests("digits-v2.onnx"));
-    let port = local.port;
-    wait_until("the Endpoint to serve", Duration::from_secs(60), || {
-        output
-            .text()
-            .contains("serval: routing digits: stable=100%")
-            .then_some(())
-    });
-    // The router reads the table a moment after it is written: start once it answers.
-    let c = reqwest::blocking::Client::new();
-    wait_until(
-        "the router to serve digits",
-        Duration::from_secs(30),
-        || {
-            c.post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
-            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
-            .send()
-            .ok()
-            .filter(|r| r.status().is_success())
-        },
+    let (_local, output, stop, client) = rollout_run(
+        rollout_manifests("digits-v2.onnx"),
+        Duration::from_millis(10),
     );
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = digits_client(port, stop.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !output.text().contains("Promoted") {
-        assert!(
-            Instant::now() < deadline,
-            "no promotion:\n{}",
-            tail(&output.text())
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_output(&output, "Promoted", Duration::from_secs(60));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = client.join().unwrap();
     let text = output.text();
@@ -1257,38 +1225,12 @@ fn a_good_canary_is_promoted_through_every_step_in_local_mode() {
 /// after `failureLimit` failed intervals without ever taking a client's request.
 #[test]
 fn a_disagreeing_canary_is_rolled_back_from_its_shadow_step_in_local_mode() {
-    let (local, output) = start_collecting(rollout_manifests("digits-permuted.onnx"));
-    let port = local.port;
-    wait_until("the Endpoint to serve", Duration::from_secs(60), || {
-        output
-            .text()
-            .contains("serval: routing digits: stable=100%")
-            .then_some(())
-    });
-    // The router reads the table a moment after it is written: start once it answers.
-    let c = reqwest::blocking::Client::new();
-    wait_until(
-        "the router to serve digits",
-        Duration::from_secs(30),
-        || {
-            c.post(format!("http://127.0.0.1:{port}/digits/v2/models/digits/infer"))
-            .json(&serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": vec![0.0f32; 64]}]}))
-            .send()
-            .ok()
-            .filter(|r| r.status().is_success())
-        },
+    let (local, output, stop, client) = rollout_run(
+        rollout_manifests("digits-permuted.onnx"),
+        Duration::from_millis(10),
     );
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = digits_client(port, stop.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !output.text().contains("RolledBack") {
-        assert!(
-            Instant::now() < deadline,
-            "no rollback:\n{}",
-            tail(&output.text())
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let port = local.port;
+    wait_output(&output, "RolledBack", Duration::from_secs(60));
     // Traffic after the rollback: all of it on the stable Backend.
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -16,11 +16,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
+use kube::api::Api;
 use serval_api::{AutoscalingStatus, Backend};
 use serval_autoscale::{
     DEFAULT_SAMPLE_INTERVAL, DEFAULT_STABLE_WINDOW, Decision, Policy, Sample, Scaler,
@@ -28,6 +26,7 @@ use serval_autoscale::{
 
 use crate::context::{Context, apply_status_as, now};
 use crate::desired::backend::{desired_replicas, initial_replicas};
+use crate::events::{self, Occurrence};
 use crate::metrics::{BackendLabels, DecisionLabels, ScaleLabels};
 use crate::signals::{BackendKey, SignalSource};
 
@@ -41,8 +40,6 @@ pub const DEFAULT_HELD_POLL: Duration = Duration::from_millis(200);
 pub const DEFAULT_REASON_WRITE_INTERVAL: Duration = Duration::from_secs(5);
 /// Least time between two status writes that only refresh the observed load.
 pub const DEFAULT_STATUS_REFRESH: Duration = Duration::from_secs(30);
-/// Name the operator's Events are reported under.
-pub const EVENT_REPORTER: &str = "serval-operator";
 
 /// How the autoscaler samples.
 #[derive(Clone, Copy, Debug)]
@@ -309,29 +306,13 @@ impl Autoscaler {
             .inc();
         let note = event_note(backend, from, decision);
         tracing::info!(backend = %key, from, to, reason = %decision.reason, "{note}");
-        // One Event per scale, created directly: kube's Recorder folds Events of the same
-        // reason into one series that keeps the first note, which would show every later
-        // scale with the first one's counts.
-        let event = K8sEvent {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}-scaled-", key.name)),
-                namespace: Some(key.namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            type_: Some("Normal".to_owned()),
-            reason: Some(if up { "ScaledUp" } else { "ScaledDown" }.to_owned()),
-            action: Some("Scale".to_owned()),
-            note: Some(note),
-            regarding: Some(backend.object_ref(&())),
-            reporting_controller: Some(EVENT_REPORTER.to_owned()),
-            reporting_instance: Some(self.instance.clone()),
-            ..K8sEvent::default()
+        let occurrence = Occurrence {
+            reason: if up { "ScaledUp" } else { "ScaledDown" },
+            action: "Scale",
+            note,
+            warning: false,
         };
-        let events = Api::<K8sEvent>::namespaced(ctx.client.clone(), &key.namespace);
-        if let Err(error) = events.create(&PostParams::default(), &event).await {
-            tracing::warn!(backend = %key, %error, "publishing the scale Event");
-        }
+        events::publish(&ctx.client, backend, &self.instance, occurrence).await;
     }
 }
 

@@ -11,6 +11,7 @@ pub mod context;
 pub mod desired;
 pub mod endpoint_controller;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod rollouts;

@@ -9,14 +9,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Resource, ResourceExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::Api;
 use serval_api::{Endpoint, RolloutStatus};
 
 use crate::context::{Context, apply_status_as, now};
 use crate::desired::rollout::{Counts, initial_status, policy, started_for, state_of, step};
+use crate::events::{self, Occurrence};
 use crate::signals::SignalSource;
 
 /// Field manager of `status.rollout`.
@@ -166,32 +166,12 @@ impl Rollouts {
     async fn event(&self, ctx: &Context, ep: &Endpoint, reason: &str, note: String) {
         let ns = ep.namespace().unwrap_or_default();
         tracing::info!(endpoint = %ep.name_any(), namespace = %ns, reason, "{note}");
-        let event = K8sEvent {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}-rollout-", ep.name_any())),
-                namespace: Some(ns.clone()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            type_: Some(
-                if reason == "RolloutRolledBack" {
-                    "Warning"
-                } else {
-                    "Normal"
-                }
-                .to_owned(),
-            ),
-            reason: Some(reason.to_owned()),
-            action: Some("Rollout".to_owned()),
-            note: Some(note.chars().take(1000).collect()),
-            regarding: Some(ep.object_ref(&())),
-            reporting_controller: Some(crate::autoscaler::EVENT_REPORTER.to_owned()),
-            reporting_instance: Some(self.instance.clone()),
-            ..K8sEvent::default()
+        let occurrence = Occurrence {
+            reason,
+            action: "Rollout",
+            note,
+            warning: reason == "RolloutRolledBack",
         };
-        let events = Api::<K8sEvent>::namespaced(ctx.client.clone(), &ns);
-        if let Err(error) = events.create(&PostParams::default(), &event).await {
-            tracing::warn!(endpoint = %ep.name_any(), %error, "publishing the rollout Event");
-        }
+        events::publish(&ctx.client, ep, &self.instance, occurrence).await;
     }
 }
