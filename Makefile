@@ -67,7 +67,7 @@ run:
 
 ## Prerequisites: everything a fresh machine lacks, installed or failing loudly.
 
-prereqs: venv cluster prune-cache
+prereqs: venv cluster node-prereqs prune-cache
 	@command -v kubectl >/dev/null || { echo "kubectl is required for the e2e tests: install it (e.g. apt-get install kubernetes-client)" >&2; exit 1; }
 	@command -v go >/dev/null || { echo "Go is required to build the test control plane" >&2; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt

@@ -3,8 +3,9 @@
 #
 #   images/build.sh [--bin-dir DIR] [--out-dir DIR] [--tag TAG] [NAME...]
 #
-# NAME is any of serval-operator, serval-sidecar, serval-router (default: all three), taken
-# from DIR (default: $CARGO_TARGET_DIR/release, i.e. ~/.cache/serval/target/release).
+# NAME is any of serval-operator, serval-sidecar, serval-router, digits-transformer (default:
+# all four), or any other binary in DIR (the e2e node's `pause`), taken from DIR (default:
+# $CARGO_TARGET_DIR/release, i.e. ~/.cache/serval/target/release).
 # Each image is one layer: the binary at /usr/local/bin/NAME, the shared libraries `ldd`
 # lists, the dynamic loader, the host's CA bundle (for https model URIs) and a passwd entry
 # for user 65532, which the image runs as.
@@ -30,7 +31,8 @@ BIN_DIR="${CARGO_TARGET_DIR:-$SERVAL_CACHE/target}/release"
 OUT_DIR="$SERVAL_CACHE/images"
 TAG=""
 NAMES=()
-ALL=(serval-operator serval-sidecar serval-router)
+# digits-transformer: the user-container example (examples/user-container).
+ALL=(serval-operator serval-sidecar serval-router digits-transformer)
 STRIP="${SERVAL_IMAGE_STRIP:-1}"
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 USER_ID=65532
@@ -176,7 +178,7 @@ build_one() {
 for name in "${NAMES[@]}"; do
   case " ${ALL[*]} " in
     *" $name "*) ;;
-    *) die "unknown image $name (one of: ${ALL[*]})" ;;
+    *) [ -x "$BIN_DIR/$name" ] || die "unknown image $name (one of: ${ALL[*]}, or a binary in $BIN_DIR)" ;;
   esac
   build_one "$name"
 done

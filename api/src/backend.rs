@@ -387,7 +387,16 @@ pub struct UserContainer {
     /// Compute resources of the user container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Path of the container's readiness probe (HTTP GET on `port`): the pod, and so the
+    /// Backend, is Ready only when both the model server and this answer 2xx. Default
+    /// `/v2/health/ready`, the Open Inference Protocol's, which the router also forwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/"))]
+    pub readiness_path: Option<String>,
 }
+
+/// Readiness path of a user container without `readinessPath`.
+pub const DEFAULT_USER_READINESS_PATH: &str = "/v2/health/ready";
 
 /// A plain environment variable.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

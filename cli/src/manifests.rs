@@ -115,6 +115,9 @@ fn add(out: &mut Manifests, value: Value, file: &Path) -> Result<(), Vec<String>
         "Backend" => {
             serval_api::crd::validate(&Backend::crd(), &value).map_err(prefix)?;
             let b: Backend = typed(value).map_err(|e| prefix(vec![e]))?;
+            if b.spec.container.is_some() {
+                return Err(prefix(vec![LOCAL_USER_CONTAINER.to_owned()]));
+            }
             if out
                 .backends
                 .insert(name.clone(), (b, file.to_path_buf()))
@@ -138,6 +141,12 @@ fn add(out: &mut Manifests, value: Value, file: &Path) -> Result<(), Vec<String>
     }
     Ok(())
 }
+
+/// Why local mode refuses a Backend with a user container, rather than serve it without one
+/// (which would answer differently from the cluster).
+const LOCAL_USER_CONTAINER: &str = "spec.container: serval local starts processes, not \
+    container images, so it cannot run the user container; run this Backend in a cluster, or \
+    remove spec.container to serve the model without it";
 
 /// One error per Endpoint field that names a Backend absent from the manifests.
 ///
@@ -285,6 +294,30 @@ mod tests {
         );
         assert!(
             errors[2].contains("spec.match[0].backend: Backend \"canary\""),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_with_a_user_container_is_refused_not_served_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "b.yaml",
+            &format!("{BACKEND}  container: {{image: digits-transformer:0.1.0, port: 8000}}\n"),
+        );
+        let errors = load(dir.path()).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("b.yaml (document 1): Backend \"digits-v1\": spec.container: serval local starts processes, not container images"),
+            "{errors:?}"
+        );
+        // The shipped example is the same case.
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/user-container/digits-custom.yaml");
+        let errors = load(&example).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains("spec.container")),
             "{errors:?}"
         );
     }

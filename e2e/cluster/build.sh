@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the e2e control plane (etcd, kube-apiserver/controller-manager/scheduler as one `kube`
-# dispatcher, kwok, helm), promtool (which tests the chart's alerts) and the Prometheus
+# dispatcher, kwok, helm), the real-node tier's node (kubelet and kube-proxy as one `kubenode`
+# dispatcher of the same version, CoreDNS with a minimal plugin set, a static `pause` for the
+# pod sandbox image), promtool (which tests the chart's alerts) and the Prometheus
 # Operator's CRDs (which the chart's monitoring objects must fit) from the Go module proxy into
 # a cache outside the repo, keyed by the pinned versions. A warm cache exits at once.
 #
@@ -15,12 +17,15 @@ HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 # Prometheus's Go module: v0.3XX.Y is Prometheus 3.XX.Y.
 PROMTOOL_VERSION="${PROMTOOL_VERSION:-v0.316.0}"
 PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
+# Bumped when templates/pause changes.
+PAUSE_VERSION=1
 
 CACHE_ROOT="${SERVAL_CACHE:-$HOME/.cache/serval}"
 KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}"
 DIR="${CACHE_ROOT}/cluster/${KEY}"
 BIN="${DIR}/bin"
-OUTPUTS=(etcd kube kwok helm kwok-stages.yaml promtool monitoring-crds.yaml)
+OUTPUTS=(etcd kube kwok helm kwok-stages.yaml promtool monitoring-crds.yaml kubenode coredns pause)
 
 # Outputs added later than the rest carry their version in a stamp beside them rather than in
 # KEY, so adding or moving one rebuilds only that one. current FILE VERSION.
@@ -29,7 +34,10 @@ current() {
 }
 stamped_current() {
   current promtool "${PROMTOOL_VERSION}" &&
-    current monitoring-crds.yaml "${PROMETHEUS_OPERATOR_VERSION}"
+    current monitoring-crds.yaml "${PROMETHEUS_OPERATOR_VERSION}" &&
+    current kubenode "${K8S_VERSION}" &&
+    current coredns "${COREDNS_VERSION}" &&
+    current pause "${PAUSE_VERSION}"
 }
 
 all_present() {
@@ -80,14 +88,15 @@ new_module() {
   (cd "$1" && "${GO}" mod init "$2" >/dev/null)
 }
 
-build_kube() {
-  local m="${WORK}/kube" minor staging gomod
+# build_dispatcher NAME: templates/NAME/main.go against k8s.io/kubernetes at K8S_VERSION.
+build_dispatcher() {
+  local name="$1" m="${WORK}/$1" minor staging gomod
   minor="${K8S_VERSION#v1.}"
   minor="${minor%%.*}"
   staging="v0.${K8S_VERSION#v1.}"
-  log "kube ${K8S_VERSION}: generating wrapper module"
-  new_module "${m}" serval.dev/e2e/kube
-  cp "${SRC}/templates/kube/main.go" "${m}/main.go"
+  log "${name} ${K8S_VERSION}: generating wrapper module"
+  new_module "${m}" "serval.dev/e2e/${name}"
+  cp "${SRC}/templates/${name}/main.go" "${m}/main.go"
   gomod="$(mod_field "k8s.io/kubernetes@${K8S_VERSION}" GoMod)"
   [[ -f "${gomod}" ]] || { echo "no go.mod for k8s.io/kubernetes@${K8S_VERSION}" >&2; exit 1; }
   # kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging/...;
@@ -100,7 +109,7 @@ build_kube() {
   for mod in ${mods}; do
     args+=("-replace=${mod}=${mod}@${staging}")
   done
-  log "kube: $(wc -w <<<"${mods}") staging replaces -> ${staging}"
+  log "${name}: $(wc -w <<<"${mods}") staging replaces -> ${staging}"
   (
     cd "${m}"
     "${GO}" mod edit "${args[@]}"
@@ -111,10 +120,30 @@ build_kube() {
       ld+=" -X ${vpkg}.gitVersion=${K8S_VERSION} -X ${vpkg}.gitMajor=1 -X ${vpkg}.gitMinor=${minor}"
       ld+=" -X ${vpkg}.gitTreeState=clean -X ${vpkg}.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     done
-    log "kube: compiling"
-    "${GO}" build -trimpath -ldflags="-s -w${ld}" -o "${m}/kube" .
+    log "${name}: compiling"
+    "${GO}" build -trimpath -ldflags="-s -w${ld}" -o "${m}/${name}" .
   )
-  mv "${m}/kube" "${BIN}/kube"
+  mv "${m}/${name}" "${BIN}/${name}"
+}
+
+# build_template NAME MODULE VERSION: templates/NAME/main.go in a wrapper module requiring
+# MODULE@VERSION (nothing when MODULE is empty: the standard library only).
+build_template() {
+  local name="$1" module="$2" version="$3" m="${WORK}/$1"
+  log "${name} ${version}: wrapper module"
+  new_module "${m}" "serval.dev/e2e/${name}"
+  cp "${SRC}/templates/${name}/main.go" "${m}/main.go"
+  (
+    cd "${m}"
+    if [[ -n "${module}" ]]; then
+      "${GO}" get "${module}@${version}"
+      "${GO}" mod tidy
+    fi
+    log "${name}: compiling"
+    "${GO}" build -trimpath -ldflags="-s -w" -o "${m}/${name}" .
+  )
+  mv "${m}/${name}" "${BIN}/${name}"
+  echo "${version}" >"${BIN}/${name}.version"
 }
 
 # build_tool NAME MODULE PACKAGE VERSION LDFLAGS: a wrapper module requiring just that tool, so
@@ -160,7 +189,7 @@ write_monitoring_crds() {
 
 start=$(date +%s)
 log "cold build into ${DIR} with $("${GO}" version)"
-[[ -s "${BIN}/kube" ]] || build_kube
+[[ -s "${BIN}/kube" ]] || build_dispatcher kube
 [[ -s "${BIN}/etcd" ]] || build_tool etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "${ETCD_VERSION}" \
   "-X go.etcd.io/etcd/api/v3/version.GitSHA=${ETCD_VERSION}"
 [[ -s "${BIN}/kwok" ]] || build_tool kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "${KWOK_VERSION}" \
@@ -173,6 +202,12 @@ current promtool "${PROMTOOL_VERSION}" || {
   echo "${PROMTOOL_VERSION}" >"${BIN}/promtool.version"
 }
 current monitoring-crds.yaml "${PROMETHEUS_OPERATOR_VERSION}" || write_monitoring_crds
+current kubenode "${K8S_VERSION}" || {
+  build_dispatcher kubenode
+  echo "${K8S_VERSION}" >"${BIN}/kubenode.version"
+}
+current coredns "${COREDNS_VERSION}" || build_template coredns github.com/coredns/coredns "${COREDNS_VERSION}"
+current pause "${PAUSE_VERSION}" || build_template pause "" "${PAUSE_VERSION}"
 write_stages
 log "done in $(($(date +%s) - start)) s"
 echo "${BIN}"

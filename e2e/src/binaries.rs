@@ -11,7 +11,7 @@ use crate::logs::tail_file;
 pub const BIN_DIR_ENV: &str = "SERVAL_CLUSTER_BIN";
 
 /// Files the harness needs from the binary directory.
-const REQUIRED: [&str; 7] = [
+const REQUIRED: [&str; 10] = [
     "etcd",
     "kube",
     "kwok",
@@ -19,6 +19,9 @@ const REQUIRED: [&str; 7] = [
     "kwok-stages.yaml",
     "promtool",
     "monitoring-crds.yaml",
+    "kubenode",
+    "coredns",
+    "pause",
 ];
 
 /// The control-plane binaries of one cached build.
@@ -50,6 +53,21 @@ impl Binaries {
     /// The `kube` dispatcher: `kube apiserver|controller-manager|scheduler`.
     pub fn kube(&self) -> PathBuf {
         self.dir.join("kube")
+    }
+
+    /// The `kubenode` dispatcher: `kubenode kubelet|kube-proxy`, the control plane's version.
+    pub fn kubenode(&self) -> PathBuf {
+        self.dir.join("kubenode")
+    }
+
+    /// CoreDNS with the `kubernetes` plugin.
+    pub fn coredns(&self) -> PathBuf {
+        self.dir.join("coredns")
+    }
+
+    /// A static `pause`, the real node's pod sandbox process.
+    pub fn pause(&self) -> PathBuf {
+        self.dir.join("pause")
     }
 
     /// `kwok`.

@@ -5,7 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,10 +36,12 @@ pub const KEEP_DIR_ENV: &str = "SERVAL_E2E_KEEP";
 
 /// Per-request bound for readiness probes, so a wedged API server cannot stall a bounded wait.
 const PROBE_TIMEOUT: &str = "--request-timeout=10s";
-/// Cluster IPs of Services; nothing routes them, they only need to be valid and distinct.
-const SERVICE_CIDR: &str = "10.96.0.0/16";
-/// Pod IPs that kwok assigns.
-const POD_CIDR: &str = "10.244.0.0/16";
+/// Cluster IPs of Services: with fake nodes nothing routes them; on a real node kube-proxy does.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP, the first address of [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// Pod IPs that kwok assigns (a real node's CNI uses a /24 of it).
+pub const POD_CIDR: &str = "10.244.0.0/16";
 const DIR_PREFIX: &str = "serval-e2e-";
 const KEPT_MARKER: &str = "KEPT";
 
@@ -53,6 +55,7 @@ pub struct Cluster {
     server: String,
     components: Mutex<Vec<Component>>,
     namespaces: AtomicU32,
+    options: ClusterOptions,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -62,6 +65,16 @@ impl std::fmt::Debug for Cluster {
             .field("server", &self.server)
             .finish_non_exhaustive()
     }
+}
+
+/// How a cluster is laid out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterOptions {
+    /// `None`: everything on 127.0.0.1 with kwok's fake nodes. `Some(ip)`: for a real node in
+    /// a network namespace of its own: the API server listens on every address of the
+    /// namespace and advertises `ip` (a loopback address cannot be a Service endpoint), so the
+    /// `kubernetes` Service has an endpoint pods reach; there are no fake nodes.
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 /// Loopback ports of one cluster.
@@ -78,6 +91,11 @@ impl Cluster {
     /// ready, the fake nodes are Ready and the controller-manager populates new namespaces.
     /// Blocking; fine to call from async tests.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// [`Cluster::start`] laid out by `options`.
+    pub fn start_with(options: ClusterOptions) -> anyhow::Result<Self> {
         sweep_stale_dirs();
         let binaries = Binaries::locate()?;
         let dir = tempfile::Builder::new()
@@ -85,9 +103,22 @@ impl Cluster {
             .tempdir()
             .context("creating the cluster directory")?;
         let dir_path = dir.path().to_path_buf();
-        let pki = Pki::generate(&dir_path.join("pki"))?;
+        let pki = match options.node_ip {
+            None => Pki::generate(&dir_path.join("pki"))?,
+            Some(ip) => Pki::generate_for(
+                &dir_path.join("pki"),
+                &[IpAddr::V4(ip), IpAddr::V4(KUBERNETES_SERVICE_IP)],
+                &[
+                    "kubernetes",
+                    "kubernetes.default",
+                    "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local",
+                ],
+            )?,
+        };
         let ports = free_ports()?;
-        let server = format!("https://127.0.0.1:{}", ports.apiserver);
+        let host = options.node_ip.unwrap_or(Ipv4Addr::LOCALHOST);
+        let server = format!("https://{host}:{}", ports.apiserver);
         let token = random_hex();
         std::fs::write(
             dir_path.join("tokens.csv"),
@@ -106,6 +137,7 @@ impl Cluster {
             server,
             components: Mutex::new(Vec::new()),
             namespaces: AtomicU32::new(0),
+            options,
         };
         if let Err(e) = cluster.boot(&ports) {
             let tails = cluster.log_tails(LOG_TAIL_LINES);
@@ -155,14 +187,27 @@ impl Cluster {
             ],
         )?;
         let sa_key = self.pki.service_account_key.display().to_string();
+        let addresses = match self.options.node_ip {
+            // The default reconciler rejects a loopback advertise address.
+            None => vec![
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--endpoint-reconciler-type=none".into(),
+            ],
+            // The default (lease) reconciler gives the `kubernetes` Service its endpoint;
+            // `kubectl logs` reaches the kubelet at the node's InternalIP.
+            Some(ip) => vec![
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={ip}"),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ],
+        };
         self.spawn(
             "kube-apiserver",
             &self.binaries.kube(),
             &[
                 "apiserver".into(),
                 format!("--etcd-servers={etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
                 format!("--secure-port={}", ports.apiserver),
                 format!("--tls-cert-file={}", self.pki.serving_cert.display()),
                 format!("--tls-private-key-file={}", self.pki.serving_key.display()),
@@ -177,11 +222,12 @@ impl Cluster {
                 format!("--service-account-signing-key-file={sa_key}"),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--allow-privileged=true".into(),
-                // The default reconciler rejects a loopback advertise address.
-                "--endpoint-reconciler-type=none".into(),
                 format!("--cert-dir={}", d.join("apiserver-certs").display()),
                 "--profiling=false".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(addresses)
+            .collect::<Vec<String>>(),
         )?;
         wait_for(
             "kube-apiserver /readyz",
@@ -218,6 +264,16 @@ impl Cluster {
         scheduler.extend(common(ports.scheduler, "scheduler-certs"));
         self.spawn("kube-scheduler", &self.binaries.kube(), &scheduler)?;
 
+        if self.options.node_ip.is_none() {
+            self.start_fake_nodes(&kubeconfig)?;
+        }
+        // A `default` ServiceAccount appearing proves the controller-manager works.
+        let probe = self.create_namespace("serval-e2e-probe")?;
+        self.kubectl_ok(["delete", "namespace", &probe, "--wait=false"])?;
+        Ok(())
+    }
+
+    fn start_fake_nodes(&self, kubeconfig: &str) -> anyhow::Result<()> {
         self.spawn(
             "kwok",
             &self.binaries.kwok(),
@@ -244,9 +300,6 @@ impl Cluster {
             let ready = String::from_utf8_lossy(&out.stdout);
             Ok((ready.lines().filter(|l| *l == "True").count() == NODE_COUNT).then_some(()))
         })?;
-        // A `default` ServiceAccount appearing proves the controller-manager works.
-        let probe = self.create_namespace("serval-e2e-probe")?;
-        self.kubectl_ok(["delete", "namespace", &probe, "--wait=false"])?;
         Ok(())
     }
 
@@ -284,7 +337,7 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// The API server URL, `https://127.0.0.1:<port>`.
+    /// The API server URL, `https://127.0.0.1:<port>` (or the node IP's).
     pub fn server(&self) -> &str {
         &self.server
     }

@@ -28,6 +28,12 @@ pub struct Pki {
 impl Pki {
     /// Writes a CA, a serving certificate signed by it and a service-account key into `dir`.
     pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        Self::generate_for(dir, &[], &[])
+    }
+
+    /// [`Pki::generate`] with more names in the serving certificate: the node IP and the
+    /// `kubernetes` Service's ClusterIP and DNS names, which pods connect by.
+    pub fn generate_for(dir: &Path, ips: &[IpAddr], names: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -52,6 +58,14 @@ impl Pki {
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             SanType::DnsName("localhost".try_into()?),
         ];
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        for name in names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into()?));
+        }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -147,7 +147,9 @@ pub struct Args {
     /// Longest graceful shutdown, seconds.
     #[arg(long, env = "SERVAL_SHUTDOWN_TIMEOUT_SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     pub shutdown_timeout_secs: u64,
-    /// Least time to keep answering (503) after a shutdown signal, milliseconds.
+    /// Time to keep serving after a shutdown signal, milliseconds: not ready, every answer
+    /// closing its connection, so load balancers and clients move to other replicas before
+    /// requests are refused (503).
     #[arg(long, env = "SERVAL_DRAIN_DELAY_MILLIS", default_value_t = DEFAULT_DRAIN_DELAY_MILLIS)]
     pub drain_delay_millis: u64,
     /// Time batch sizes at start-up and keep only those that pay (false: keep every

@@ -134,6 +134,8 @@ async fn respond(
     on_admin: bool,
 ) -> Result<Resp, Infallible> {
     let started = Instant::now();
+    // HTTP/2 has no `Connection` header; its connections get GOAWAY at the end of the drain.
+    let http1 = req.version() < http::Version::HTTP_2;
     let route = Route::parse(req.uri().path(), &state.config.name);
     // With an admin port, metrics are served there only: the traffic port can be reached
     // through the router (an Endpoint's `pathPrefix`), so it would hand them to any client.
@@ -166,6 +168,12 @@ async fn respond(
     };
     if let Some(v) = &state.model_header {
         resp.headers_mut().insert(MODEL_HEADER, v.clone());
+    }
+    if http1 && state.is_draining() {
+        // The client's next request opens a new connection, which a load balancer sends to
+        // a replica that is not shutting down.
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     if route.is_inference() {
         state

@@ -255,8 +255,9 @@ async fn serve(
     let timeout = state.config.shutdown_timeout;
     let min_drain = state.config.drain_delay;
     let drain_state = state.clone();
-    // Keep accepting while draining, so late requests get a clean 503 instead of a refused
-    // connection, until everything admitted has been answered.
+    // Keep accepting while draining: load balancers send new connections until they see the
+    // replica gone. They are served through the drain delay, then answered a clean 503
+    // instead of a refused connection, until everything admitted has been answered.
     let drained = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
         tracing::info!("shutdown requested: draining");

@@ -47,7 +47,10 @@ pub struct AppState {
     /// take no more CPU than inference and a burst of images queues instead of piling threads.
     pub decode_slots: Arc<Semaphore>,
     model: OnceLock<Arc<LoadedModel>>,
+    /// Shutting down: not ready, answers close their connections.
     draining: AtomicBool,
+    /// Past the drain delay: new requests are refused.
+    refusing: AtomicBool,
     inflight: AtomicUsize,
     load: Load,
     /// Inference requests answered (admitted, then done), for the signals.
@@ -180,6 +183,7 @@ impl AppState {
             model_header,
             model: OnceLock::new(),
             draining: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             load: Load::new(),
             requests: AtomicU64::new(0),
@@ -236,7 +240,7 @@ impl AppState {
         self.metrics.add_inflight(1);
         self.load.change(1);
         let guard = InflightGuard { state: self };
-        if self.draining.load(Ordering::SeqCst) {
+        if self.refusing.load(Ordering::SeqCst) {
             return Err(RequestError::Draining);
         }
         let model = self.model.get().cloned().ok_or(RequestError::NotReady)?;
@@ -333,14 +337,24 @@ impl AppState {
         Ok(())
     }
 
-    /// Stops admitting requests and waits (up to `timeout`) for those in flight, and at least
-    /// `min` so late clients get a 503. Returns whether everything finished in time.
+    /// Whether a shutdown has begun: answers then close their connections, so clients and
+    /// load balancers reconnect to other replicas.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Graceful shutdown. Stops reporting ready at once but keeps serving for `min`: until
+    /// load balancers see the replica gone (kube-proxy, a router's pool), requests still
+    /// arrive, including on connections opened before, and refusing them would fail them.
+    /// Then refuses new requests (503) and waits, up to `timeout` in all, for those in flight.
+    /// Returns whether everything finished in time.
     pub async fn drain(&self, min: Duration, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
         self.draining.store(true, Ordering::SeqCst);
         self.metrics.set_ready(false);
-        let started = Instant::now();
-        let until = started + timeout;
-        while self.inflight.load(Ordering::SeqCst) > 0 || started.elapsed() < min.min(timeout) {
+        tokio::time::sleep(min.min(timeout)).await;
+        self.refusing.store(true, Ordering::SeqCst);
+        while self.inflight.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= until {
                 tracing::warn!(
                     inflight = self.inflight.load(Ordering::SeqCst),

@@ -312,6 +312,7 @@ async fn shutdown_finishes_every_accepted_request_and_refuses_new_ones() {
     let late = send(c.post(&url).json_body(&identity_request(&[row(99)]))).await;
     assert_eq!(late.status, 503, "{}", late.json);
     assert_eq!(late.headers["retry-after"], "1");
+    assert_eq!(late.headers["connection"], "close");
     model.batcher.set_paused(false);
     for (i, t) in accepted.into_iter().enumerate() {
         let a = bounded("accepted", t).await.expect("task");
@@ -320,4 +321,47 @@ async fn shutdown_finishes_every_accepted_request_and_refuses_new_ones() {
     }
     let s = Arc::into_inner(s).expect("sole owner");
     bounded("server stops", s.wait()).await;
+}
+
+/// Through the drain delay a replica shutting down is not ready but still serves: a load
+/// balancer (kube-proxy, a router's pooled connection) keeps sending until it sees the replica
+/// gone, and those requests must not fail. Each answer closes its connection, so the client's
+/// next request goes elsewhere. (Past the delay new requests are refused: the test above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutting_down_replica_serves_through_the_drain_delay_closing_connections() {
+    let mut cfg = identity_config();
+    cfg.drain_delay = Duration::from_millis(1500);
+    let s = start(cfg).await;
+    let url = format!("{}/v2/models/identity/infer", base(&s));
+    let c = client();
+    let before = send(c.post(&url).json_body(&identity_request(&[row(1)]))).await;
+    assert_eq!(before.status, 200);
+    assert!(before.headers.get("connection").is_none());
+    let shut = std::time::Instant::now();
+    s.shutdown();
+    bounded("not ready", async {
+        while send(c.get(format!("{}/v2/health/ready", base(&s))))
+            .await
+            .status
+            != 503
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let during = send(c.post(&url).json_body(&identity_request(&[row(2)]))).await;
+    assert!(
+        shut.elapsed() < Duration::from_millis(1500),
+        "the check came too late"
+    );
+    assert_eq!(during.status, 200, "{}", during.json);
+    assert_eq!(output_f32(&during.json, 0), row(2).to_vec());
+    assert_eq!(during.headers["connection"], "close");
+    // Nothing in flight: the server stops at the end of the delay, not before.
+    bounded("server stops", s.wait()).await;
+    assert!(
+        shut.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        shut.elapsed()
+    );
 }

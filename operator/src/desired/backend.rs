@@ -33,9 +33,14 @@ pub const USER_CONTAINER: &str = "user";
 pub const SERVICE_PORT: u16 = 8080;
 /// Where `pvc://` claims are mounted.
 const PVC_MOUNT_ROOT: &str = "/models";
-/// Failures allowed while the model downloads and warms up: 10 min at 5 s, since a large
+/// Failures allowed while the model downloads and warms up: 10 min at 1 s, since a large
 /// model over a slow link must not be killed mid-download.
-const STARTUP_FAILURE_THRESHOLD: i32 = 120;
+const STARTUP_FAILURE_THRESHOLD: i32 = 600;
+/// Seconds between probes while starting and while serving. A pod is Ready at the first
+/// readiness probe after its model is warm, so the period is added to every start, which a
+/// request held at zero replicas waits for: at 5 s a scale from zero took 6.5 s for a model
+/// that loads in 1.2 s (real-node tier). A probe is one local GET on the admin port.
+const PROBE_PERIOD_SECONDS: i32 = 1;
 
 /// Operator-wide settings that shape Backend pods.
 #[derive(Clone, Debug)]
@@ -100,11 +105,15 @@ fn model_location(uri: &str) -> (String, Option<(Volume, VolumeMount)>) {
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    // The admin port: probes pass while traffic connections are at the bound.
+    http_probe_on("admin", path, period, failures)
+}
+
+fn http_probe_on(port: &str, path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            // The admin port: probes pass while traffic connections are at the bound.
-            port: IntOrString::String("admin".to_owned()),
+            port: IntOrString::String(port.to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -208,8 +217,12 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
             tcp_port("admin", i32::from(SIDECAR_ADMIN_PORT)),
         ]),
         // Ready means loaded, warmed up and batching; the startup probe covers the download.
-        startup_probe: Some(http_probe("/v2/health/live", 5, STARTUP_FAILURE_THRESHOLD)),
-        readiness_probe: Some(http_probe("/v2/health/ready", 5, 3)),
+        startup_probe: Some(http_probe(
+            "/v2/health/live",
+            PROBE_PERIOD_SECONDS,
+            STARTUP_FAILURE_THRESHOLD,
+        )),
+        readiness_probe: Some(http_probe("/v2/health/ready", PROBE_PERIOD_SECONDS, 3)),
         liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
         resources: spec.resources.clone(),
         security_context: Some(restricted_security_context()),
@@ -231,14 +244,31 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
                         value: Some(e.value.clone()),
                         ..EnvVar::default()
                     })
-                    .chain([EnvVar {
-                        name: "SERVAL_MODEL_SERVER".to_owned(),
-                        value: Some(format!("http://127.0.0.1:{SIDECAR_PORT}")),
-                        ..EnvVar::default()
-                    }])
+                    .chain([
+                        EnvVar {
+                            name: "SERVAL_MODEL_SERVER".to_owned(),
+                            value: Some(format!("http://127.0.0.1:{SIDECAR_PORT}")),
+                            ..EnvVar::default()
+                        },
+                        // The name the model server serves the model under.
+                        EnvVar {
+                            name: "SERVAL_MODEL_NAME".to_owned(),
+                            value: Some(name.clone()),
+                            ..EnvVar::default()
+                        },
+                    ])
                     .collect(),
             ),
             ports: Some(vec![tcp_port("user-http", user.port)]),
+            // The Service targets this container: the pod takes traffic only once it answers.
+            readiness_probe: Some(http_probe_on(
+                "user-http",
+                user.readiness_path
+                    .as_deref()
+                    .unwrap_or(serval_api::backend::DEFAULT_USER_READINESS_PATH),
+                PROBE_PERIOD_SECONDS,
+                3,
+            )),
             resources: user.resources.clone(),
             security_context: Some(restricted_security_context()),
             volume_mounts: Some(vec![VolumeMount {
