@@ -168,6 +168,14 @@ fn real_node_scenarios() {
         .unwrap();
     let png = std::fs::read(repo().join("models/digits/seven.png")).unwrap();
     let digits = format!("http://{router}/digits/v1/models/digits:predict");
+    // A Ready pod reaches kube-proxy's rules a moment later (its sync period): until then
+    // the Service refuses connections.
+    wait_for(
+        "the router's Service answering",
+        Duration::from_secs(30),
+        || Ok(classify(&client, &digits, &png, &[]).ok()),
+    )
+    .unwrap();
 
     split_weight_change_and_header_match(&cluster, &ns, &client, &digits, &png);
     rolling_update_under_load(&cluster, &ns, &digits, &png);

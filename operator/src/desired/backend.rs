@@ -489,3 +489,99 @@ pub fn is_ready(backend: &Backend) -> bool {
             .any(|c| c.type_ == READY && c.status == "True")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn backend(spec: serde_json::Value) -> Backend {
+        let mut b = Backend::new(
+            "digits-custom",
+            serde_json::from_value(spec).expect("a valid spec"),
+        );
+        b.meta_mut().namespace = Some("models".to_owned());
+        b
+    }
+
+    fn pod_of(b: &Backend) -> PodSpec {
+        let defaults = BackendDefaults {
+            sidecar_image: "serval-sidecar:0.1.0".to_owned(),
+        };
+        deployment_for(b, &defaults)
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("a pod template")
+    }
+
+    fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
+        pod.containers
+            .iter()
+            .find(|c| c.name == name)
+            .expect("the container")
+    }
+
+    /// Found on a real node: the user container had no readiness probe (the pod took traffic
+    /// before it listened) and no way to know the model's name.
+    #[test]
+    fn a_user_container_takes_the_traffic_once_it_answers_its_readiness_probe() {
+        let b = backend(json!({
+            "model": {"uri": "pvc://models/digits.onnx"},
+            "replicas": 1,
+            "container": {"image": "digits-transformer:0.1.0", "port": 8000},
+        }));
+        let pod = pod_of(&b);
+        let user = container(&pod, USER_CONTAINER);
+        let probe = user.readiness_probe.as_ref().expect("a readiness probe");
+        let get = probe.http_get.as_ref().expect("an HTTP probe");
+        assert_eq!(get.path.as_deref(), Some("/v2/health/ready"));
+        assert_eq!(get.port, IntOrString::String("user-http".to_owned()));
+        let env: BTreeMap<_, _> = user
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or_default()))
+            .collect();
+        assert_eq!(env["SERVAL_MODEL_NAME"], "digits-custom");
+        assert_eq!(env["SERVAL_MODEL_SERVER"], "http://127.0.0.1:8080");
+        let service = service_for(&b).spec.expect("a spec");
+        assert_eq!(
+            service.ports.expect("ports")[0].target_port,
+            Some(IntOrString::String("user-http".to_owned()))
+        );
+
+        let b = backend(json!({
+            "model": {"uri": "pvc://models/digits.onnx"},
+            "replicas": 1,
+            "container": {"image": "t:1", "port": 8000, "readinessPath": "/healthz"},
+        }));
+        let pod = pod_of(&b);
+        let probe = container(&pod, USER_CONTAINER).readiness_probe.clone();
+        assert_eq!(
+            probe
+                .and_then(|p| p.http_get)
+                .and_then(|g| g.path)
+                .as_deref(),
+            Some("/healthz")
+        );
+    }
+
+    /// A pod is Ready at the first readiness probe after its model is warm: the period adds
+    /// to every start, which requests held at zero replicas wait for.
+    #[test]
+    fn probes_run_every_second_with_ten_minutes_to_load() {
+        let pod = pod_of(&backend(
+            json!({"model": {"uri": "pvc://models/digits.onnx"}}),
+        ));
+        let sidecar = container(&pod, SIDECAR_CONTAINER);
+        let startup = sidecar.startup_probe.as_ref().expect("a startup probe");
+        let ready = sidecar.readiness_probe.as_ref().expect("a readiness probe");
+        assert_eq!(startup.period_seconds, Some(1));
+        assert_eq!(ready.period_seconds, Some(1));
+        assert_eq!(
+            startup.failure_threshold.unwrap_or(0) * startup.period_seconds.unwrap_or(0),
+            600
+        );
+    }
+}
