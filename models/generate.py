@@ -17,6 +17,11 @@ Writes into --out (committed, small):
                        disagrees with digits.onnx on nearly every row.
     digits/agreement.json  1,000 noisy digits and the classes digits and digits-v2 give them
                        (onnxruntime): the offline truth of mirror agreement tests.
+    digits-small.onnx, digits-large.onnx, digits-ens-{a,b,c}.onnx  MLPs trained on a fixed
+                       70 % split of the digits: a fast and a slower, more accurate cascade
+                       stage, and three ensemble members (issue 24).
+    digits/composition.json  the held-out 30 % (rows, labels) and each model's, the
+                       cascade's and the ensemble's accuracy on it (onnxruntime).
     digits/<name>.png  8x8 grayscale digits from the data set, pixel = value * 15, so the
                        built-in preprocess {"width":8,"height":8,"layout":"Flat","scale":1/15}
                        recovers the data-set values (0..16) exactly.
@@ -110,6 +115,78 @@ def canaries(out: str) -> None:
         with open(os.path.join(out, f"{name}.onnx"), "wb") as f:
             f.write(model.SerializeToString())
         print(f"{name}.onnx: training accuracy on its labels {clf.score(x, labels):.4f}")
+
+
+# The fixed train/test split of the composition models (issue 24): 30 % held out, stratified.
+SPLIT = {"test_size": 0.3, "random_state": SEED}
+# The composition models: name -> (hidden layers, seed, training iterations). `small` is fast
+# and less accurate, `large` slower and more accurate (the cascade's two stages); `ens-*` are
+# three different members for an ensemble.
+COMPOSITION = {
+    "digits-small": ((32,), SEED, 1000),
+    "digits-large": ((512, 512), SEED, 300),
+    "digits-ens-a": ((32,), SEED + 1, 300),
+    "digits-ens-b": ((64, 32), SEED + 2, 300),
+    "digits-ens-c": ((24, 24), SEED + 3, 300),
+}
+
+
+def composition(out: str) -> None:
+    """Models for cascades and ensembles (issue 24), trained on the training split of
+    scikit-learn's digits, same interface as digits.onnx (`X` float [N,64] -> `label`,
+    `probabilities`), and digits/composition.json: the held-out split (rows and labels) and
+    what each model, the cascade small -> large at several thresholds and the mean ensemble
+    answer on it, computed here with onnxruntime (the offline truth of the composition tests).
+    """
+    import onnxruntime as ort
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(x, data.target, stratify=data.target,
+                                                        **SPLIT)
+    probs = {}
+    for name, (hidden, seed, iters) in COMPOSITION.items():
+        clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=iters, random_state=seed)
+        clf.fit(x_train, y_train)
+        model = to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}},
+                        target_opset={"": OPSET, "ai.onnx.ml": 3})
+        model.graph.name = name
+        model.producer_version = "serval"
+        path = os.path.join(out, f"{name}.onnx")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        _, p = ort.InferenceSession(path).run(None, {"X": x_test})
+        probs[name] = p
+
+    def accuracy(p):
+        return float(np.mean(np.argmax(p, axis=1) == y_test))
+
+    small, large = probs["digits-small"], probs["digits-large"]
+    cascades = {}
+    for threshold in (0.9, 0.99):
+        escalate = small.max(axis=1) < threshold
+        answer = np.where(escalate[:, None], large, small)
+        cascades[str(threshold)] = {"accuracy": accuracy(answer),
+                                    "escalated": float(escalate.mean())}
+    members = [probs[n] for n in ("digits-ens-a", "digits-ens-b", "digits-ens-c")]
+    truth = {
+        "split": {"testSize": SPLIT["test_size"], "randomState": SPLIT["random_state"],
+                  "stratified": True},
+        "accuracy": {name: accuracy(p) for name, p in probs.items()},
+        "cascadeSmallLarge": cascades,
+        "ensembleMean": accuracy(sum(members) / len(members)),
+        "rows": x_test.astype(int).tolist(),
+        "labels": y_test.tolist(),
+    }
+    os.makedirs(os.path.join(out, "digits"), exist_ok=True)
+    with open(os.path.join(out, "digits", "composition.json"), "w") as f:
+        json.dump(truth, f, separators=(",", ":"))
+        f.write("\n")
+    print(json.dumps({k: v for k, v in truth.items() if k not in ("rows", "labels")}, indent=1))
 
 
 def agreement_corpus(out: str) -> None:
@@ -321,10 +398,15 @@ def main() -> None:
                         help="only write mobilenetv2 (the committed models stay untouched)")
     parser.add_argument("--only-canaries", action="store_true",
                         help="only write the digits canaries (the other models stay untouched)")
+    parser.add_argument("--only-composition", action="store_true",
+                        help="only write the cascade and ensemble models and their truth")
     args = parser.parse_args()
     if args.only_canaries:
         canaries(args.out)
         agreement_corpus(args.out)
+        return
+    if args.only_composition:
+        composition(args.out)
         return
     if not args.skip_small:
         digits(args.out)
@@ -334,6 +416,7 @@ def main() -> None:
         slow(args.out)
         canaries(args.out)
         agreement_corpus(args.out)
+        composition(args.out)
         check(args.out)
     if args.mobilenet_out:
         mobilenetv2(args.mobilenet_out)
