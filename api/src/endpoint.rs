@@ -32,18 +32,21 @@ pub const MAX_TRAFFIC_TARGETS: usize = 16;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.mirror) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests"),
-    validation = Rule::new("!has(self.rollout) || !self.traffic.exists(t, t.backend == self.rollout.canary)").message("rollout.canary must not be in traffic: traffic lists the stable Backends, and the rollout gives the canary its share"),
-    validation = Rule::new("!has(self.rollout) || !has(self.mirror)").message("rollout and mirror are exclusive: a rollout's Shadow step mirrors the traffic to its canary")
+    validation = Rule::new("!has(self.mirror) || !has(self.traffic) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests"),
+    validation = Rule::new("!has(self.rollout) || !has(self.traffic) || !self.traffic.exists(t, t.backend == self.rollout.canary)").message("rollout.canary must not be in traffic: traffic lists the stable Backends, and the rollout gives the canary its share"),
+    validation = Rule::new("!has(self.rollout) || !has(self.mirror)").message("rollout and mirror are exclusive: a rollout's Shadow step mirrors the traffic to its canary"),
+    validation = Rule::new("has(self.cascade) != (has(self.traffic) && size(self.traffic) > 0)").message("an Endpoint has either traffic or a cascade"),
+    validation = Rule::new("!has(self.cascade) || !(has(self.mirror) || has(self.rollout) || has(self.match) || has(self.sticky))").message("a cascade routes every request through its stages: mirror, rollout, match and sticky apply to traffic only")
 )]
 pub struct EndpointSpec {
     /// Where clients call this Endpoint.
     pub route: Route,
 
     /// Weighted split of requests over Backends. Weights are relative (0-100); a Backend with
-    /// weight 0 receives no primary traffic.
-    #[schemars(length(min = 1, max = 16))]
-    #[x_kube(validation = Rule::new("self.exists(t, t.weight > 0)").message("traffic weights must sum to more than 0"))]
+    /// weight 0 receives no primary traffic. Required unless `cascade` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("size(self) == 0 || self.exists(t, t.weight > 0)").message("traffic weights must sum to more than 0"))]
     #[x_kube(validation = Rule::new("self.all(a, self.filter(b, b.backend == a.backend).size() == 1)").message("each backend may appear only once in traffic"))]
     pub traffic: Vec<TrafficTarget>,
 
@@ -73,6 +76,43 @@ pub struct EndpointSpec {
     /// step passes its gates, rolled back to `traffic` after `failureLimit` failed intervals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+
+    /// Answer from a fast Backend first and send only the rows it is unsure of to the next
+    /// stage: instead of `traffic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<Cascade>,
+}
+
+/// A cascade: every request goes to the first stage; each row whose confidence (the largest
+/// value of `output` in that row; the `score` of a post-processed image or V1 answer) is
+/// below the stage's `minConfidence` goes on to the next stage; the last stage answers
+/// whatever reaches it. Rows of a multi-row request are escalated one by one and the answer
+/// keeps the request's row order.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Cascade {
+    /// The output whose per-row maximum is the confidence, e.g. `probabilities`.
+    #[schemars(length(min = 1, max = 256))]
+    pub output: String,
+    /// The stages, cheapest first: 2 to 4.
+    #[schemars(length(min = 2, max = 4))]
+    #[x_kube(validation = Rule::new("self.all(a, self.filter(b, b.backend == a.backend).size() == 1)").message("each backend may appear only once in a cascade"))]
+    #[x_kube(validation = Rule::new("self.all(s, s == self[size(self) - 1] || has(s.minConfidence))").message("every cascade stage but the last needs minConfidence"))]
+    pub stages: Vec<CascadeStage>,
+}
+
+/// One stage of a cascade.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CascadeStage {
+    /// The Backend of this stage.
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: String,
+    /// Rows answered with a lower confidence go to the next stage, 0-1. Required on every
+    /// stage but the last, which answers whatever reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_confidence: Option<f64>,
 }
 
 /// Default length of a judged interval: a minute of traffic.

@@ -66,6 +66,30 @@ pub struct Route {
     pub timeout_ms: u64,
     /// Retry policy.
     pub retries: RetryPolicy,
+    /// A cascade: `traffic` is its first stage; rows it is unsure of go on to the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<CascadePlan>,
+}
+
+/// The stages of a cascade, in order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CascadePlan {
+    /// The output whose per-row maximum is a row's confidence.
+    pub output: String,
+    /// Every stage, the first included.
+    pub stages: Vec<CascadeStep>,
+}
+
+/// One stage of a cascade in the table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CascadeStep {
+    /// Backend name, a key of [`RoutingTable::backends`].
+    pub backend: String,
+    /// Rows below this confidence go to the next stage; `None` on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_confidence: Option<f64>,
 }
 
 /// One backend and its share of a route's traffic.
@@ -250,7 +274,12 @@ impl RoutingTable {
                 .iter()
                 .map(|t| &t.backend)
                 .chain(r.mirror.iter().map(|m| &m.backend))
-                .chain(r.matches.iter().map(|m| &m.backend));
+                .chain(r.matches.iter().map(|m| &m.backend))
+                .chain(
+                    r.cascade
+                        .iter()
+                        .flat_map(|c| c.stages.iter().map(|s| &s.backend)),
+                );
             for b in referenced {
                 if !self.backends.contains_key(b) {
                     return Err(err(format!("backend {b:?} has no upstream entry")));
@@ -269,6 +298,27 @@ impl RoutingTable {
             }
             if r.timeout_ms == 0 {
                 return Err(err("timeoutMs must be positive".to_owned()));
+            }
+            if let Some(c) = &r.cascade {
+                let (last, rest) = c
+                    .stages
+                    .split_last()
+                    .ok_or_else(|| err("a cascade has no stages".to_owned()))?;
+                if rest.is_empty() || last.min_confidence.is_some() {
+                    return Err(err(
+                        "a cascade needs 2 or more stages, minConfidence on all but the last"
+                            .to_owned(),
+                    ));
+                }
+                if let Some(s) = rest
+                    .iter()
+                    .find(|s| !s.min_confidence.is_some_and(|m| (0.0..=1.0).contains(&m)))
+                {
+                    return Err(err(format!(
+                        "cascade stage {:?} needs a minConfidence from 0 to 1",
+                        s.backend
+                    )));
+                }
             }
         }
         Ok(())
@@ -323,6 +373,7 @@ mod tests {
                     attempts: 1,
                     budget_percent: 20,
                 },
+                cascade: None,
             }],
             backends: [
                 ("v1".to_owned(), up("v1", "127.0.0.1:9001")),

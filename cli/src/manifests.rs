@@ -178,7 +178,13 @@ pub fn missing_backends(m: &Manifests) -> Vec<String> {
                 spec.rollout
                     .iter()
                     .map(|r| ("spec.rollout.canary".to_owned(), &r.canary)),
-            );
+            )
+            .chain(spec.cascade.iter().flat_map(|c| {
+                c.stages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("spec.cascade.stages[{i}].backend"), &s.backend))
+            }));
         for (field, backend) in named {
             if m.backends.contains_key(backend) {
                 continue;
@@ -320,6 +326,40 @@ mod tests {
             errors.iter().any(|e| e.contains("spec.container")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_cascade_is_checked_like_the_api_server_checks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = |spec: &str| {
+            format!(
+                "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {{name: c}}\nspec:\n  route: {{pathPrefix: /c}}\n{spec}"
+            )
+        };
+        let cases = [
+            (
+                "  cascade: {output: p, stages: [{backend: digits-v1, minConfidence: 0.9}, {backend: big}]}\n  traffic: [{backend: digits-v1, weight: 1}]\n",
+                "an Endpoint has either traffic or a cascade",
+            ),
+            (
+                "  cascade: {output: p, stages: [{backend: digits-v1}, {backend: big}]}\n",
+                "every cascade stage but the last needs minConfidence",
+            ),
+            (
+                "  cascade: {output: p, stages: [{backend: digits-v1, minConfidence: 0.9}, {backend: big}]}\n  sticky: {header: x-user}\n",
+                "mirror, rollout, match and sticky apply to traffic only",
+            ),
+            (
+                "  cascade: {output: p, stages: [{backend: digits-v1, minConfidence: 0.9}, {backend: big}]}\n",
+                "spec.cascade.stages[1].backend: Backend \"big\" is not in the manifests",
+            ),
+        ];
+        write(dir.path(), "b.yaml", BACKEND);
+        for (spec, want) in cases {
+            write(dir.path(), "e.yaml", &endpoint(spec));
+            let errors = load(dir.path()).unwrap_err().join("\n");
+            assert!(errors.contains(want), "{spec}: {errors}");
+        }
     }
 
     #[test]

@@ -1260,3 +1260,104 @@ fn a_disagreeing_canary_is_rolled_back_from_its_shadow_step_in_local_mode() {
         );
     }
 }
+
+/// The cascade example on the held-out digits (`models/digits/composition.json`, the offline
+/// truth from onnxruntime): one row per request and 16 rows per request (escalated row by row
+/// and merged in order) give the offline cascade's accuracy and share of rows escalated.
+#[test]
+fn a_cascade_answers_like_the_offline_cascade_row_by_row() {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("examples/cascade");
+    std::fs::create_dir_all(&examples).unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    std::fs::copy(
+        repo().join("examples/cascade/digits-cascade.yaml"),
+        examples.join("digits-cascade.yaml"),
+    )
+    .unwrap();
+    for m in ["digits-small.onnx", "digits-large.onnx"] {
+        std::fs::copy(
+            repo().join("models").join(m),
+            dir.path().join("models").join(m),
+        )
+        .unwrap();
+    }
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serval"))
+        .args(["local", "-f"])
+        .arg(&examples)
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _local = Local { child, dir, port };
+    let truth: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo().join("models/digits/composition.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(truth["rows"].clone()).unwrap();
+    let labels: Vec<usize> = serde_json::from_value(truth["labels"].clone()).unwrap();
+    let want = &truth["cascadeSmallLarge"]["0.9"];
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://127.0.0.1:{port}/digits/v2/models/digits-cascade/infer");
+    let infer = |chunk: &[Vec<f32>]| -> Option<(serde_json::Value, Option<String>)> {
+        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
+        let resp = client
+            .post(&url)
+            .json(
+                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+                "shape": [chunk.len(), 64], "data": data}]}),
+            )
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())?;
+        let backend = resp
+            .headers()
+            .get("serval-backend")
+            .map(|v| v.to_str().unwrap().to_owned());
+        Some((resp.json().unwrap(), backend))
+    };
+    wait_until("the cascade serving", Duration::from_secs(60), || {
+        infer(&rows[..1])
+    });
+    for batch in [1, 16] {
+        let (mut correct, mut large) = (0, 0);
+        for (i, chunk) in rows.chunks(batch).enumerate() {
+            let (answer, backend) = infer(chunk).expect("an answer");
+            let p = answer["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["name"] == "probabilities")
+                .unwrap()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect::<Vec<_>>();
+            let stages: Vec<String> = if batch == 1 {
+                vec![backend.expect("a single row names its stage")]
+            } else {
+                serde_json::from_value(answer["parameters"]["serval_stages"].clone())
+                    .expect("a multi-row answer names each row's stage")
+            };
+            assert_eq!(stages.len(), chunk.len());
+            for (k, row) in p.chunks(10).enumerate() {
+                let best = (0..10).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap();
+                correct += usize::from(best == labels[i * batch + k]);
+                large += usize::from(stages[k] == "digits-large");
+            }
+        }
+        let accuracy = correct as f64 / rows.len() as f64;
+        let share = large as f64 / rows.len() as f64;
+        println!(
+            "cascade at 0.9, {batch} row(s) per request: accuracy {accuracy:.4} (offline {}), \
+             {share:.3} of rows escalated (offline {})",
+            want["accuracy"], want["escalated"]
+        );
+        assert!((accuracy - want["accuracy"].as_f64().unwrap()).abs() <= 0.002);
+        assert!((share - want["escalated"].as_f64().unwrap()).abs() <= 0.01);
+    }
+}

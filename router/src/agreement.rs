@@ -374,6 +374,44 @@ fn v1(predictions: &Value) -> Result<Decoded, String> {
     Ok(Decoded::Tensors(tensors))
 }
 
+/// Each row's confidence in an answer, for a cascade: the largest value of `output` in the row
+/// (an Open Inference Protocol answer, JSON or binary, or V1 predictions), or the `score` of a
+/// post-processed answer (an image's `{"label", "score"}`, V1 rows with labels).
+pub fn confidences(answer: &Answer<'_>, output: &str) -> Result<Vec<f64>, String> {
+    if answer.header_length.is_none() {
+        let value: Value =
+            serde_json::from_slice(answer.body).map_err(|e| format!("not JSON: {e}"))?;
+        if let Some(score) = value.get("score").and_then(Value::as_f64) {
+            return Ok(vec![score]);
+        }
+        if let Some(rows) = value.get("predictions").and_then(Value::as_array) {
+            let scores: Option<Vec<f64>> = rows
+                .iter()
+                .map(|r| r.get("score").and_then(Value::as_f64))
+                .collect();
+            if let Some(scores) = scores.filter(|s| !s.is_empty()) {
+                return Ok(scores);
+            }
+        }
+    }
+    let Decoded::Tensors(tensors) = decode(answer)? else {
+        return Err("the answer has labels but no score".to_owned());
+    };
+    let t = tensors
+        .iter()
+        .find(|t| t.name == output || (tensors.len() == 1 && t.name.is_empty()))
+        .ok_or_else(|| format!("the answer has no output {output:?}"))?;
+    let Data::Numbers(values) = &t.data else {
+        return Err(format!("output {output:?} is not numeric"));
+    };
+    let size = t.row_size().max(1);
+    Ok(values
+        .chunks(size)
+        .take(t.rows())
+        .map(|row| row.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        .collect())
+}
+
 fn compare_tensors(spec: &MirrorCompare, a: &[Tensor], b: &[Tensor]) -> Result<Rows, Unreadable> {
     let chosen = match &spec.output {
         Some(name) => a

@@ -5,10 +5,13 @@
 //! ([`mirror`], [`agreement`]), and forwarded to one of the backend's addresses ([`upstream`])
 //! under the route's deadline and retry budget ([`proxy`], [`table`]) over the shard's
 //! keep-alive connections (hyper-util's pooled client). Every message is parsed and framed by
-//! hyper; [`headers`] holds the rules it leaves to us, each with its RFC section.
+//! hyper; [`headers`] holds the rules it leaves to us, each with its RFC section. A cascade
+//! route sends each request through its stages, escalating rows it is unsure of
+//! ([`cascade`]).
 
 pub mod agreement;
 pub mod body;
+pub mod cascade;
 pub mod config;
 pub mod errors;
 pub mod headers;

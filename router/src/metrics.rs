@@ -124,6 +124,17 @@ pub struct MirrorLabels {
     pub result: &'static str,
 }
 
+/// `{endpoint, backend, outcome}` of a cascade stage's rows.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CascadeLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// The stage's backend.
+    pub backend: String,
+    /// `answered` (confident enough, or the last stage) or `escalated` (sent on).
+    pub outcome: &'static str,
+}
+
 /// `{endpoint, backend, reason}` of a mirrored request that could not be compared.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorErrorLabels {
@@ -184,6 +195,8 @@ pub struct Metrics {
     pub mirror: Family<MirrorLabels, Counter>,
     /// Mirrored requests that could not be compared, by reason.
     pub mirror_errors: Family<MirrorErrorLabels, Counter>,
+    /// Rows each cascade stage answered or escalated.
+    pub cascade_rows: Family<CascadeLabels, Counter>,
     /// Requests no route claimed.
     pub unmatched: Counter,
     /// Requests refused before routing for breaking an HTTP rule (e.g. no Host).
@@ -226,6 +239,7 @@ impl Metrics {
             ejections: Family::default(),
             mirror: Family::default(),
             mirror_errors: Family::default(),
+            cascade_rows: Family::default(),
             unmatched: Counter::default(),
             refused: Counter::default(),
             table_info: Family::default(),
@@ -275,6 +289,11 @@ impl Metrics {
             "mirror_errors",
             "Mirrored requests that could not be compared, by reason",
             m.mirror_errors.clone(),
+        );
+        registry.register(
+            "cascade_rows",
+            "Rows each cascade stage answered or escalated to the next",
+            m.cascade_rows.clone(),
         );
         registry.register(
             "unmatched_requests",

@@ -27,11 +27,12 @@ use crate::metrics::{
 };
 use crate::mirror::{Mirror, ShadowCopy};
 use crate::oip;
-use crate::table::{CompiledRoute, TableStore};
+use crate::table::{CompiledCascade, CompiledRoute, TableStore};
 use crate::upstream::{
     AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
     shed_window,
 };
+use crate::{agreement, cascade};
 
 /// One request counted in `held_requests{backend}` until dropped.
 struct Held(Gauge);
@@ -173,6 +174,19 @@ impl Proxy {
         } else {
             pool
         };
+        if let Some(cascade) = &route.cascade
+            && target.kind == PathKind::Forward
+        {
+            let resp = match self
+                .cascade(route, cascade, &target, parts, body, deadline)
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            };
+            self.count(route, Some(&pool), resp.status(), start);
+            return resp;
+        }
         let mut resp = match self
             .forward(route, &target, &pool, parts, body, deadline)
             .await
@@ -460,6 +474,227 @@ impl Proxy {
         }
     }
 
+    /// A cascade: the whole body goes to the first stage; the rows each stage answers below
+    /// its threshold go on to the next (only those rows when the request and the answers are
+    /// JSON with rows; otherwise the whole request), and the answer keeps the request's row
+    /// order. A single-row answer names its stage in `serval-backend`; a multi-row one in
+    /// `parameters.serval_stages`, per row. A stage's error answer is the answer.
+    async fn cascade(
+        &self,
+        route: &CompiledRoute,
+        cascade: &CompiledCascade,
+        target: &Target,
+        mut parts: Parts,
+        body: Incoming,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<ProxyBody>> {
+        let timeout_ms = route.timeout.as_millis() as u64;
+        let read = tokio::time::timeout_at(
+            deadline,
+            read_ahead(body, self.max_buffered_body, self.max_body),
+        )
+        .await
+        .map_err(|_| Error::ClientTimeout { timeout_ms })?
+        .map_err(Error::Client)?;
+        let ReadAhead::Whole(body) = read else {
+            // Each stage may need the body again: it must fit the buffer.
+            return Err(Error::Client(crate::body::ClientFault::TooLarge));
+        };
+        if let Some(v) = &route.endpoint_header {
+            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
+        }
+        let request: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+        let rows = request.as_ref().and_then(cascade::splittable_rows);
+        // Rows still travelling (indices into the request's rows) and who answered each.
+        let mut pending: Vec<usize> = (0..rows.unwrap_or(1)).collect();
+        let mut answered_by: Vec<usize> = vec![0; pending.len()];
+        let mut merged: Option<(serde_json::Value, http::response::Parts)> = None;
+        let mut send = body.clone();
+        for (i, (pool, min)) in cascade.stages.iter().enumerate() {
+            let (head, bytes) = self
+                .exchange(route, target, pool, &parts, send, deadline)
+                .await?;
+            let (answered, escalated) = &cascade.rows[i];
+            if !head.status.is_success() {
+                return Ok(buffered_response(head, bytes, pool));
+            }
+            let header_length = head
+                .headers
+                .get(agreement::HEADER_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let low: Vec<usize> = match min {
+                None => Vec::new(),
+                Some(min) => {
+                    let answer = agreement::Answer {
+                        content_type: head
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok()),
+                        header_length,
+                        body: &bytes,
+                    };
+                    match agreement::confidences(&answer, &cascade.output) {
+                        Ok(c) if c.len() == pending.len() => cascade::escalated(&c, *min),
+                        // Unjudgeable (no such output, rows miscounted): the next stage
+                        // answers it all rather than an answer nobody checked.
+                        other => {
+                            tracing::debug!(backend = %pool.name, result = ?other.map(|c| c.len()), "cascade: confidences unreadable");
+                            (0..pending.len()).collect()
+                        }
+                    }
+                }
+            };
+            answered.inc_by((pending.len() - low.len()) as u64);
+            escalated.inc_by(low.len() as u64);
+            for r in &pending {
+                answered_by[*r] = i;
+            }
+            // Split by row only while everything is plain JSON with rows.
+            let json_answer = (header_length.is_none() && rows.is_some())
+                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .flatten();
+            merged = match (merged.take(), json_answer) {
+                (None, Some(v)) => Some((v, head)),
+                (Some((mut acc, first_head)), Some(v)) => {
+                    cascade::merge(&mut acc, &pending, &v).map_err(|reason| {
+                        Error::UpstreamProtocol {
+                            backend: pool.name.clone(),
+                            reason,
+                        }
+                    })?;
+                    Some((acc, first_head))
+                }
+                (_, None) => {
+                    // Not splittable: the whole request went to this stage; its answer is
+                    // the answer unless it escalates again.
+                    if low.is_empty() {
+                        return Ok(buffered_response(head, bytes, pool));
+                    }
+                    send = body.clone();
+                    continue;
+                }
+            };
+            if low.is_empty() {
+                break;
+            }
+            let next: Vec<usize> = low.iter().map(|j| pending[*j]).collect();
+            send = match &request {
+                Some(req) if next.len() < rows.unwrap_or(0) => Bytes::from(
+                    cascade::select_rows(req, &next)
+                        .map_err(Error::BadRequest)?
+                        .to_string(),
+                ),
+                _ => body.clone(),
+            };
+            pending = next;
+        }
+        let Some((mut acc, mut head)) = merged else {
+            return Err(Error::NoReadyBackend(route.endpoint.clone()));
+        };
+        let single = answered_by.len() == 1;
+        if !single {
+            let names: Vec<&str> = answered_by
+                .iter()
+                .map(|s| cascade.stages[*s].0.name.as_str())
+                .collect();
+            cascade::name_stages(&mut acc, &names);
+        }
+        let bytes = Bytes::from(acc.to_string());
+        head.headers.remove(header::CONTENT_LENGTH);
+        let answering = &cascade.stages[if single { answered_by[0] } else { 0 }].0;
+        let mut resp = buffered_response(head, bytes, answering);
+        if !single {
+            resp.headers_mut().remove(BACKEND_HEADER_NAME);
+        }
+        Ok(resp)
+    }
+
+    /// One buffered exchange with `pool` for a cascade stage: retries as [`Self::forward`]
+    /// does, and reads the whole answer (at most the body limit) within the deadline.
+    async fn exchange(
+        &self,
+        route: &CompiledRoute,
+        target: &Target,
+        pool: &Arc<BackendPool>,
+        parts: &Parts,
+        body: Bytes,
+        deadline: tokio::time::Instant,
+    ) -> Result<(http::response::Parts, Bytes)> {
+        let timeout_ms = route.timeout.as_millis() as u64;
+        let query = parts.uri.query();
+        let path = PathAndQuery::try_from(target.path.render(&pool.model, query))
+            .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
+        route.budget.deposit();
+        let mut tried = Vec::new();
+        loop {
+            let Some((idx, _inflight)) = pool.pick(&tried) else {
+                return Err(Error::NoReadyBackend(route.endpoint.clone()));
+            };
+            tried.push(idx);
+            let sent = tried.len() as u32;
+            let addr = &pool.addrs[idx];
+            let upstream = upstream_request(
+                &parts.method,
+                addr,
+                &path,
+                &parts.headers,
+                full_body(body.clone()),
+            )?;
+            let answer = tokio::time::timeout_at(deadline, async {
+                let resp = self.client.request(upstream).await?;
+                let (head, body) = resp.into_parts();
+                let bytes = http_body_util::Limited::new(body, self.max_body as usize)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes());
+                Ok::<_, hyper_util::client::legacy::Error>((head, bytes))
+            })
+            .await;
+            match answer {
+                Ok(Ok((head, Ok(bytes)))) => {
+                    self.record_answer(route, pool, idx, head.status.as_u16());
+                    if head.status == StatusCode::SERVICE_UNAVAILABLE
+                        && self.may_retry(route, pool, true, sent)
+                    {
+                        continue;
+                    }
+                    return Ok((head, bytes));
+                }
+                Ok(Ok((_, Err(e)))) => {
+                    pool.record_failure(idx, self.outlier, &self.metrics);
+                    self.upstream_error(route, pool, "protocol");
+                    return Err(Error::UpstreamProtocol {
+                        backend: pool.name.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    pool.record_failure(idx, self.outlier, &self.metrics);
+                    let connect = e.is_connect();
+                    self.upstream_error(route, pool, if connect { "connect" } else { "protocol" });
+                    if self.may_retry(route, pool, true, sent) {
+                        continue;
+                    }
+                    let (backend, reason) = (pool.name.clone(), source_chain(&e));
+                    return Err(if connect {
+                        Error::UpstreamUnreachable { backend, reason }
+                    } else {
+                        Error::UpstreamProtocol { backend, reason }
+                    });
+                }
+                Err(_) => {
+                    pool.record_failure(idx, self.outlier, &self.metrics);
+                    self.upstream_error(route, pool, "timeout");
+                    return Err(Error::Timeout {
+                        endpoint: route.endpoint.clone(),
+                        timeout_ms,
+                    });
+                }
+            }
+        }
+    }
+
     fn launch_mirror(
         &self,
         route: &CompiledRoute,
@@ -520,6 +755,19 @@ pub fn upstream_request(
     h.insert(header::HOST, host);
     *req.headers_mut() = h;
     Ok(req)
+}
+
+/// A whole answer read for a cascade, relayed with the stage that gave it.
+fn buffered_response(
+    mut head: http::response::Parts,
+    bytes: Bytes,
+    pool: &BackendPool,
+) -> Response<ProxyBody> {
+    headers::relay_response(&mut head.headers);
+    if let Some(v) = &pool.header_value {
+        head.headers.insert(BACKEND_HEADER_NAME, v.clone());
+    }
+    Response::from_parts(head, ProxyBody::full(bytes))
 }
 
 fn into_proxy_response(

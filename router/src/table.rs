@@ -15,7 +15,9 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
-use crate::metrics::{BackendLabels, CodeLabels, Metrics, RouteCounters, RouteLabels};
+use crate::metrics::{
+    BackendLabels, CascadeLabels, CodeLabels, Metrics, RouteCounters, RouteLabels,
+};
 use crate::split::Split;
 
 /// A route's retry budget (tower's, as in Finagle and linkerd): retries may add at most a
@@ -105,6 +107,19 @@ pub struct CompiledRoute {
     pub primary: Option<Arc<BackendPool>>,
     /// The Endpoint's name as the value of [`serval_api::routing::ENDPOINT_HEADER`].
     pub endpoint_header: Option<HeaderValue>,
+    /// A cascade's stages after the split's (its first stage).
+    pub cascade: Option<CompiledCascade>,
+}
+
+/// A route's cascade.
+#[derive(Debug)]
+pub struct CompiledCascade {
+    /// The output whose per-row maximum is a row's confidence.
+    pub output: String,
+    /// Every stage in order with its threshold (`None` on the last, which answers all).
+    pub stages: Vec<(Arc<BackendPool>, Option<f64>)>,
+    /// Rows answered and escalated, per stage: `cascade_rows_total{endpoint, backend, outcome}`.
+    pub rows: Vec<(Counter, Counter)>,
 }
 
 /// A route's shadow traffic.
@@ -337,7 +352,36 @@ impl CompiledTable {
                     },
                 )
                 .map(|(_, p)| p.clone());
+            let cascade = match &r.cascade {
+                Some(c) => Some(CompiledCascade {
+                    output: c.output.clone(),
+                    stages: c
+                        .stages
+                        .iter()
+                        .map(|s| Ok((pool(&s.backend, e)?, s.min_confidence)))
+                        .collect::<Result<Vec<_>>>()?,
+                    rows: c
+                        .stages
+                        .iter()
+                        .map(|s| {
+                            let series = |outcome: &'static str| {
+                                metrics
+                                    .cascade_rows
+                                    .get_or_create(&CascadeLabels {
+                                        endpoint: r.endpoint.clone(),
+                                        backend: s.backend.clone(),
+                                        outcome,
+                                    })
+                                    .clone()
+                            };
+                            (series("answered"), series("escalated"))
+                        })
+                        .collect(),
+                }),
+                None => None,
+            };
             routes.push(CompiledRoute {
+                cascade,
                 primary,
                 endpoint_header: HeaderValue::from_str(&r.endpoint).ok(),
                 endpoint: r.endpoint.clone(),

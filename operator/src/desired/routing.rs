@@ -9,9 +9,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use serval_api::conditions::{DEGRADED, PROGRESSING, READY, reason};
 use serval_api::routing::{
-    HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable, Upstream, WeightedBackend,
+    CascadePlan, CascadeStep, HeaderMatch, MirrorPolicy, RetryPolicy, Route, RoutingTable,
+    Upstream, WeightedBackend,
 };
-use serval_api::{EffectiveTraffic, Endpoint, EndpointStatus, Mirror, TrafficTarget};
+use serval_api::{Cascade, EffectiveTraffic, Endpoint, EndpointStatus, Mirror, TrafficTarget};
 
 use crate::conditions::{Observed, settle};
 
@@ -95,6 +96,11 @@ pub fn plan<'a>(
         let spec = &ep.spec;
         let (declared, mirror) = declared(ep);
         let mut named: Vec<&str> = declared.iter().map(|t| t.backend.as_str()).collect();
+        named.extend(
+            spec.cascade
+                .iter()
+                .flat_map(|c| c.stages.iter().skip(1).map(|s| s.backend.as_str())),
+        );
         named.extend(mirror.iter().map(|m| m.backend.as_str()));
         named.extend(spec.matches.iter().map(|m| m.backend.as_str()));
         for b in named {
@@ -155,12 +161,19 @@ pub fn plan<'a>(
                 attempts: spec.retries.attempts,
                 budget_percent: spec.retries.budget_percent,
             },
+            cascade: spec.cascade.as_ref().and_then(|c| cascade_plan(c, &usable)),
             traffic,
         };
         // Every backend the route names needs an upstream entry, usable or not.
         used.extend(route.traffic.iter().map(|t| t.backend.clone()));
         used.extend(route.mirror.iter().map(|m| m.backend.clone()));
         used.extend(route.matches.iter().map(|m| m.backend.clone()));
+        used.extend(
+            route
+                .cascade
+                .iter()
+                .flat_map(|c| c.stages.iter().map(|s| s.backend.clone())),
+        );
         routes.push(route);
         outcomes.insert(name, outcome);
     }
@@ -199,6 +212,14 @@ pub fn plan<'a>(
 /// while it is shadowed.
 pub fn declared(ep: &Endpoint) -> (Vec<TrafficTarget>, Option<Mirror>) {
     let spec = &ep.spec;
+    if let Some(cascade) = &spec.cascade {
+        // Every request enters at the first stage; the table's cascade holds the rest.
+        let first = cascade.stages.first().map(|s| TrafficTarget {
+            backend: s.backend.clone(),
+            weight: 100,
+        });
+        return (first.into_iter().collect(), None);
+    }
     let Some(rollout) = &spec.rollout else {
         return (spec.traffic.clone(), spec.mirror.clone());
     };
@@ -253,6 +274,35 @@ pub fn declared(ep: &Endpoint) -> (Vec<TrafficTarget>, Option<Mirror>) {
         compare: None,
     });
     (traffic, mirror)
+}
+
+/// The table's cascade: the stages after the first that can serve (a stage that is missing or
+/// not Ready is skipped, so its rows go to the next one), the last answering whatever reaches
+/// it. `None` when no later stage can serve: the first stage then answers everything.
+fn cascade_plan(cascade: &Cascade, usable: &dyn Fn(&str) -> bool) -> Option<CascadePlan> {
+    let (first, rest) = cascade.stages.split_first()?;
+    let mut stages = vec![CascadeStep {
+        backend: first.backend.clone(),
+        min_confidence: first.min_confidence,
+    }];
+    stages.extend(
+        rest.iter()
+            .filter(|s| usable(&s.backend))
+            .map(|s| CascadeStep {
+                backend: s.backend.clone(),
+                min_confidence: s.min_confidence,
+            }),
+    );
+    if stages.len() < 2 {
+        return None;
+    }
+    if let Some(last) = stages.last_mut() {
+        last.min_confidence = None;
+    }
+    Some(CascadePlan {
+        output: cascade.output.clone(),
+        stages,
+    })
 }
 
 /// Integer percentages summing to exactly 100 (largest remainder), or all 0 when `total` is 0.
@@ -408,5 +458,109 @@ pub fn status_for(
         // The rollout's own field, written by its actuator: carried over so a comparison with
         // the stored status holds, and never sent by the Endpoint controller.
         rollout: endpoint.status.as_ref().and_then(|s| s.rollout.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cascade_endpoint() -> Endpoint {
+        let mut ep = Endpoint::new(
+            "digits-cascade",
+            serde_json::from_value(json!({
+                "route": {"pathPrefix": "/digits"},
+                "cascade": {"output": "probabilities", "stages": [
+                    {"backend": "small", "minConfidence": 0.9},
+                    {"backend": "medium", "minConfidence": 0.95},
+                    {"backend": "large"}
+                ]}
+            }))
+            .expect("a valid spec"),
+        );
+        ep.meta_mut().namespace = Some("models".to_owned());
+        ep
+    }
+
+    fn view(ready: bool) -> BackendView {
+        BackendView {
+            ready,
+            addresses: vec!["10.0.0.1:8080".to_owned()],
+            scaled_to_zero: false,
+        }
+    }
+
+    #[test]
+    fn a_cascade_enters_at_its_first_stage_and_skips_stages_that_cannot_serve() {
+        let ep = cascade_endpoint();
+        let all = BTreeMap::from([
+            ("small".to_owned(), view(true)),
+            ("medium".to_owned(), view(true)),
+            ("large".to_owned(), view(true)),
+        ]);
+        let plan = plan([&ep], &all);
+        let route = &plan.table.routes[0];
+        assert_eq!(
+            route.traffic,
+            vec![WeightedBackend {
+                backend: "small".to_owned(),
+                weight: 100
+            }]
+        );
+        let cascade = route.cascade.as_ref().expect("a cascade");
+        let stages: Vec<(&str, Option<f64>)> = cascade
+            .stages
+            .iter()
+            .map(|s| (s.backend.as_str(), s.min_confidence))
+            .collect();
+        assert_eq!(
+            stages,
+            vec![
+                ("small", Some(0.9)),
+                ("medium", Some(0.95)),
+                ("large", None)
+            ]
+        );
+        assert!(plan.table.validate().is_ok());
+        assert!(plan.table.backends.contains_key("large"));
+
+        // The large stage is not Ready: medium becomes the last stage, answering everything
+        // that reaches it; the status names the Backend.
+        let mut some = all.clone();
+        some.insert("large".to_owned(), view(false));
+        let plan = plan_of(&ep, &some);
+        let stages: Vec<(String, Option<f64>)> = plan.table.routes[0]
+            .cascade
+            .as_ref()
+            .expect("a cascade")
+            .stages
+            .iter()
+            .map(|s| (s.backend.clone(), s.min_confidence))
+            .collect();
+        assert_eq!(
+            stages,
+            vec![("small".to_owned(), Some(0.9)), ("medium".to_owned(), None)]
+        );
+        assert_eq!(
+            plan.outcomes["digits-cascade"].not_ready,
+            vec!["large".to_owned()]
+        );
+
+        // Only the first stage serves: a plain route to it.
+        let mut first = all;
+        first.remove("medium");
+        first.remove("large");
+        let plan = plan_of(&ep, &first);
+        assert!(plan.table.routes[0].cascade.is_none());
+        assert_eq!(
+            plan.outcomes["digits-cascade"].missing,
+            vec!["medium".to_owned(), "large".to_owned()]
+        );
+    }
+
+    fn plan_of(ep: &Endpoint, backends: &BTreeMap<String, BackendView>) -> Plan {
+        plan([ep], backends)
     }
 }
