@@ -83,6 +83,24 @@ pub struct EndpointSpec {
     pub cascade: Option<Cascade>,
 }
 
+impl EndpointSpec {
+    /// Every Backend the Endpoint names, in any role (traffic, mirror, rollout canary, match
+    /// rules, cascade stages), possibly repeated: what its routing depends on.
+    pub fn named_backends(&self) -> impl Iterator<Item = &str> {
+        self.traffic
+            .iter()
+            .map(|t| t.backend.as_str())
+            .chain(self.mirror.iter().map(|m| m.backend.as_str()))
+            .chain(self.rollout.iter().map(|r| r.canary.as_str()))
+            .chain(self.matches.iter().map(|m| m.backend.as_str()))
+            .chain(
+                self.cascade
+                    .iter()
+                    .flat_map(|c| c.stages.iter().map(|s| s.backend.as_str())),
+            )
+    }
+}
+
 /// A cascade: every request goes to the first stage; each row whose confidence (the largest
 /// value of `output` in that row; the `score` of a post-processed image or V1 answer) is
 /// below the stage's `minConfidence` goes on to the next stage; the last stage answers

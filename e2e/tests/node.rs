@@ -183,6 +183,7 @@ fn real_node_scenarios() {
     user_container(&cluster, &ns, &client, &router);
     scale_from_zero(&cluster, &ns, &client, &router, &png);
     rollout_promoted(&cluster, &ns, &router, &png);
+    cascade(&cluster, &node, &ns, &client, &router);
 }
 
 /// OCI archives of the operator, sidecar, router and the user-container example (from the
@@ -1049,4 +1050,96 @@ spec:
         counts.get("digits-v2").copied().unwrap_or(0) > 0,
         "the canary served: {counts:?}"
     );
+}
+
+/// The cascade example planned by the operator from the real API server and served by the
+/// router pods: the held-out digits, 16 rows per request, answered as the offline cascade
+/// (`models/digits/composition.json`) answers them.
+fn cascade(
+    cluster: &Cluster,
+    node: &RealNode,
+    ns: &str,
+    client: &reqwest::blocking::Client,
+    router: &str,
+) {
+    let models = node.host_path("models").unwrap();
+    for m in ["digits-small.onnx", "digits-large.onnx"] {
+        std::fs::copy(repo().join("models").join(m), models.join(m)).unwrap();
+    }
+    let yaml = std::fs::read_to_string(repo().join("examples/cascade/digits-cascade.yaml"))
+        .unwrap()
+        .replace("uri: file://../../models/", "uri: pvc://models/")
+        .replace("pathPrefix: /digits\n", "pathPrefix: /digits-cascade\n");
+    assert!(yaml.contains("pvc://models/digits-large.onnx"), "{yaml}");
+    kubectl_apply(cluster, ns, &yaml);
+    for b in ["digits-small", "digits-large"] {
+        wait_backend_ready(cluster, ns, b, Duration::from_secs(180));
+    }
+    let truth: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("models/digits/composition.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(truth["rows"].clone()).unwrap();
+    let labels: Vec<usize> = serde_json::from_value(truth["labels"].clone()).unwrap();
+    let url = format!("http://{router}/digits-cascade/v2/models/digits-cascade/infer");
+    let infer = |chunk: &[Vec<f32>]| -> anyhow::Result<Value> {
+        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
+        let resp = client
+            .post(&url)
+            .json(
+                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+                "shape": [chunk.len(), 64], "data": data}]}),
+            )
+            .send()?;
+        if !resp.status().is_success() {
+            bail!("{} {}", resp.status(), resp.text().unwrap_or_default());
+        }
+        Ok(resp.json()?)
+    };
+    let mut last = String::new();
+    let served = wait_for("the cascade route", Duration::from_secs(30), || {
+        Ok(match infer(&rows[..2]) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
+        })
+    });
+    if let Err(e) = served {
+        panic!("{e:#}; the last answer: {last}");
+    }
+    let (mut correct, mut large) = (0, 0);
+    for (i, chunk) in rows.chunks(16).enumerate() {
+        let answer = infer(chunk).unwrap();
+        let p: Vec<f64> = answer["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "probabilities")
+            .unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let stages = answer["parameters"]["serval_stages"].as_array().unwrap();
+        for (k, row) in p.chunks(10).enumerate() {
+            let best = (0..10).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap();
+            correct += usize::from(best == labels[i * 16 + k]);
+            large += usize::from(stages[k] == "digits-large");
+        }
+    }
+    let accuracy = correct as f64 / rows.len() as f64;
+    let share = large as f64 / rows.len() as f64;
+    let want = &truth["cascadeSmallLarge"]["0.9"];
+    println!(
+        "cascade through the router pods: {} held-out digits, accuracy {accuracy:.4} (offline \
+         {:.4}), {share:.3} of rows escalated to digits-large (offline {:.3})",
+        rows.len(),
+        want["accuracy"].as_f64().unwrap(),
+        want["escalated"].as_f64().unwrap()
+    );
+    assert!((accuracy - want["accuracy"].as_f64().unwrap()).abs() <= 0.002);
+    assert!((share - want["escalated"].as_f64().unwrap()).abs() <= 0.01);
 }

@@ -139,7 +139,34 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
             endpoint_yaml(name, &format!("/{name}"), &[("a", 100)])
         )
     };
-    let cases: [(&str, String, &str); 12] = [
+    let cascade = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {{name: {name}}}\n\
+             spec:\n  route: {{pathPrefix: /{name}}}\n{spec}"
+        )
+    };
+    let cases: [(&str, String, &str); 15] = [
+        (
+            "cascade and traffic",
+            cascade(
+                "cas1",
+                "  cascade: {output: p, stages: [{backend: a, minConfidence: 0.9}, {backend: b}]}\n  traffic: [{backend: a, weight: 100}]\n",
+            ),
+            "an Endpoint has either traffic or a cascade",
+        ),
+        (
+            "neither cascade nor traffic",
+            cascade("cas2", ""),
+            "an Endpoint has either traffic or a cascade",
+        ),
+        (
+            "cascade stage without minConfidence",
+            cascade(
+                "cas3",
+                "  cascade: {output: p, stages: [{backend: a}, {backend: b}]}\n",
+            ),
+            "every cascade stage but the last needs minConfidence",
+        ),
         (
             "rollout canary in traffic",
             with_rollout("ro1", "{canary: a}"),

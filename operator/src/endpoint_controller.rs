@@ -152,13 +152,9 @@ pub fn endpoints_using(backend: &Backend, endpoints: &[Arc<Endpoint>]) -> Vec<Ob
     endpoints
         .iter()
         .filter(|e| e.namespace() == ns)
-        .filter(|e| {
-            let s = &e.spec;
-            s.traffic.iter().any(|t| t.backend == name)
-                || s.mirror.as_ref().is_some_and(|m| m.backend == name)
-                || s.rollout.as_ref().is_some_and(|r| r.canary == name)
-                || s.matches.iter().any(|m| m.backend == name)
-        })
+        // Every role, cascade stages included: found on a real node, a cascade whose stages
+        // turned Ready after it was planned stayed without a ready Backend.
+        .filter(|e| e.spec.named_backends().any(|b| b == name))
         .map(|e| ObjectRef::from_obj(e.as_ref()))
         .collect()
 }

@@ -1073,3 +1073,26 @@ fn an_autoscaled_backend_serves_while_new_replicas_load() {
     let status = serde_json::to_value(fixed.status.as_ref().unwrap()).unwrap();
     assert_eq!(condition(&status, "Ready")["status"], "False");
 }
+
+/// Found on a real node: a cascade was re-planned only when its first stage changed, so a
+/// later stage turning Ready left it answering 503. Every stage triggers it now.
+#[test]
+fn a_cascade_is_reconciled_when_any_of_its_stages_changes() {
+    let mut cascade = endpoint("c", &[], 1_000);
+    cascade.spec.cascade = Some(
+        serde_json::from_value(json!({"output": "p", "stages": [
+            {"backend": "small", "minConfidence": 0.9}, {"backend": "large"}
+        ]}))
+        .unwrap(),
+    );
+    let endpoints = vec![
+        Arc::new(cascade),
+        Arc::new(endpoint("t", &[("v1", 100)], 1_000)),
+    ];
+    for stage in ["small", "large"] {
+        let triggered = endpoint_controller::endpoints_using(&backend(stage, 1), &endpoints);
+        assert_eq!(triggered.len(), 1, "{stage}");
+        assert_eq!(triggered[0].name, "c");
+    }
+    assert!(endpoint_controller::endpoints_using(&backend("other", 1), &endpoints).is_empty());
+}
