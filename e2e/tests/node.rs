@@ -1096,10 +1096,21 @@ fn cascade(
         }
         Ok(resp.json()?)
     };
+    // Both stages in the router pods' table: the held-out set reaches digits-large.
     let mut last = String::new();
-    let served = wait_for("the cascade route", Duration::from_secs(30), || {
-        Ok(match infer(&rows[..2]) {
-            Ok(v) => Some(v),
+    let served = wait_for("the cascade's two stages", Duration::from_secs(60), || {
+        Ok(match infer(&rows) {
+            Ok(v)
+                if v["parameters"]["serval_stages"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s == "digits-large")) =>
+            {
+                Some(v)
+            }
+            Ok(v) => {
+                last = format!("{}", v["parameters"]);
+                None
+            }
             Err(e) => {
                 last = format!("{e:#}");
                 None

@@ -46,14 +46,7 @@ pub fn select_rows(request: &Value, rows: &[usize]) -> Result<Value, String> {
     let mut out = request.clone();
     if let Some(inputs) = out.get_mut("inputs").and_then(Value::as_array_mut) {
         for input in inputs {
-            let shape: Vec<usize> = input["shape"]
-                .as_array()
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let shape = shape_of(&input["shape"]);
             let size: usize = shape.iter().skip(1).product();
             let flat = flatten(&input["data"]);
             if flat.len() != shape.iter().product::<usize>() {
@@ -96,14 +89,7 @@ pub fn merge(first: &mut Value, rows: &[usize], next: &Value) -> Result<(), Stri
                 .iter()
                 .find(|o| o["name"] == name)
                 .ok_or_else(|| format!("the next stage has no output {name}"))?;
-            let shape: Vec<usize> = output["shape"]
-                .as_array()
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let shape = shape_of(&output["shape"]);
             let size: usize = shape.iter().skip(1).product();
             let mut mine = flatten(&output["data"]);
             let replacement = flatten(&other["data"]);
@@ -146,6 +132,16 @@ pub fn name_stages(answer: &mut Value, stages: &[&str]) {
             );
         }
     }
+}
+
+fn shape_of(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn flatten(v: &Value) -> Vec<Value> {
