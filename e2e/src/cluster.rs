@@ -8,8 +8,8 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -17,7 +17,7 @@ use tempfile::TempDir;
 
 use crate::binaries::Binaries;
 use crate::pki::Pki;
-use crate::process::{Component, DEFAULT_STOP_GRACE, processes_matching, stop_all};
+use crate::process::{Components, DEFAULT_STOP_GRACE, processes_matching};
 use crate::wait::wait_for;
 
 /// Bound on kube-apiserver becoming ready (etcd and apiserver start together; 5–20 s typical
@@ -53,7 +53,7 @@ pub struct Cluster {
     pki: Pki,
     kubeconfig: PathBuf,
     server: String,
-    components: Mutex<Vec<Component>>,
+    components: Components,
     namespaces: AtomicU32,
     options: ClusterOptions,
 }
@@ -103,6 +103,7 @@ impl Cluster {
             .tempdir()
             .context("creating the cluster directory")?;
         let dir_path = dir.path().to_path_buf();
+        let logs = dir_path.join("logs");
         let pki = match options.node_ip {
             None => Pki::generate(&dir_path.join("pki"))?,
             Some(ip) => Pki::generate_for(
@@ -135,7 +136,7 @@ impl Cluster {
             pki,
             kubeconfig,
             server,
-            components: Mutex::new(Vec::new()),
+            components: Components::new(logs),
             namespaces: AtomicU32::new(0),
             options,
         };
@@ -304,32 +305,12 @@ impl Cluster {
     }
 
     fn spawn(&self, name: &'static str, program: &Path, args: &[String]) -> anyhow::Result<()> {
-        let log = self.dir_path.join("logs").join(format!("{name}.log"));
-        let component = Component::spawn(name, program, args, log)?;
-        self.components
-            .lock()
-            .map_err(|_| anyhow!("component list poisoned"))?
-            .push(component);
-        Ok(())
+        self.components.spawn(name, program, args)
     }
 
     /// Fails, with the component's log tail, if any component has exited.
     pub fn check_running(&self) -> anyhow::Result<()> {
-        let mut components = self
-            .components
-            .lock()
-            .map_err(|_| anyhow!("component list poisoned"))?;
-        for c in components.iter_mut() {
-            if let Some(status) = c.exited() {
-                bail!(
-                    "{} exited ({status}); log {}:\n{}",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(LOG_TAIL_LINES)
-                );
-            }
-        }
-        Ok(())
+        self.components.check_running(LOG_TAIL_LINES)
     }
 
     /// Path of an admin kubeconfig (token auth, member of `system:masters`).
@@ -459,20 +440,7 @@ impl Cluster {
 
     /// The last `lines` lines of every component's log, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
-        let Ok(components) = self.components.lock() else {
-            return "(component list poisoned)".into();
-        };
-        components
-            .iter()
-            .map(|c| {
-                format!(
-                    "----- {} ({}) -----\n{}\n",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(lines)
-                )
-            })
-            .collect()
+        self.components.log_tails(lines)
     }
 
     /// Pids of live processes started for this cluster (matched by its directory in their
@@ -493,15 +461,8 @@ impl Cluster {
     /// Stops every component (SIGTERM to each process group, SIGKILL after a grace period)
     /// and fails if any of this cluster's processes survive. Idempotent.
     pub fn stop(&self) -> anyhow::Result<()> {
-        let mut components = self
-            .components
-            .lock()
-            .map_err(|_| anyhow!("component list poisoned"))?;
         // Reverse start order: clients before the API server, the API server before etcd.
-        components.reverse();
-        stop_all(&mut components, DEFAULT_STOP_GRACE);
-        components.clear();
-        drop(components);
+        self.components.stop(DEFAULT_STOP_GRACE)?;
         let survivors = self.surviving_processes()?;
         if !survivors.is_empty() {
             bail!("processes survived stopping the cluster: {survivors:?}");

@@ -19,13 +19,12 @@ use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 
 use crate::cluster::{Cluster, KUBERNETES_SERVICE_IP, LOG_TAIL_LINES, SERVICE_CIDR};
-use crate::process::{Component, DEFAULT_STOP_GRACE, processes_matching, stop_all};
+use crate::process::{Components, DEFAULT_STOP_GRACE, processes_matching};
 use crate::wait::wait_for;
 
 /// The node's address, on `lo` of the namespace: the kubelet refuses a loopback node IP, and
@@ -376,7 +375,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 pub struct RealNode {
     dir: PathBuf,
     socket: PathBuf,
-    components: Mutex<Vec<Component>>,
+    components: Components,
     /// Seconds from start to each milestone, for the test's report.
     pub timings: Vec<(&'static str, Duration)>,
 }
@@ -410,7 +409,7 @@ impl RealNode {
         let mut node = Self {
             dir: dir.to_path_buf(),
             socket: dir.join("containerd/containerd.sock"),
-            components: Mutex::new(Vec::new()),
+            components: Components::new(dir.join("logs")),
             timings: Vec::new(),
         };
         if let Err(e) = node.boot(cluster, images, pause_image, start) {
@@ -538,50 +537,17 @@ impl RealNode {
     }
 
     fn spawn(&self, name: &'static str, program: &Path, args: &[String]) -> anyhow::Result<()> {
-        let log = self.dir.join("logs").join(format!("{name}.log"));
-        let component = Component::spawn(name, program, args, log)?;
-        self.components
-            .lock()
-            .map_err(|_| anyhow!("component list poisoned"))?
-            .push(component);
-        Ok(())
+        self.components.spawn(name, program, args)
     }
 
     /// Fails, with the component's log tail, if a node component has exited.
     pub fn check_running(&self) -> anyhow::Result<()> {
-        let mut components = self
-            .components
-            .lock()
-            .map_err(|_| anyhow!("component list poisoned"))?;
-        for c in components.iter_mut() {
-            if let Some(status) = c.exited() {
-                bail!(
-                    "{} exited ({status}); log {}:\n{}",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(LOG_TAIL_LINES)
-                );
-            }
-        }
-        Ok(())
+        self.components.check_running(LOG_TAIL_LINES)
     }
 
     /// The last `lines` lines of every node component's log.
     pub fn log_tails(&self, lines: usize) -> String {
-        let Ok(components) = self.components.lock() else {
-            return "(component list poisoned)".into();
-        };
-        components
-            .iter()
-            .map(|c| {
-                format!(
-                    "----- {} ({}) -----\n{}\n",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(lines)
-                )
-            })
-            .collect()
+        self.components.log_tails(lines)
     }
 
     /// A hostPath directory pods can mount (for `pvc://` models on a static PersistentVolume).
@@ -593,11 +559,7 @@ impl RealNode {
 
     /// Stops the node's components (the kubelet first, containerd last).
     pub fn stop(&self) {
-        if let Ok(mut components) = self.components.lock() {
-            components.reverse();
-            stop_all(&mut components, DEFAULT_STOP_GRACE);
-            components.clear();
-        }
+        let _ = self.components.stop(DEFAULT_STOP_GRACE);
     }
 }
 

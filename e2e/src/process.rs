@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
+
+use anyhow::bail;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -108,6 +110,82 @@ impl Component {
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail_file(&self.log, lines)
+    }
+}
+
+/// Components started together and stopped together, logging into one directory.
+#[derive(Debug)]
+pub struct Components {
+    log_dir: PathBuf,
+    list: Mutex<Vec<Component>>,
+}
+
+impl Components {
+    /// An empty group whose logs go to `log_dir/<name>.log`.
+    pub fn new(log_dir: PathBuf) -> Self {
+        Self {
+            log_dir,
+            list: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts a component of the group.
+    pub fn spawn(&self, name: &'static str, program: &Path, args: &[String]) -> anyhow::Result<()> {
+        let log = self.log_dir.join(format!("{name}.log"));
+        let component = Component::spawn(name, program, args, log)?;
+        self.list
+            .lock()
+            .map_err(|_| anyhow!("component list poisoned"))?
+            .push(component);
+        Ok(())
+    }
+
+    /// Fails, with the component's log tail, if any component has exited.
+    pub fn check_running(&self, tail_lines: usize) -> anyhow::Result<()> {
+        let mut list = self
+            .list
+            .lock()
+            .map_err(|_| anyhow!("component list poisoned"))?;
+        for c in list.iter_mut() {
+            if let Some(status) = c.exited() {
+                bail!(
+                    "{} exited ({status}); log {}:\n{}",
+                    c.name,
+                    c.log.display(),
+                    c.log_tail(tail_lines)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of every component's log, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let Ok(list) = self.list.lock() else {
+            return "(component list poisoned)".into();
+        };
+        list.iter()
+            .map(|c| {
+                format!(
+                    "----- {} ({}) -----\n{}\n",
+                    c.name,
+                    c.log.display(),
+                    c.log_tail(lines)
+                )
+            })
+            .collect()
+    }
+
+    /// Stops every component in reverse start order (clients before the servers they use).
+    pub fn stop(&self, grace: Duration) -> anyhow::Result<()> {
+        let mut list = self
+            .list
+            .lock()
+            .map_err(|_| anyhow!("component list poisoned"))?;
+        list.reverse();
+        stop_all(&mut list, grace);
+        list.clear();
+        Ok(())
     }
 }
 
