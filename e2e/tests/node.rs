@@ -422,6 +422,21 @@ fn pods(cluster: &Cluster, ns: &str, backend: &str) -> Vec<Pod> {
         .collect()
 }
 
+/// Every pod of a Backend, Ready or not, terminating included.
+fn pod_names(cluster: &Cluster, ns: &str, backend: &str) -> anyhow::Result<Vec<String>> {
+    let out = cluster.kubectl_ok([
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        &format!("serval.dev/backend={backend}"),
+        "-o",
+        "name",
+    ])?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
 /// Seconds of an RFC 3339 UTC timestamp (`2026-12-05T07:10:33Z`) since midnight, for
 /// differences within a test.
 fn seconds(ts: &str) -> i64 {
@@ -730,19 +745,9 @@ fn rolling_update_under_load(cluster: &Cluster, ns: &str, url: &str, png: &[u8])
         Duration::from_secs(180),
         || {
             let now = pods(cluster, ns, "digits-v1");
-            let all = cluster.kubectl_ok([
-                "get",
-                "pods",
-                "-n",
-                ns,
-                "-l",
-                "serval.dev/backend=digits-v1",
-                "-o",
-                "name",
-            ])?;
             Ok((!now.is_empty()
                 && now.iter().all(|p| !before.contains(&p.name))
-                && all.lines().count() == now.len())
+                && pod_names(cluster, ns, "digits-v1")?.len() == now.len())
             .then_some(()))
         },
     )
@@ -956,17 +961,7 @@ spec:
         let t = Instant::now();
         wait_for("digits-zero at zero", Duration::from_secs(180), || {
             let (want, _) = deployment_replicas(cluster, ns, "digits-zero");
-            let left = cluster.kubectl_ok([
-                "get",
-                "pods",
-                "-n",
-                ns,
-                "-l",
-                "serval.dev/backend=digits-zero",
-                "-o",
-                "name",
-            ])?;
-            Ok((want == 0 && left.trim().is_empty()).then_some(()))
+            Ok((want == 0 && pod_names(cluster, ns, "digits-zero")?.is_empty()).then_some(()))
         })
         .unwrap();
         let at_zero = t.elapsed();

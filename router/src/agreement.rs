@@ -169,6 +169,11 @@ fn decode(answer: &Answer<'_>) -> Result<Decoded, String> {
         let kind = answer.content_type.unwrap_or("no content type");
         format!("not JSON ({kind}): {e}")
     })?;
+    decode_value(&value, binary)
+}
+
+/// [`decode`] of an answer's JSON part, already parsed, and the binary outputs after it.
+fn decode_value(value: &Value, binary: &[u8]) -> Result<Decoded, String> {
     if let Some(outputs) = value.get("outputs") {
         return oip(outputs, binary).map(Decoded::Tensors);
     }
@@ -376,25 +381,22 @@ fn v1(predictions: &Value) -> Result<Decoded, String> {
 
 /// Each row's confidence in an answer, for a cascade: the largest value of `output` in the row
 /// (an Open Inference Protocol answer, JSON or binary, or V1 predictions), or the `score` of a
-/// post-processed answer (an image's `{"label", "score"}`, V1 rows with labels).
-pub fn confidences(answer: &Answer<'_>, output: &str) -> Result<Vec<f64>, String> {
-    if answer.header_length.is_none() {
-        let value: Value =
-            serde_json::from_slice(answer.body).map_err(|e| format!("not JSON: {e}"))?;
-        if let Some(score) = value.get("score").and_then(Value::as_f64) {
-            return Ok(vec![score]);
-        }
-        if let Some(rows) = value.get("predictions").and_then(Value::as_array) {
-            let scores: Option<Vec<f64>> = rows
-                .iter()
-                .map(|r| r.get("score").and_then(Value::as_f64))
-                .collect();
-            if let Some(scores) = scores.filter(|s| !s.is_empty()) {
-                return Ok(scores);
-            }
+/// post-processed answer (an image's `{"label", "score"}`, V1 rows with labels). `value` is the
+/// answer's JSON part, `binary` the binary outputs after it (empty without them).
+pub fn confidences(value: &Value, binary: &[u8], output: &str) -> Result<Vec<f64>, String> {
+    if let Some(score) = value.get("score").and_then(Value::as_f64) {
+        return Ok(vec![score]);
+    }
+    if let Some(rows) = value.get("predictions").and_then(Value::as_array) {
+        let scores: Option<Vec<f64>> = rows
+            .iter()
+            .map(|r| r.get("score").and_then(Value::as_f64))
+            .collect();
+        if let Some(scores) = scores.filter(|s| !s.is_empty()) {
+            return Ok(scores);
         }
     }
-    let Decoded::Tensors(tensors) = decode(answer)? else {
+    let Decoded::Tensors(tensors) = decode_value(value, binary)? else {
         return Err("the answer has labels but no score".to_owned());
     };
     let t = tensors

@@ -375,7 +375,7 @@ impl Proxy {
         .map_err(|_| Error::ClientTimeout { timeout_ms })?
         .map_err(Error::Client)?;
         let fault = FaultCell::default();
-        let (buffered, mut stream) = match read {
+        let (buffered, stream) = match read {
             ReadAhead::Whole(b) => (Some(b), None),
             ReadAhead::Partial(prefix, rest) => (
                 None,
@@ -393,6 +393,52 @@ impl Proxy {
             query,
             &buffered,
         );
+        let (resp, inflight) = self
+            .send(
+                route,
+                pool,
+                &parts,
+                &path,
+                match (&buffered, stream) {
+                    (Some(b), _) => Outgoing::Buffered(b),
+                    (None, s) => Outgoing::Streamed(s.map(|s| s.boxed_unsync()), &fault),
+                },
+                deadline,
+            )
+            .await?;
+        // Only successful answers are compared.
+        let tee = match tee.take() {
+            Some(mut t) if resp.status().is_success() => {
+                t.set_head(resp.headers());
+                Some(t)
+            }
+            Some(t) => {
+                t.fail("primary_status");
+                None
+            }
+            None => None,
+        };
+        Ok(into_proxy_response(resp, inflight, tee))
+    }
+
+    /// Sends a request to one of `pool`'s replicas under the route's deadline and retry
+    /// policy: a 503 or no answer is sent again (to another replica when there is one) if the
+    /// body is buffered and the budget allows; a 429 sheds that replica for its window. The
+    /// body is sent as [`Outgoing`] says.
+    async fn send(
+        &self,
+        route: &CompiledRoute,
+        pool: &Arc<BackendPool>,
+        parts: &Parts,
+        path: &PathAndQuery,
+        mut body: Outgoing<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Response<Incoming>, InflightGuard)> {
+        let (buffered, fault) = match &body {
+            Outgoing::Buffered(_) => (true, None),
+            Outgoing::Streamed(_, fault) => (false, Some(*fault)),
+        };
+        let timeout_ms = route.timeout.as_millis() as u64;
         route.budget.deposit();
         let mut tried = Vec::new();
         // Retries stay within the backend the policy chose (another replica when it has one),
@@ -403,14 +449,16 @@ impl Proxy {
             };
             tried.push(idx);
             let sent = tried.len() as u32;
-            let body = match (&buffered, stream.take()) {
-                (Some(b), _) => full_body(b.clone()),
-                (None, Some(s)) => s.boxed_unsync(),
-                // Unreachable: `may_retry` refuses a second attempt of a streamed body.
-                (None, None) => return Err(Error::BadRequest("body already sent".to_owned())),
+            let this = match &mut body {
+                Outgoing::Buffered(b) => full_body((*b).clone()),
+                Outgoing::Streamed(s, _) => match s.take() {
+                    Some(s) => s,
+                    // Unreachable: `may_retry` refuses a second attempt of a streamed body.
+                    None => return Err(Error::BadRequest("body already sent".to_owned())),
+                },
             };
             let addr = &pool.addrs[idx];
-            let upstream = upstream_request(&parts.method, addr, &path, &parts.headers, body)?;
+            let upstream = upstream_request(&parts.method, addr, path, &parts.headers, this)?;
             let answer = tokio::time::timeout_at(deadline, self.client.request(upstream)).await;
             match answer {
                 Ok(Ok(resp)) => {
@@ -420,27 +468,15 @@ impl Proxy {
                         addr.refuses_work_for(shed_window(resp.headers()));
                     }
                     if status == StatusCode::SERVICE_UNAVAILABLE
-                        && self.may_retry(route, pool, buffered.is_some(), sent)
+                        && self.may_retry(route, pool, buffered, sent)
                     {
                         continue;
                     }
-                    // Only successful answers are compared.
-                    let tee = match tee.take() {
-                        Some(mut t) if status.is_success() => {
-                            t.set_head(resp.headers());
-                            Some(t)
-                        }
-                        Some(t) => {
-                            t.fail("primary_status");
-                            None
-                        }
-                        None => None,
-                    };
-                    return Ok(into_proxy_response(resp, inflight, tee));
+                    return Ok((resp, inflight));
                 }
                 Ok(Err(e)) => {
                     // The client's body failed the exchange: its fault, not the replica's.
-                    if let Some(f) = fault.get() {
+                    if let Some(f) = fault.and_then(FaultCell::get) {
                         return Err(Error::Client(f));
                     }
                     pool.record_failure(idx, self.outlier, &self.metrics);
@@ -450,7 +486,7 @@ impl Proxy {
                     tracing::debug!(backend = %pool.name, %address, error = %e, "upstream failed");
                     // No answer came: a buffered request is sent again (inference has no side
                     // effects; a connect failure never reached the model at all).
-                    if self.may_retry(route, pool, buffered.is_some(), sent) {
+                    if self.may_retry(route, pool, buffered, sent) {
                         continue;
                     }
                     let (backend, reason) = (pool.name.clone(), source_chain(&e));
@@ -511,6 +547,12 @@ impl Proxy {
         let mut merged: Option<(serde_json::Value, http::response::Parts)> = None;
         let mut send = body.clone();
         for (i, (pool, min)) in cascade.stages.iter().enumerate() {
+            // A later stage scaled to zero holds its rows as the first stage does.
+            let pool = if pool.is_cold() {
+                &self.hold(&pool.name, route.timeout, deadline).await?
+            } else {
+                pool
+            };
             let (head, bytes) = self
                 .exchange(route, target, pool, &parts, send, deadline)
                 .await?;
@@ -518,23 +560,23 @@ impl Proxy {
             if !head.status.is_success() {
                 return Ok(buffered_response(head, bytes, pool));
             }
-            let header_length = head
+            let header_length: Option<usize> = head
                 .headers
                 .get(agreement::HEADER_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let low: Vec<usize> = match min {
-                None => Vec::new(),
-                Some(min) => {
-                    let answer = agreement::Answer {
-                        content_type: head
-                            .headers
-                            .get(header::CONTENT_TYPE)
-                            .and_then(|v| v.to_str().ok()),
-                        header_length,
-                        body: &bytes,
-                    };
-                    match agreement::confidences(&answer, &cascade.output) {
+            // The answer's JSON part, parsed once for the confidences and the merge.
+            let (json, binary) =
+                bytes.split_at(header_length.unwrap_or(bytes.len()).min(bytes.len()));
+            let value: Option<serde_json::Value> = serde_json::from_slice(json).ok();
+            let low: Vec<usize> = match (min, &value) {
+                (None, _) => Vec::new(),
+                (Some(min), value) => {
+                    let judged = value
+                        .as_ref()
+                        .ok_or_else(|| "not JSON".to_owned())
+                        .and_then(|v| agreement::confidences(v, binary, &cascade.output));
+                    match judged {
                         Ok(c) if c.len() == pending.len() => cascade::escalated(&c, *min),
                         // Unjudgeable (no such output, rows miscounted): the next stage
                         // answers it all rather than an answer nobody checked.
@@ -551,9 +593,7 @@ impl Proxy {
                 answered_by[*r] = i;
             }
             // Split by row only while everything is plain JSON with rows.
-            let json_answer = (header_length.is_none() && rows.is_some())
-                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-                .flatten();
+            let json_answer = value.filter(|_| header_length.is_none() && rows.is_some());
             merged = match (merged.take(), json_answer) {
                 (None, Some(v)) => Some((v, head)),
                 (Some((mut acc, first_head)), Some(v)) => {
@@ -610,8 +650,8 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// One buffered exchange with `pool` for a cascade stage: retries as [`Self::forward`]
-    /// does, and reads the whole answer (at most the body limit) within the deadline.
+    /// One stage of a cascade: the buffered body sent with [`Self::send`], and the whole
+    /// answer read (at most the body limit) within the deadline.
     async fn exchange(
         &self,
         route: &CompiledRoute,
@@ -622,77 +662,36 @@ impl Proxy {
         deadline: tokio::time::Instant,
     ) -> Result<(http::response::Parts, Bytes)> {
         let timeout_ms = route.timeout.as_millis() as u64;
-        let query = parts.uri.query();
-        let path = PathAndQuery::try_from(target.path.render(&pool.model, query))
+        let path = PathAndQuery::try_from(target.path.render(&pool.model, parts.uri.query()))
             .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
-        route.budget.deposit();
-        let mut tried = Vec::new();
-        loop {
-            let Some((idx, _inflight)) = pool.pick(&tried) else {
-                return Err(Error::NoReadyBackend(route.endpoint.clone()));
-            };
-            tried.push(idx);
-            let sent = tried.len() as u32;
-            let addr = &pool.addrs[idx];
-            let upstream = upstream_request(
-                &parts.method,
-                addr,
+        let (resp, _inflight) = self
+            .send(
+                route,
+                pool,
+                parts,
                 &path,
-                &parts.headers,
-                full_body(body.clone()),
-            )?;
-            let answer = tokio::time::timeout_at(deadline, async {
-                let resp = self.client.request(upstream).await?;
-                let (head, body) = resp.into_parts();
-                let bytes = http_body_util::Limited::new(body, self.max_body as usize)
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes());
-                Ok::<_, hyper_util::client::legacy::Error>((head, bytes))
-            })
-            .await;
-            match answer {
-                Ok(Ok((head, Ok(bytes)))) => {
-                    self.record_answer(route, pool, idx, head.status.as_u16());
-                    if head.status == StatusCode::SERVICE_UNAVAILABLE
-                        && self.may_retry(route, pool, true, sent)
-                    {
-                        continue;
-                    }
-                    return Ok((head, bytes));
-                }
-                Ok(Ok((_, Err(e)))) => {
-                    pool.record_failure(idx, self.outlier, &self.metrics);
-                    self.upstream_error(route, pool, "protocol");
-                    return Err(Error::UpstreamProtocol {
-                        backend: pool.name.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-                Ok(Err(e)) => {
-                    pool.record_failure(idx, self.outlier, &self.metrics);
-                    let connect = e.is_connect();
-                    self.upstream_error(route, pool, if connect { "connect" } else { "protocol" });
-                    if self.may_retry(route, pool, true, sent) {
-                        continue;
-                    }
-                    let (backend, reason) = (pool.name.clone(), source_chain(&e));
-                    return Err(if connect {
-                        Error::UpstreamUnreachable { backend, reason }
-                    } else {
-                        Error::UpstreamProtocol { backend, reason }
-                    });
-                }
-                Err(_) => {
-                    pool.record_failure(idx, self.outlier, &self.metrics);
-                    self.upstream_error(route, pool, "timeout");
-                    return Err(Error::Timeout {
-                        endpoint: route.endpoint.clone(),
-                        timeout_ms,
-                    });
-                }
-            }
-        }
+                Outgoing::Buffered(&body),
+                deadline,
+            )
+            .await?;
+        let (head, answer) = resp.into_parts();
+        let read = http_body_util::Limited::new(
+            answer,
+            usize::try_from(self.max_body).unwrap_or(usize::MAX),
+        )
+        .collect();
+        let bytes = tokio::time::timeout_at(deadline, read)
+            .await
+            .map_err(|_| Error::Timeout {
+                endpoint: route.endpoint.clone(),
+                timeout_ms,
+            })?
+            .map_err(|e| Error::UpstreamProtocol {
+                backend: pool.name.clone(),
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((head, bytes))
     }
 
     fn launch_mirror(
@@ -755,6 +754,15 @@ pub fn upstream_request(
     h.insert(header::HOST, host);
     *req.headers_mut() = h;
     Ok(req)
+}
+
+/// How a request's body goes upstream.
+enum Outgoing<'a> {
+    /// Read whole: sent again on a retry.
+    Buffered(&'a Bytes),
+    /// Too long to buffer: streamed once (taken by the first attempt), and a failure of the
+    /// client's side of it recorded in the cell.
+    Streamed(Option<UpstreamBody>, &'a FaultCell),
 }
 
 /// A whole answer read for a cascade, relayed with the stage that gave it.

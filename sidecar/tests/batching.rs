@@ -13,6 +13,20 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
+/// Waits until a server shutting down reports itself not ready.
+async fn wait_not_ready(c: &reqwest::Client, s: &serval_sidecar::Sidecar) {
+    bounded("not ready", async {
+        while send(c.get(format!("{}/v2/health/ready", base(s))))
+            .await
+            .status
+            != 503
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 fn row(k: usize) -> [f32; 4] {
     let k = k as f32;
     [k, k + 0.25, k + 0.5, k + 0.75]
@@ -299,16 +313,7 @@ async fn shutdown_finishes_every_accepted_request_and_refuses_new_ones() {
     wait_until("20 rows queued", || model.batcher.queued_rows() == 20).await;
     s.shutdown();
     let c = client();
-    bounded("not ready", async {
-        while send(c.get(format!("{}/v2/health/ready", base(&s))))
-            .await
-            .status
-            != 503
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_not_ready(&c, &s).await;
     let late = send(c.post(&url).json_body(&identity_request(&[row(99)]))).await;
     assert_eq!(late.status, 503, "{}", late.json);
     assert_eq!(late.headers["retry-after"], "1");
@@ -339,16 +344,7 @@ async fn a_shutting_down_replica_serves_through_the_drain_delay_closing_connecti
     assert!(before.headers.get("connection").is_none());
     let shut = std::time::Instant::now();
     s.shutdown();
-    bounded("not ready", async {
-        while send(c.get(format!("{}/v2/health/ready", base(&s))))
-            .await
-            .status
-            != 503
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_not_ready(&c, &s).await;
     let during = send(c.post(&url).json_body(&identity_request(&[row(2)]))).await;
     assert!(
         shut.elapsed() < Duration::from_millis(1500),
