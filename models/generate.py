@@ -20,8 +20,12 @@ Writes into --out (committed, small):
     digits-small.onnx, digits-large.onnx, digits-ens-{a,b,c}.onnx  MLPs trained on a fixed
                        70 % split of the digits: a fast and a slower, more accurate cascade
                        stage, and three ensemble members (issue 24).
+    digits-pca.onnx, digits-pca-head.onnx  a two-step sequence on the same split: PCA of the
+                       64 pixels to 32 components (`X` -> `variable`), then a logistic
+                       regression on them (`X` -> `label`, `probabilities`).
     digits/composition.json  the held-out 30 % (rows, labels) and each model's, the
-                       cascade's and the ensemble's accuracy on it (onnxruntime).
+                       cascade's, the ensembles' (Mean, Vote, Max) and the sequence's
+                       accuracy and per-row classes on it (onnxruntime).
     digits/<name>.png  8x8 grayscale digits from the data set, pixel = value * 15, so the
                        built-in preprocess {"width":8,"height":8,"layout":"Flat","scale":1/15}
                        recovers the data-set values (0..16) exactly.
@@ -173,12 +177,51 @@ def composition(out: str) -> None:
         cascades[str(threshold)] = {"accuracy": accuracy(answer),
                                     "escalated": float(escalate.mean())}
     members = [probs[n] for n in ("digits-ens-a", "digits-ens-b", "digits-ens-c")]
+    votes = np.stack([np.argmax(m, axis=1) for m in members], axis=1)
+
+    def vote(row):
+        # The majority, ties to the member listed first (as the router does).
+        counts = [(list(row).count(v), -i) for i, v in enumerate(row)]
+        return row[-max(counts)[1]]
+
+    ensemble = {
+        "Mean": np.argmax(sum(members) / len(members), axis=1),
+        "Max": np.argmax(np.maximum.reduce(members), axis=1),
+        "Vote": np.array([vote(r) for r in votes]),
+    }
+
+    # A sequence: PCA to 32 components (output `variable`), then a classifier on them
+    # (input `X`), trained on the PCA of the training split.
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    pca = PCA(n_components=32, random_state=SEED).fit(x_train)
+    head = LogisticRegression(max_iter=2000).fit(pca.transform(x_train).astype(np.float32),
+                                                 y_train)
+    for name, model, sample in (("digits-pca", pca, x_train[:1]),
+                                ("digits-pca-head", head,
+                                 pca.transform(x_train[:1]).astype(np.float32))):
+        onx = to_onnx(model, sample, options={id(model): {"zipmap": False}}
+                      if name.endswith("head") else None,
+                      target_opset={"": OPSET, "ai.onnx.ml": 3})
+        onx.graph.name = name
+        onx.producer_version = "serval"
+        with open(os.path.join(out, f"{name}.onnx"), "wb") as f:
+            f.write(onx.SerializeToString())
+    (reduced,) = ort.InferenceSession(os.path.join(out, "digits-pca.onnx")).run(
+        None, {"X": x_test})
+    _, p = ort.InferenceSession(os.path.join(out, "digits-pca-head.onnx")).run(
+        None, {"X": reduced})
+    sequence = np.argmax(p, axis=1)
     truth = {
         "split": {"testSize": SPLIT["test_size"], "randomState": SPLIT["random_state"],
                   "stratified": True},
         "accuracy": {name: accuracy(p) for name, p in probs.items()},
         "cascadeSmallLarge": cascades,
         "ensembleMean": accuracy(sum(members) / len(members)),
+        "ensemble": {k: float(np.mean(v == y_test)) for k, v in ensemble.items()},
+        "sequencePcaHead": float(np.mean(sequence == y_test)),
+        "predictions": {**{f"ensemble{k}": v.tolist() for k, v in ensemble.items()},
+                        "sequence": sequence.tolist()},
         "rows": x_test.astype(int).tolist(),
         "labels": y_test.tolist(),
     }
@@ -186,7 +229,8 @@ def composition(out: str) -> None:
     with open(os.path.join(out, "digits", "composition.json"), "w") as f:
         json.dump(truth, f, separators=(",", ":"))
         f.write("\n")
-    print(json.dumps({k: v for k, v in truth.items() if k not in ("rows", "labels")}, indent=1))
+    print(json.dumps({k: v for k, v in truth.items()
+                      if k not in ("rows", "labels", "predictions")}, indent=1))
 
 
 def agreement_corpus(out: str) -> None:

@@ -33,6 +33,11 @@ pub mod reason {
     pub const NO_READY_BACKEND: &str = "NoReadyBackend";
     /// Another Endpoint created earlier already claims this route.
     pub const ROUTE_CONFLICT: &str = "RouteConflict";
+    /// The Endpoint calls itself through other Endpoints (cascade stages, sequence steps).
+    pub const CYCLE: &str = "Cycle";
+    /// An Endpoint named as a cascade stage or sequence step is not routed (absent, in a
+    /// cycle, or conflicting).
+    pub const ENDPOINT_NOT_FOUND: &str = "EndpointNotFound";
     /// The router serving this Endpoint is not ready yet.
     pub const ROUTER_NOT_READY: &str = "RouterNotReady";
 }

@@ -35,15 +35,16 @@ pub const MAX_TRAFFIC_TARGETS: usize = 16;
     validation = Rule::new("!has(self.mirror) || !has(self.traffic) || !self.traffic.exists(t, t.backend == self.mirror.backend && t.weight > 0)").message("mirror.backend already receives primary traffic (weight > 0); mirroring it would send it duplicate requests"),
     validation = Rule::new("!has(self.rollout) || !has(self.traffic) || !self.traffic.exists(t, t.backend == self.rollout.canary)").message("rollout.canary must not be in traffic: traffic lists the stable Backends, and the rollout gives the canary its share"),
     validation = Rule::new("!has(self.rollout) || !has(self.mirror)").message("rollout and mirror are exclusive: a rollout's Shadow step mirrors the traffic to its canary"),
-    validation = Rule::new("has(self.cascade) != (has(self.traffic) && size(self.traffic) > 0)").message("an Endpoint has either traffic or a cascade"),
-    validation = Rule::new("!has(self.cascade) || !(has(self.mirror) || has(self.rollout) || has(self.match) || has(self.sticky))").message("a cascade routes every request through its stages: mirror, rollout, match and sticky apply to traffic only")
+    validation = Rule::new("[has(self.traffic) && size(self.traffic) > 0, has(self.cascade), has(self.ensemble), has(self.sequence)].filter(x, x).size() == 1").message("an Endpoint has exactly one of traffic, cascade, ensemble and sequence"),
+    validation = Rule::new("!(has(self.cascade) || has(self.ensemble) || has(self.sequence)) || !(has(self.mirror) || has(self.rollout) || has(self.match) || has(self.sticky))").message("a cascade, an ensemble or a sequence routes every request through its Backends: mirror, rollout, match and sticky apply to traffic only")
 )]
 pub struct EndpointSpec {
     /// Where clients call this Endpoint.
     pub route: Route,
 
     /// Weighted split of requests over Backends. Weights are relative (0-100); a Backend with
-    /// weight 0 receives no primary traffic. Required unless `cascade` is set.
+    /// weight 0 receives no primary traffic. Required unless `cascade`, `ensemble` or
+    /// `sequence` is set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new("size(self) == 0 || self.exists(t, t.weight > 0)").message("traffic weights must sum to more than 0"))]
@@ -81,11 +82,22 @@ pub struct EndpointSpec {
     /// stage: instead of `traffic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cascade: Option<Cascade>,
+
+    /// Send every request to several Backends at once and reduce their answers row by row:
+    /// instead of `traffic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<Ensemble>,
+
+    /// Send each request through Backends in turn, each step's outputs the next one's inputs:
+    /// instead of `traffic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<Sequence>,
 }
 
 impl EndpointSpec {
     /// Every Backend the Endpoint names, in any role (traffic, mirror, rollout canary, match
-    /// rules, cascade stages), possibly repeated: what its routing depends on.
+    /// rules, cascade stages, ensemble members, sequence steps), possibly repeated: what its
+    /// routing depends on.
     pub fn named_backends(&self) -> impl Iterator<Item = &str> {
         self.traffic
             .iter()
@@ -94,10 +106,86 @@ impl EndpointSpec {
             .chain(self.rollout.iter().map(|r| r.canary.as_str()))
             .chain(self.matches.iter().map(|m| m.backend.as_str()))
             .chain(
-                self.cascade
+                self.ensemble
                     .iter()
-                    .flat_map(|c| c.stages.iter().map(|s| s.backend.as_str())),
+                    .flat_map(|e| e.backends.iter().map(String::as_str)),
             )
+            .chain(self.hops().filter_map(|(_, h)| match h {
+                Hop::Backend(b) => Some(b),
+                Hop::Endpoint(_) => None,
+            }))
+    }
+
+    /// Every other Endpoint this one sends requests to (cascade stages and sequence steps
+    /// naming an `endpoint`), possibly repeated.
+    pub fn named_endpoints(&self) -> impl Iterator<Item = &str> {
+        self.hops().filter_map(|(_, h)| match h {
+            Hop::Endpoint(e) => Some(e),
+            Hop::Backend(_) => None,
+        })
+    }
+
+    /// The cascade's stages and the sequence's steps, each with its field path.
+    pub fn hops(&self) -> impl Iterator<Item = (String, Hop<&str>)> {
+        let stages = self.cascade.iter().flat_map(|c| {
+            c.stages
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((format!("spec.cascade.stages[{i}]"), s.hop()?)))
+        });
+        let steps = self.sequence.iter().flat_map(|q| {
+            q.steps
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((format!("spec.sequence.steps[{i}]"), s.hop()?)))
+        });
+        stages.chain(steps)
+    }
+}
+
+/// What a cascade stage or a sequence step names: a Backend, or another Endpoint of the
+/// namespace (which applies its own policy: a split, a rollout, a composition).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum Hop<S> {
+    /// A Backend.
+    Backend(S),
+    /// Another Endpoint.
+    Endpoint(S),
+}
+
+impl<S: AsRef<str>> Hop<S> {
+    /// The name, Backend's or Endpoint's.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Backend(s) | Self::Endpoint(s) => s.as_ref(),
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_owned(&self) -> Hop<String> {
+        match self {
+            Self::Backend(s) => Hop::Backend(s.as_ref().to_owned()),
+            Self::Endpoint(s) => Hop::Endpoint(s.as_ref().to_owned()),
+        }
+    }
+}
+
+impl<S: AsRef<str>> std::fmt::Display for Hop<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Backend(s) => write!(f, "Backend {:?}", s.as_ref()),
+            Self::Endpoint(s) => write!(f, "Endpoint {:?}", s.as_ref()),
+        }
+    }
+}
+
+fn hop<'a>(backend: &'a Option<String>, endpoint: &'a Option<String>) -> Option<Hop<&'a str>> {
+    match (backend, endpoint) {
+        (Some(b), None) => Some(Hop::Backend(b)),
+        (None, Some(e)) => Some(Hop::Endpoint(e)),
+        // Both or neither: refused by the schema's rule.
+        _ => None,
     }
 }
 
@@ -114,23 +202,114 @@ pub struct Cascade {
     pub output: String,
     /// The stages, cheapest first: 2 to 4.
     #[schemars(length(min = 2, max = 4))]
-    #[x_kube(validation = Rule::new("self.all(a, self.filter(b, b.backend == a.backend).size() == 1)").message("each backend may appear only once in a cascade"))]
+    #[x_kube(validation = Rule::new("self.all(a, !has(a.backend) || self.filter(b, has(b.backend) && b.backend == a.backend).size() == 1)").message("each backend may appear only once in a cascade"))]
+    #[x_kube(validation = Rule::new("self.all(a, !has(a.endpoint) || self.filter(b, has(b.endpoint) && b.endpoint == a.endpoint).size() == 1)").message("each endpoint may appear only once in a cascade"))]
     #[x_kube(validation = Rule::new("self.all(s, s == self[size(self) - 1] || has(s.minConfidence))").message("every cascade stage but the last needs minConfidence"))]
     pub stages: Vec<CascadeStage>,
 }
 
-/// One stage of a cascade.
+/// One stage of a cascade: a Backend or another Endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.backend) != has(self.endpoint)").message("a cascade stage names either a backend or an endpoint"))]
 pub struct CascadeStage {
     /// The Backend of this stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
-    pub backend: String,
+    pub backend: Option<String>,
+    /// Another Endpoint of the namespace as this stage, with its own traffic policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub endpoint: Option<String>,
     /// Rows answered with a lower confidence go to the next stage, 0-1. Required on every
     /// stage but the last, which answers whatever reaches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub min_confidence: Option<f64>,
+}
+
+impl CascadeStage {
+    /// What the stage names.
+    pub fn hop(&self) -> Option<Hop<&str>> {
+        hop(&self.backend, &self.endpoint)
+    }
+}
+
+/// Most members of an ensemble: each request costs every member a model run.
+pub const MAX_ENSEMBLE_BACKENDS: usize = 8;
+
+/// An ensemble: every request goes to all `backends` at once; their `output` tensors are
+/// reduced row by row into one answer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minResponses) || self.minResponses <= size(self.backends)").message("ensemble.minResponses cannot exceed the number of backends"))]
+pub struct Ensemble {
+    /// The Backends, 2 to 8; ties of a vote go to the one listed first.
+    #[schemars(length(min = 2, max = 8), inner(length(min = 1, max = 63)))]
+    #[x_kube(validation = Rule::new("self.all(a, self.filter(b, b == a).size() == 1)").message("each backend may appear only once in an ensemble"))]
+    pub backends: Vec<String>,
+    /// The output reduced, e.g. `probabilities`: the same shape from every member.
+    #[schemars(length(min = 1, max = 256))]
+    pub output: String,
+    /// `Mean` (average of the members' rows), `Max` (largest value per class) or `Vote`
+    /// (majority of the members' argmax; the answer's row is the share of votes per class).
+    pub reduce: Reduce,
+    /// Answers needed to reduce; a member that fails or misses the deadline is left out and
+    /// counted. Default: all members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 8))]
+    pub min_responses: Option<u32>,
+}
+
+/// How an ensemble reduces its members' rows.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Reduce {
+    /// The average of the members' rows, value by value.
+    Mean,
+    /// The majority of the members' argmax, ties to the member listed first.
+    Vote,
+    /// The largest of the members' values, value by value.
+    Max,
+}
+
+/// A sequence: each step's outputs are the next step's inputs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sequence {
+    /// The steps in order, 2 to 8. The first takes the client's request as it is (an image
+    /// goes through its Backend's preprocess); the last answers the client (its postprocess
+    /// included).
+    #[schemars(length(min = 2, max = 8))]
+    #[x_kube(validation = Rule::new("!has(self[0].inputs) || size(self[0].inputs) == 0").message("the first sequence step takes the client's request: it has no inputs mapping"))]
+    pub steps: Vec<SequenceStep>,
+}
+
+/// One step of a sequence: a Backend or another Endpoint, and where its inputs come from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.backend) != has(self.endpoint)").message("a sequence step names either a backend or an endpoint"))]
+pub struct SequenceStep {
+    /// The Backend of this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: Option<String>,
+    /// Another Endpoint of the namespace as this step, with its own traffic policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub endpoint: Option<String>,
+    /// This step's inputs by name, each from an output of the previous step
+    /// (`{input: output}`). Unset: every output of the previous step, under its own name.
+    /// Not allowed on the first step.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(length(max = 16))]
+    pub inputs: std::collections::BTreeMap<String, String>,
+}
+
+impl SequenceStep {
+    /// What the step names.
+    pub fn hop(&self) -> Option<Hop<&str>> {
+        hop(&self.backend, &self.endpoint)
+    }
 }
 
 /// Default length of a judged interval: a minute of traffic.

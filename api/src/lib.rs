@@ -18,9 +18,9 @@ pub use backend::{
     UserContainer,
 };
 pub use endpoint::{
-    Cascade, CascadeStage, EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, MatchRule,
-    Mirror, MirrorCompare, MirrorCompareMode, Retries, Rollout, RolloutGates, RolloutInterval,
-    RolloutStatus, Sticky, TrafficTarget,
+    Cascade, CascadeStage, EffectiveTraffic, Endpoint, EndpointSpec, EndpointStatus, Ensemble, Hop,
+    MatchRule, Mirror, MirrorCompare, MirrorCompareMode, Reduce, Retries, Rollout, RolloutGates,
+    RolloutInterval, RolloutStatus, Sequence, SequenceStep, Sticky, TrafficTarget,
 };
 pub use routing::RoutingTable;
 

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use crate::endpoint::{Hop, Reduce};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -66,9 +67,85 @@ pub struct Route {
     pub timeout_ms: u64,
     /// Retry policy.
     pub retries: RetryPolicy,
-    /// A cascade: `traffic` is its first stage; rows it is unsure of go on to the next.
+    /// A cascade: every request enters at its first stage; rows a stage is unsure of go on
+    /// to the next. `traffic` names the first stage when it is a Backend (for model metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cascade: Option<CascadePlan>,
+    /// An ensemble: every request goes to all members; their answers are reduced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<EnsemblePlan>,
+    /// A sequence: each step's outputs are the next step's inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<SequencePlan>,
+}
+
+impl Route {
+    /// Whether the route composes several calls (cascade, ensemble or sequence) rather than
+    /// choosing one Backend from `traffic`.
+    pub fn composed(&self) -> bool {
+        self.cascade.is_some() || self.ensemble.is_some() || self.sequence.is_some()
+    }
+
+    /// Every hop of the route's composition: cascade stages, sequence steps, and ensemble
+    /// members (always Backends).
+    pub fn hops(&self) -> impl Iterator<Item = Hop<&str>> {
+        let stages = self
+            .cascade
+            .iter()
+            .flat_map(|c| c.stages.iter().map(|s| hop_ref(&s.to)));
+        let steps = self
+            .sequence
+            .iter()
+            .flat_map(|q| q.steps.iter().map(|s| hop_ref(&s.to)));
+        let members = self
+            .ensemble
+            .iter()
+            .flat_map(|e| e.backends.iter().map(|b| Hop::Backend(b.as_str())));
+        stages.chain(steps).chain(members)
+    }
+}
+
+fn hop_ref(h: &Hop<String>) -> Hop<&str> {
+    match h {
+        Hop::Backend(b) => Hop::Backend(b),
+        Hop::Endpoint(e) => Hop::Endpoint(e),
+    }
+}
+
+/// An ensemble in the table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnsemblePlan {
+    /// Members, keys of [`RoutingTable::backends`], in the Endpoint's order (ties of a vote go
+    /// to the first).
+    pub backends: Vec<String>,
+    /// The output reduced.
+    pub output: String,
+    /// How.
+    pub reduce: Reduce,
+    /// Answers needed, 1 to the number of members.
+    pub min_responses: u32,
+}
+
+/// A sequence in the table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SequencePlan {
+    /// The steps in order.
+    pub steps: Vec<SequenceHop>,
+}
+
+/// One step of a sequence in the table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SequenceHop {
+    /// A Backend (a key of [`RoutingTable::backends`]) or an Endpoint (a route of the table).
+    #[serde(flatten)]
+    pub to: Hop<String>,
+    /// This step's inputs from the previous step's outputs, `{input: output}`; empty: every
+    /// output under its own name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, String>,
 }
 
 /// The stages of a cascade, in order.
@@ -85,8 +162,9 @@ pub struct CascadePlan {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CascadeStep {
-    /// Backend name, a key of [`RoutingTable::backends`].
-    pub backend: String,
+    /// A Backend (a key of [`RoutingTable::backends`]) or an Endpoint (a route of the table).
+    #[serde(flatten)]
+    pub to: Hop<String>,
     /// Rows below this confidence go to the next stage; `None` on the last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_confidence: Option<f64>,
@@ -266,24 +344,52 @@ impl RoutingTable {
             if !claims.insert((r.host.as_deref(), r.path_prefix.trim_end_matches('/'))) {
                 return Err(err(format!("route {:?} is claimed twice", r.path_prefix)));
             }
-            if r.traffic.is_empty() {
+            if r.traffic.is_empty() && !r.composed() {
                 return Err(err("traffic is empty".to_owned()));
+            }
+            let compositions = [
+                r.cascade.is_some(),
+                r.ensemble.is_some(),
+                r.sequence.is_some(),
+            ];
+            if compositions.iter().filter(|c| **c).count() > 1 {
+                return Err(err(
+                    "a route has at most one of cascade, ensemble and sequence".to_owned(),
+                ));
             }
             let referenced = r
                 .traffic
                 .iter()
-                .map(|t| &t.backend)
-                .chain(r.mirror.iter().map(|m| &m.backend))
-                .chain(r.matches.iter().map(|m| &m.backend))
-                .chain(
-                    r.cascade
-                        .iter()
-                        .flat_map(|c| c.stages.iter().map(|s| &s.backend)),
-                );
-            for b in referenced {
-                if !self.backends.contains_key(b) {
-                    return Err(err(format!("backend {b:?} has no upstream entry")));
+                .map(|t| t.backend.as_str())
+                .chain(r.mirror.iter().map(|m| m.backend.as_str()))
+                .chain(r.matches.iter().map(|m| m.backend.as_str()))
+                .map(Hop::Backend)
+                .chain(r.hops());
+            for hop in referenced {
+                match hop {
+                    Hop::Backend(b) if !self.backends.contains_key(b) => {
+                        return Err(err(format!("backend {b:?} has no upstream entry")));
+                    }
+                    Hop::Endpoint(e) if self.route(e).is_none() => {
+                        return Err(err(format!("endpoint {e:?} has no route")));
+                    }
+                    _ => {}
                 }
+            }
+            if let Some(e) = &r.ensemble
+                && (e.backends.is_empty()
+                    || e.min_responses == 0
+                    || e.min_responses as usize > e.backends.len())
+            {
+                return Err(err(format!(
+                    "an ensemble of {} needs minResponses from 1 to that",
+                    e.backends.len()
+                )));
+            }
+            if let Some(q) = &r.sequence
+                && q.steps.len() < 2
+            {
+                return Err(err("a sequence needs 2 or more steps".to_owned()));
             }
             if let Some(t) = r.traffic.iter().find(|t| t.weight > 100) {
                 return Err(err(format!(
@@ -315,19 +421,78 @@ impl RoutingTable {
                     .find(|s| !s.min_confidence.is_some_and(|m| (0.0..=1.0).contains(&m)))
                 {
                     return Err(err(format!(
-                        "cascade stage {:?} needs a minConfidence from 0 to 1",
-                        s.backend
+                        "cascade stage {} needs a minConfidence from 0 to 1",
+                        s.to
                     )));
                 }
             }
         }
+        if let Some(cycle) = self.cycles().into_iter().next() {
+            return Err(RoutingTableError::Route {
+                endpoint: cycle[0].clone(),
+                reason: format!("calls itself: {}", cycle.join(" -> ")),
+            });
+        }
         Ok(())
+    }
+
+    /// Every cycle of routes calling routes (through cascade stages and sequence steps naming
+    /// an Endpoint), each as the path from its first route back to it; empty when none.
+    pub fn cycles(&self) -> Vec<Vec<String>> {
+        let edges: BTreeMap<&str, Vec<&str>> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let to = r
+                    .hops()
+                    .filter_map(|h| match h {
+                        Hop::Endpoint(e) => Some(e),
+                        Hop::Backend(_) => None,
+                    })
+                    .collect();
+                (r.endpoint.as_str(), to)
+            })
+            .collect();
+        cycles(&edges)
     }
 
     /// The route for an Endpoint name.
     pub fn route(&self, endpoint: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.endpoint == endpoint)
     }
+}
+
+/// The cycles of a directed graph, each once, as the path from its smallest-named node
+/// back to it (`[a, b, a]`). Nodes absent from `edges` have no way out.
+pub fn cycles<'a>(edges: &BTreeMap<&'a str, Vec<&'a str>>) -> Vec<Vec<String>> {
+    // Depth-first from every node, following only nodes greater than the start, so each
+    // cycle is found once, from its smallest node. Graphs here are a namespace's Endpoints.
+    fn walk<'a>(
+        edges: &BTreeMap<&'a str, Vec<&'a str>>,
+        start: &'a str,
+        path: &mut Vec<&'a str>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        let Some(last) = path.last().copied() else {
+            return;
+        };
+        for next in edges.get(last).into_iter().flatten().copied() {
+            if next == start {
+                let mut cycle: Vec<String> = path.iter().map(|s| (*s).to_owned()).collect();
+                cycle.push(start.to_owned());
+                found.push(cycle);
+            } else if next > start && !path.contains(&next) {
+                path.push(next);
+                walk(edges, start, path, found);
+                path.pop();
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for start in edges.keys().copied() {
+        walk(edges, start, &mut vec![start], &mut found);
+    }
+    found
 }
 
 fn valid_address(addr: &str) -> bool {
@@ -374,6 +539,8 @@ mod tests {
                     budget_percent: 20,
                 },
                 cascade: None,
+                ensemble: None,
+                sequence: None,
             }],
             backends: [
                 ("v1".to_owned(), up("v1", "127.0.0.1:9001")),
@@ -434,5 +601,51 @@ mod tests {
             RoutingTable::from_json(b"{"),
             Err(RoutingTableError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn routes_calling_each_other_in_a_circle_are_refused() {
+        fn call(t: &mut RoutingTable, from: usize, to: &str, prefix: &str) {
+            if t.routes.len() <= from {
+                let mut r = t.routes[0].clone();
+                r.endpoint = format!("e{from}");
+                r.path_prefix = prefix.to_owned();
+                t.routes.push(r);
+            }
+            t.routes[from].sequence = Some(SequencePlan {
+                steps: vec![
+                    SequenceHop {
+                        to: Hop::Backend("v1".to_owned()),
+                        inputs: BTreeMap::new(),
+                    },
+                    SequenceHop {
+                        to: Hop::Endpoint(to.to_owned()),
+                        inputs: BTreeMap::new(),
+                    },
+                ],
+            });
+        }
+        let mut t = table();
+        call(&mut t, 1, "e2", "/a");
+        call(&mut t, 2, "digits", "/b");
+        assert!(t.validate().is_ok(), "a chain is fine");
+        call(&mut t, 0, "e1", "/digits");
+        let found = t.cycles();
+        assert_eq!(found, vec![vec!["digits", "e1", "e2", "digits"]]);
+        assert!(
+            matches!(t.validate(), Err(RoutingTableError::Route { reason, .. }) if reason.contains("digits -> e1 -> e2 -> digits"))
+        );
+        // Serialized, a step names its kind: the table stays readable.
+        let json = t.to_json();
+        assert!(json.contains(r#""endpoint": "e1""#), "{json}");
+        assert_eq!(RoutingTable::from_json(json.as_bytes()).ok(), None);
+        let two = BTreeMap::from([("a", vec!["a"]), ("b", vec!["c"]), ("c", vec!["b", "a"])]);
+        assert_eq!(
+            cycles(&two),
+            vec![
+                vec!["a".to_owned(), "a".to_owned()],
+                vec!["b".to_owned(), "c".to_owned(), "b".to_owned()]
+            ]
+        );
     }
 }

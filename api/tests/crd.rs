@@ -321,7 +321,7 @@ fn schema_bounds_weights_and_percent() {
         json!(100.0)
     );
     assert_eq!(spec["traffic"]["maxItems"], json!(16));
-    // Empty with a cascade; the spec's rule requires traffic or a cascade.
+    // Empty with a composition; the spec's rule requires exactly one of them.
     assert!(spec["traffic"].get("minItems").is_none());
     assert_eq!(
         spec["mirror"]["properties"]["percent"]["maximum"],
@@ -351,7 +351,55 @@ fn schema_bounds_are_enforced_locally_too() {
         ),
         (
             with(good.clone(), "spec.traffic", json!([])),
-            "spec: an Endpoint has either traffic or a cascade",
+            "spec: an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
+        ),
+        (
+            with(
+                good.clone(),
+                "spec.ensemble",
+                json!({"backends": ["a", "b"], "output": "p", "reduce": "Mean"}),
+            ),
+            "spec: an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
+        ),
+        (
+            with(
+                with(good.clone(), "spec.traffic", json!([])),
+                "spec.ensemble",
+                json!({"backends": ["a", "b"], "output": "p", "reduce": "Mean", "minResponses": 3}),
+            ),
+            "spec.ensemble: ensemble.minResponses cannot exceed the number of backends",
+        ),
+        (
+            with(
+                with(good.clone(), "spec.traffic", json!([])),
+                "spec.ensemble",
+                json!({"backends": ["a", "a"], "output": "p", "reduce": "Median"}),
+            ),
+            "spec.ensemble.reduce: Unsupported value: \"Median\"",
+        ),
+        (
+            with(
+                with(good.clone(), "spec.traffic", json!([])),
+                "spec.sequence",
+                json!({"steps": [{"backend": "a", "endpoint": "b"}, {"backend": "c"}]}),
+            ),
+            "spec.sequence.steps[0]: a sequence step names either a backend or an endpoint",
+        ),
+        (
+            with(
+                with(good.clone(), "spec.traffic", json!([])),
+                "spec.sequence",
+                json!({"steps": [{"backend": "a", "inputs": {"x": "y"}}, {"backend": "c"}]}),
+            ),
+            "spec.sequence.steps: the first sequence step takes the client's request",
+        ),
+        (
+            with(
+                with(good.clone(), "spec.traffic", json!([])),
+                "spec.cascade",
+                json!({"output": "p", "stages": [{"minConfidence": 0.9}, {"endpoint": "c"}]}),
+            ),
+            "spec.cascade.stages[0]: a cascade stage names either a backend or an endpoint",
         ),
         (
             with(good.clone(), "spec.route", json!({})),

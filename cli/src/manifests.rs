@@ -75,6 +75,7 @@ pub fn load(path: &Path) -> Result<Manifests, Vec<String>> {
     // Only on a clean read: a Backend that failed to parse would show up here as missing too.
     if errors.is_empty() {
         errors.extend(missing_backends(&out));
+        errors.extend(endpoint_cycles(&out));
     }
     if errors.is_empty() {
         Ok(out)
@@ -148,7 +149,35 @@ const LOCAL_USER_CONTAINER: &str = "spec.container: serval local starts processe
     container images, so it cannot run the user container; run this Backend in a cluster, or \
     remove spec.container to serve the model without it";
 
-/// One error per Endpoint field that names a Backend absent from the manifests.
+/// One error per circle of Endpoints calling each other (cascade stages and sequence steps
+/// naming an `endpoint`): in a cluster such Endpoints are left out with the condition
+/// `Degraded`, reason `Cycle`; local mode refuses the files.
+pub fn endpoint_cycles(m: &Manifests) -> Vec<String> {
+    let edges: std::collections::BTreeMap<&str, Vec<&str>> = m
+        .endpoints
+        .iter()
+        .map(|(name, (ep, _))| (name.as_str(), ep.spec.named_endpoints().collect()))
+        .collect();
+    serval_api::routing::cycles(&edges)
+        .into_iter()
+        .map(|cycle| {
+            let file = m
+                .endpoints
+                .get(&cycle[0])
+                .map(|(_, f)| f.display().to_string())
+                .unwrap_or_default();
+            format!(
+                "{file}: Endpoint {:?} calls itself through {}: a cascade stage or sequence \
+                 step may not lead back to its own Endpoint",
+                cycle[0],
+                cycle.join(" -> ")
+            )
+        })
+        .collect()
+}
+
+/// One error per Endpoint field that names a Backend (or an Endpoint) absent from the
+/// manifests.
 ///
 /// In a cluster this is the `BackendNotFound` status condition, not a rejection, because
 /// resources may be applied in any order and the Backend may come next. Local mode reads every
@@ -179,12 +208,30 @@ pub fn missing_backends(m: &Manifests) -> Vec<String> {
                     .iter()
                     .map(|r| ("spec.rollout.canary".to_owned(), &r.canary)),
             )
-            .chain(spec.cascade.iter().flat_map(|c| {
-                c.stages
+            .chain(spec.ensemble.iter().flat_map(|e| {
+                e.backends
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| (format!("spec.cascade.stages[{i}].backend"), &s.backend))
+                    .map(|(i, b)| (format!("spec.ensemble.backends[{i}]"), b))
             }));
+        let hops: Vec<(String, serval_api::Hop<&str>)> = spec.hops().collect();
+        for (field, hop) in &hops {
+            if let serval_api::Hop::Endpoint(e) = hop
+                && !m.endpoints.contains_key(*e)
+            {
+                errors.push(format!(
+                    "{}: Endpoint {name:?}: {field}.endpoint: Endpoint {e:?} is not in the \
+                     manifests (Endpoints found: {})",
+                    file.display(),
+                    m.endpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        let hop_backends = hops.iter().filter_map(|(field, hop)| match hop {
+            serval_api::Hop::Backend(b) => Some((format!("{field}.backend"), *b)),
+            serval_api::Hop::Endpoint(_) => None,
+        });
+        let named = named.map(|(f, b)| (f, b.as_str())).chain(hop_backends);
         for (field, backend) in named {
             if m.backends.contains_key(backend) {
                 continue;
@@ -329,7 +376,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cascade_is_checked_like_the_api_server_checks_it() {
+    fn compositions_are_checked_like_the_api_server_checks_them() {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = |spec: &str| {
             format!(
@@ -339,7 +386,23 @@ mod tests {
         let cases = [
             (
                 "  cascade: {output: p, stages: [{backend: digits-v1, minConfidence: 0.9}, {backend: big}]}\n  traffic: [{backend: digits-v1, weight: 1}]\n",
-                "an Endpoint has either traffic or a cascade",
+                "an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
+            ),
+            (
+                "  ensemble: {backends: [digits-v1, big], output: p, reduce: Mean}\n",
+                "spec.ensemble.backends[1]: Backend \"big\" is not in the manifests",
+            ),
+            (
+                "  ensemble: {backends: [digits-v1, digits-v1], output: p, reduce: Vote}\n",
+                "each backend may appear only once in an ensemble",
+            ),
+            (
+                "  sequence: {steps: [{backend: digits-v1}, {endpoint: nowhere, inputs: {X: y}}]}\n",
+                "spec.sequence.steps[1].endpoint: Endpoint \"nowhere\" is not in the manifests",
+            ),
+            (
+                "  sequence: {steps: [{backend: digits-v1}, {endpoint: c}]}\n",
+                "Endpoint \"c\" calls itself through c -> c",
             ),
             (
                 "  cascade: {output: p, stages: [{backend: digits-v1}, {backend: big}]}\n",
@@ -360,6 +423,22 @@ mod tests {
             let errors = load(dir.path()).unwrap_err().join("\n");
             assert!(errors.contains(want), "{spec}: {errors}");
         }
+        // Two Endpoints calling each other, each valid on its own.
+        write(
+            dir.path(),
+            "e.yaml",
+            &endpoint("  sequence: {steps: [{backend: digits-v1}, {endpoint: d}]}\n"),
+        );
+        write(
+            dir.path(),
+            "f.yaml",
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: d}\nspec:\n  route: {pathPrefix: /d}\n  cascade: {output: p, stages: [{endpoint: c, minConfidence: 0.5}, {backend: digits-v1}]}\n",
+        );
+        let errors = load(dir.path()).unwrap_err().join("\n");
+        assert!(
+            errors.contains("e.yaml: Endpoint \"c\" calls itself through c -> d -> c"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -1266,39 +1266,9 @@ fn a_disagreeing_canary_is_rolled_back_from_its_shadow_step_in_local_mode() {
 /// and merged in order) give the offline cascade's accuracy and share of rows escalated.
 #[test]
 fn a_cascade_answers_like_the_offline_cascade_row_by_row() {
-    ensure_binaries();
-    let dir = tempfile::tempdir().unwrap();
-    let examples = dir.path().join("examples/cascade");
-    std::fs::create_dir_all(&examples).unwrap();
-    std::fs::create_dir_all(dir.path().join("models")).unwrap();
-    std::fs::copy(
-        repo().join("examples/cascade/digits-cascade.yaml"),
-        examples.join("digits-cascade.yaml"),
-    )
-    .unwrap();
-    for m in ["digits-small.onnx", "digits-large.onnx"] {
-        std::fs::copy(
-            repo().join("models").join(m),
-            dir.path().join("models").join(m),
-        )
-        .unwrap();
-    }
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_serval"))
-        .args(["local", "-f"])
-        .arg(&examples)
-        .args(["--port", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _local = Local { child, dir, port };
-    let truth: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(repo().join("models/digits/composition.json")).unwrap(),
-    )
-    .unwrap();
-    let rows: Vec<Vec<f32>> = serde_json::from_value(truth["rows"].clone()).unwrap();
-    let labels: Vec<usize> = serde_json::from_value(truth["labels"].clone()).unwrap();
+    let local = serve_example("cascade", &["digits-small.onnx", "digits-large.onnx"], None);
+    let port = local.port;
+    let (truth, rows, labels) = composition_truth();
     let want = &truth["cascadeSmallLarge"]["0.9"];
     let client = reqwest::blocking::Client::new();
     let url = format!("http://127.0.0.1:{port}/digits/v2/models/digits-cascade/infer");
@@ -1364,4 +1334,234 @@ fn a_cascade_answers_like_the_offline_cascade_row_by_row() {
         assert!((accuracy - want["accuracy"].as_f64().unwrap()).abs() <= 0.002);
         assert!((share - want["escalated"].as_f64().unwrap()).abs() <= 0.01);
     }
+}
+
+/// `serval local` serving a copy of `examples/<example>/` with the `models` it loads, plus an
+/// optional extra manifest `(file name, YAML)` beside it.
+fn serve_example(example: &str, models: &[&str], extra: Option<(&str, &str)>) -> Local {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("examples").join(example);
+    std::fs::create_dir_all(&examples).unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    for f in std::fs::read_dir(repo().join("examples").join(example)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, examples.join(f.file_name().unwrap())).unwrap();
+    }
+    if let Some((name, yaml)) = extra {
+        std::fs::write(examples.join(name), yaml).unwrap();
+    }
+    for m in models {
+        std::fs::copy(
+            repo().join("models").join(m),
+            dir.path().join("models").join(m),
+        )
+        .unwrap();
+    }
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serval"))
+        .args(["local", "-f"])
+        .arg(&examples)
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Local { child, dir, port }
+}
+
+/// The held-out digits and what the models make of them offline (onnxruntime).
+fn composition_truth() -> (serde_json::Value, Vec<Vec<f32>>, Vec<usize>) {
+    let truth: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo().join("models/digits/composition.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(truth["rows"].clone()).unwrap();
+    let labels: Vec<usize> = serde_json::from_value(truth["labels"].clone()).unwrap();
+    (truth, rows, labels)
+}
+
+/// The classes an answer gives its rows: its `label` output.
+fn labels_of(answer: &serde_json::Value) -> Vec<usize> {
+    let out = answer["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["name"] == "label"))
+        .unwrap_or_else(|| panic!("no label output in {answer}"));
+    serde_json::from_value(out["data"].clone()).unwrap()
+}
+
+/// Rows where `got` and `want` differ.
+fn differing(got: &[usize], want: &[usize]) -> usize {
+    got.iter().zip(want).filter(|(a, b)| a != b).count()
+}
+
+#[test]
+fn an_ensemble_answers_like_the_offline_ensemble_for_each_reduce() {
+    // Vote and Max beside the example's Mean, over the same three members.
+    let more = "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits-vote}\n\
+        spec:\n  route: {pathPrefix: /vote}\n  ensemble: {backends: [digits-ens-a, digits-ens-b, \
+        digits-ens-c], output: probabilities, reduce: Vote}\n---\n\
+        apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {name: digits-max}\n\
+        spec:\n  route: {pathPrefix: /max}\n  ensemble: {backends: [digits-ens-a, digits-ens-b, \
+        digits-ens-c], output: probabilities, reduce: Max}\n";
+    let models = [
+        "digits-ens-a.onnx",
+        "digits-ens-b.onnx",
+        "digits-ens-c.onnx",
+    ];
+    let local = serve_example("ensemble", &models, Some(("more.yaml", more)));
+    let (truth, rows, labels) = composition_truth();
+    let client = reqwest::blocking::Client::new();
+    let infer = |endpoint: &str, prefix: &str, chunk: &[Vec<f32>]| -> Option<serde_json::Value> {
+        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
+        client
+            .post(format!(
+                "http://127.0.0.1:{}{prefix}/v2/models/{endpoint}/infer",
+                local.port
+            ))
+            .json(
+                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+                "shape": [chunk.len(), 64], "data": data}]}),
+            )
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())?
+            .json()
+            .ok()
+    };
+    // Every member answers before the comparison starts (minResponses 2 would answer with
+    // two).
+    wait_until(
+        "all three members serving",
+        Duration::from_secs(120),
+        || {
+            let a = infer("digits-ensemble", "/digits", &rows[..1])?;
+            (a["parameters"]["serval_members"].as_array()?.len() == 3).then_some(())
+        },
+    );
+    let best = ["digits-ens-a", "digits-ens-b", "digits-ens-c"]
+        .iter()
+        .map(|m| truth["accuracy"][m].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    for (endpoint, prefix, reduce) in [
+        ("digits-ensemble", "/digits", "Mean"),
+        ("digits-vote", "/vote", "Vote"),
+        ("digits-max", "/max", "Max"),
+    ] {
+        let mut got = Vec::new();
+        for chunk in rows.chunks(16) {
+            let answer = infer(endpoint, prefix, chunk).expect("an answer");
+            assert_eq!(
+                answer["parameters"]["serval_members"]
+                    .as_array()
+                    .unwrap()
+                    .len(),
+                3
+            );
+            got.extend(labels_of(&answer));
+        }
+        let want: Vec<usize> =
+            serde_json::from_value(truth["predictions"][format!("ensemble{reduce}")].clone())
+                .unwrap();
+        let correct = got.iter().zip(&labels).filter(|(a, b)| a == b).count();
+        let accuracy = correct as f64 / rows.len() as f64;
+        println!(
+            "ensemble {reduce}: accuracy {accuracy:.4} (offline {}, best member {best:.4}), \
+             {} of {} rows differ from the offline ensemble",
+            truth["ensemble"][reduce],
+            differing(&got, &want),
+            rows.len()
+        );
+        // tract and onnxruntime may round a near tie differently: a row or two at most.
+        assert!(differing(&got, &want) <= 2);
+        assert!(
+            accuracy >= best,
+            "{reduce}: {accuracy} < best member {best}"
+        );
+    }
+}
+
+#[test]
+fn a_sequence_answers_like_the_offline_pipeline_in_json_and_in_binary() {
+    let models = ["digits-pca.onnx", "digits-pca-head.onnx"];
+    let local = serve_example("sequence", &models, None);
+    let (truth, rows, labels) = composition_truth();
+    let want: Vec<usize> =
+        serde_json::from_value(truth["predictions"]["sequence"].clone()).unwrap();
+    let client = reqwest::blocking::Client::new();
+    let url = format!(
+        "http://127.0.0.1:{}/digits/v2/models/digits-pipeline/infer",
+        local.port
+    );
+    let json_infer = |chunk: &[Vec<f32>]| -> Option<serde_json::Value> {
+        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
+        client
+            .post(&url)
+            .json(
+                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+                "shape": [chunk.len(), 64], "data": data}]}),
+            )
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())?
+            .json()
+            .ok()
+    };
+    wait_until("both steps serving", Duration::from_secs(120), || {
+        json_infer(&rows[..1])
+    });
+    let mut got = Vec::new();
+    for chunk in rows.chunks(16) {
+        got.extend(labels_of(&json_infer(chunk).expect("an answer")));
+    }
+    // The binary extension end to end: FP32 rows in, binary outputs back.
+    let mut binary = Vec::new();
+    for chunk in rows.chunks(16) {
+        let header = serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+            "shape": [chunk.len(), 64], "parameters": {"binary_data_size": chunk.len() * 256}}],
+            "outputs": [{"name": "label", "parameters": {"binary_data": true}}],
+            "parameters": {"binary_data_output": true}})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend(chunk.iter().flatten().flat_map(|f| f.to_le_bytes()));
+        let resp = client
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", header.len())
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let n: usize = resp.headers()["inference-header-content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let bytes = resp.bytes().unwrap();
+        let head: serde_json::Value = serde_json::from_slice(&bytes[..n]).unwrap();
+        let mut rest = &bytes[n..];
+        for o in head["outputs"].as_array().unwrap() {
+            let size = o["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+            let (this, after) = rest.split_at(size);
+            rest = after;
+            if o["name"] == "label" {
+                binary.extend(
+                    this.chunks(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize),
+                );
+            }
+        }
+    }
+    let correct = got.iter().zip(&labels).filter(|(a, b)| a == b).count();
+    println!(
+        "sequence digits-pca -> digits-head: accuracy {:.4} (offline {}), {} rows differ \
+         from the offline pipeline in JSON, {} in binary",
+        correct as f64 / rows.len() as f64,
+        truth["sequencePcaHead"],
+        differing(&got, &want),
+        differing(&binary, &want)
+    );
+    assert_eq!(binary.len(), rows.len());
+    assert!(differing(&got, &want) <= 2);
+    assert!(differing(&binary, &want) <= 2);
 }

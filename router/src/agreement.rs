@@ -414,6 +414,52 @@ pub fn confidences(value: &Value, binary: &[u8], output: &str) -> Result<Vec<f64
         .collect())
 }
 
+/// What an answer says per row, for an ensemble to reduce.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowValues {
+    /// The output's values, `rows` × `size`, row-major.
+    Tensor {
+        /// Rows.
+        rows: usize,
+        /// Values per row.
+        size: usize,
+        /// The values.
+        values: Vec<f64>,
+    },
+    /// A post-processed answer: each row's label and score.
+    Labels(Vec<(Value, f64)>),
+}
+
+/// The rows of `output` in an answer (JSON or binary Open Inference Protocol, V1 predictions),
+/// or the label and score of each row of a post-processed one (an image's
+/// `{"label", "score"}`, V1 rows with labels).
+pub fn row_values(value: &Value, binary: &[u8], output: &str) -> Result<RowValues, String> {
+    let scored = |r: &Value| Some((r.get("label")?.clone(), r.get("score")?.as_f64()?));
+    if value.get("label").is_some() {
+        return scored(value)
+            .map(|l| RowValues::Labels(vec![l]))
+            .ok_or_else(|| "a label without a score".to_owned());
+    }
+    if let Some(rows) = value.get("predictions").and_then(Value::as_array)
+        && let Some(labels) = rows.iter().map(scored).collect::<Option<Vec<_>>>()
+        && !labels.is_empty()
+    {
+        return Ok(RowValues::Labels(labels));
+    }
+    let Decoded::Tensors(tensors) = decode_value(value, binary)? else {
+        return Err("the answer has labels but no score".to_owned());
+    };
+    let t = tensors
+        .into_iter()
+        .find(|t| t.name == output || t.name.is_empty())
+        .ok_or_else(|| format!("the answer has no output {output:?}"))?;
+    let (rows, size) = (t.rows(), t.row_size());
+    match t.data {
+        Data::Numbers(values) => Ok(RowValues::Tensor { rows, size, values }),
+        Data::Values(_) => Err(format!("output {output:?} is not numeric")),
+    }
+}
+
 fn compare_tensors(spec: &MirrorCompare, a: &[Tensor], b: &[Tensor]) -> Result<Rows, Unreadable> {
     let chosen = match &spec.output {
         Some(name) => a

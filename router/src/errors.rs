@@ -71,6 +71,18 @@ pub enum Error {
         /// The transport error.
         reason: String,
     },
+    /// Fewer members of an ensemble answered than it needs.
+    #[error("ensemble {endpoint}: {answered} of {needed} required answers ({reasons})")]
+    EnsembleShort {
+        /// Endpoint name.
+        endpoint: String,
+        /// Members that answered.
+        answered: usize,
+        /// Answers needed (`minResponses`).
+        needed: usize,
+        /// Why each other member did not, `member: reason`.
+        reasons: String,
+    },
     /// A request the router cannot forward (e.g. a path the URI grammar rejects).
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -111,9 +123,9 @@ impl Error {
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::ColdStart { .. } | Error::HoldFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::UpstreamUnreachable { .. } | Error::UpstreamProtocol { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Error::UpstreamUnreachable { .. }
+            | Error::UpstreamProtocol { .. }
+            | Error::EnsembleShort { .. } => StatusCode::BAD_GATEWAY,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Refused(r) => r.status(),
             Error::Client(ClientFault::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,

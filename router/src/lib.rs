@@ -12,7 +12,9 @@
 pub mod agreement;
 pub mod body;
 pub mod cascade;
+pub mod compose;
 pub mod config;
+pub mod ensemble;
 pub mod errors;
 pub mod headers;
 pub mod matching;
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oip;
 pub mod proxy;
+pub mod sequence;
 pub mod server;
 pub mod split;
 pub mod table;

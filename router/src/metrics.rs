@@ -135,6 +135,15 @@ pub struct CascadeLabels {
     pub outcome: &'static str,
 }
 
+/// `{endpoint, stage}` of a composition's call: the Backend or Endpoint called.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// Endpoint name (the composition's).
+    pub endpoint: String,
+    /// The Backend or Endpoint called.
+    pub stage: String,
+}
+
 /// `{endpoint, backend, reason}` of a mirrored request that could not be compared.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorErrorLabels {
@@ -197,6 +206,10 @@ pub struct Metrics {
     pub mirror_errors: Family<MirrorErrorLabels, Counter>,
     /// Rows each cascade stage answered or escalated.
     pub cascade_rows: Family<CascadeLabels, Counter>,
+    /// Calls a composition (cascade, ensemble, sequence) made to each stage, and their latency.
+    pub stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
+    /// Calls of a composition that failed: an error, no answer in time, an unreadable answer.
+    pub stage_failures: Family<StageLabels, Counter>,
     /// Requests no route claimed.
     pub unmatched: Counter,
     /// Requests refused before routing for breaking an HTTP rule (e.g. no Host).
@@ -240,6 +253,8 @@ impl Metrics {
             mirror: Family::default(),
             mirror_errors: Family::default(),
             cascade_rows: Family::default(),
+            stage_duration: Family::new_with_constructor(latency_histogram),
+            stage_failures: Family::default(),
             unmatched: Counter::default(),
             refused: Counter::default(),
             table_info: Family::default(),
@@ -294,6 +309,16 @@ impl Metrics {
             "cascade_rows",
             "Rows each cascade stage answered or escalated to the next",
             m.cascade_rows.clone(),
+        );
+        registry.register(
+            "composition_stage_duration_seconds",
+            "Calls a cascade, ensemble or sequence made to each stage, and their latency",
+            m.stage_duration.clone(),
+        );
+        registry.register(
+            "composition_stage_failures",
+            "Calls of a cascade, ensemble or sequence that failed (error, deadline, unreadable answer)",
+            m.stage_failures.clone(),
         );
         registry.register(
             "unmatched_requests",

@@ -33,7 +33,7 @@ pub fn server_answer(
                 .map(|t| {
                     t.routes
                         .iter()
-                        .filter(|r| !r.has_ready_backend())
+                        .filter(|r| !t.ready(r))
                         .map(|r| r.endpoint.as_str())
                         .collect()
                 })
@@ -52,11 +52,15 @@ pub fn server_answer(
 }
 
 /// The router's answer for one Endpoint's readiness or server paths.
-pub fn endpoint_answer(route: &CompiledRoute, kind: PathKind) -> Response<ProxyBody> {
+pub fn endpoint_answer(
+    table: &CompiledTable,
+    route: &CompiledRoute,
+    kind: PathKind,
+) -> Response<ProxyBody> {
     match kind {
         PathKind::Live => json(StatusCode::OK, json!({ "live": true })),
         PathKind::ServerMetadata => server_metadata(),
-        _ if route.has_ready_backend() => json(
+        _ if table.ready(route) => json(
             StatusCode::OK,
             json!({ "name": route.endpoint, "ready": true }),
         ),

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,6 +18,7 @@ use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
 use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, discard, read_ahead};
+use crate::compose::{Body as ComposedBody, Call};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
 use crate::headers;
@@ -27,12 +28,11 @@ use crate::metrics::{
 };
 use crate::mirror::{Mirror, ShadowCopy};
 use crate::oip;
-use crate::table::{CompiledCascade, CompiledRoute, TableStore};
+use crate::table::{CompiledRoute, CompiledTable, Composition, TableStore};
 use crate::upstream::{
     AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
     shed_window,
 };
-use crate::{agreement, cascade};
 
 /// One request counted in `held_requests{backend}` until dropped.
 struct Held(Gauge);
@@ -55,6 +55,10 @@ pub const BACKEND_HEADER: &str = "serval-backend";
 const BACKEND_HEADER_NAME: HeaderName = HeaderName::from_static(BACKEND_HEADER);
 const ENDPOINT_HEADER_NAME: HeaderName =
     HeaderName::from_static(serval_api::routing::ENDPOINT_HEADER);
+/// How long a model server has for a request, in milliseconds (the model server's
+/// `serval-deadline-ms`).
+pub const DEADLINE_HEADER: &str = "serval-deadline-ms";
+const DEADLINE_HEADER_NAME: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
 
 /// The proxy of one shard: its own upstream connections, the shared table and metrics.
 #[derive(Debug)]
@@ -150,11 +154,24 @@ impl Proxy {
             self.metrics.unmatched.inc();
             return Error::NoRoute(parts.uri.path().to_owned()).into_response();
         };
+        if let Some(composition) = &route.composition
+            && target.kind == PathKind::Forward
+        {
+            let (resp, by) = match self
+                .composed(&table, route, composition, &target, parts, body, start)
+                .await
+            {
+                Ok((resp, by)) => (resp, by),
+                Err(e) => (e.into_response(), None),
+            };
+            self.count(route, by.as_deref(), resp.status(), start);
+            return resp;
+        }
         let chosen = match target.kind {
             PathKind::Forward => route.choose(&parts.headers),
             PathKind::ModelMetadata => route.choose_primary(&parts.headers),
             PathKind::ModelReady | PathKind::ServerMetadata | PathKind::Live | PathKind::Ready => {
-                return oip::endpoint_answer(route, target.kind);
+                return oip::endpoint_answer(&table, route, target.kind);
             }
         };
         let Some(pool) = chosen.cloned() else {
@@ -174,19 +191,6 @@ impl Proxy {
         } else {
             pool
         };
-        if let Some(cascade) = &route.cascade
-            && target.kind == PathKind::Forward
-        {
-            let resp = match self
-                .cascade(route, cascade, &target, parts, body, deadline)
-                .await
-            {
-                Ok(resp) => resp,
-                Err(e) => e.into_response(),
-            };
-            self.count(route, Some(&pool), resp.status(), start);
-            return resp;
-        }
         let mut resp = match self
             .forward(route, &target, &pool, parts, body, deadline)
             .await
@@ -201,9 +205,65 @@ impl Proxy {
         resp
     }
 
+    /// A composed route (cascade, ensemble, sequence): the body read whole (each call may need
+    /// it again), then the composition's answer, naming the Backend that gave it when one did.
+    #[allow(clippy::too_many_arguments)]
+    async fn composed(
+        &self,
+        table: &CompiledTable,
+        route: &CompiledRoute,
+        composition: &Composition,
+        target: &Target,
+        mut parts: Parts,
+        body: Incoming,
+        start: Instant,
+    ) -> Result<(Response<ProxyBody>, Option<Arc<BackendPool>>)> {
+        let timeout_ms = route.timeout.as_millis() as u64;
+        let deadline = tokio::time::Instant::from_std(start) + route.timeout;
+        let read = tokio::time::timeout_at(
+            deadline,
+            read_ahead(body, self.max_buffered_body, self.max_body),
+        )
+        .await
+        .map_err(|_| Error::ClientTimeout { timeout_ms })?
+        .map_err(Error::Client)?;
+        let ReadAhead::Whole(bytes) = read else {
+            // Each call may need the body again: it must fit the buffer.
+            return Err(Error::Client(crate::body::ClientFault::TooLarge));
+        };
+        if let Some(v) = &route.endpoint_header {
+            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
+        }
+        let call = Call {
+            table,
+            route,
+            method: &parts.method,
+            headers: &parts.headers,
+            query: parts.uri.query(),
+            deadline,
+        };
+        let body = ComposedBody {
+            bytes,
+            path: target.path.clone(),
+            made: None,
+        };
+        let reply = self.compose(call, composition, body).await?;
+        let by = reply.by.clone();
+        let mut resp = buffered_response(reply.head, reply.bytes, by.as_deref());
+        if by.is_none() {
+            resp.headers_mut().remove(BACKEND_HEADER_NAME);
+        }
+        Ok((resp, by))
+    }
+
+    /// The largest body read whole from an upstream.
+    pub(crate) fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
     /// Holds a request for `backend`, scaled to zero, until a table gives it an address (its
     /// first replica is ready), within the bound on held requests and the request's deadline.
-    async fn hold(
+    pub(crate) async fn hold(
         &self,
         backend: &str,
         timeout: std::time::Duration,
@@ -397,7 +457,8 @@ impl Proxy {
             .send(
                 route,
                 pool,
-                &parts,
+                &parts.method,
+                &parts.headers,
                 &path,
                 match (&buffered, stream) {
                     (Some(b), _) => Outgoing::Buffered(b),
@@ -425,11 +486,13 @@ impl Proxy {
     /// policy: a 503 or no answer is sent again (to another replica when there is one) if the
     /// body is buffered and the budget allows; a 429 sheds that replica for its window. The
     /// body is sent as [`Outgoing`] says.
-    async fn send(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send(
         &self,
         route: &CompiledRoute,
         pool: &Arc<BackendPool>,
-        parts: &Parts,
+        method: &Method,
+        headers: &HeaderMap,
         path: &PathAndQuery,
         mut body: Outgoing<'_>,
         deadline: tokio::time::Instant,
@@ -458,7 +521,8 @@ impl Proxy {
                 },
             };
             let addr = &pool.addrs[idx];
-            let upstream = upstream_request(&parts.method, addr, path, &parts.headers, this)?;
+            let mut upstream = upstream_request(method, addr, path, headers, this)?;
+            propagate_deadline(upstream.headers_mut(), deadline);
             let answer = tokio::time::timeout_at(deadline, self.client.request(upstream)).await;
             match answer {
                 Ok(Ok(resp)) => {
@@ -508,190 +572,6 @@ impl Proxy {
                 }
             }
         }
-    }
-
-    /// A cascade: the whole body goes to the first stage; the rows each stage answers below
-    /// its threshold go on to the next (only those rows when the request and the answers are
-    /// JSON with rows; otherwise the whole request), and the answer keeps the request's row
-    /// order. A single-row answer names its stage in `serval-backend`; a multi-row one in
-    /// `parameters.serval_stages`, per row. A stage's error answer is the answer.
-    async fn cascade(
-        &self,
-        route: &CompiledRoute,
-        cascade: &CompiledCascade,
-        target: &Target,
-        mut parts: Parts,
-        body: Incoming,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<ProxyBody>> {
-        let timeout_ms = route.timeout.as_millis() as u64;
-        let read = tokio::time::timeout_at(
-            deadline,
-            read_ahead(body, self.max_buffered_body, self.max_body),
-        )
-        .await
-        .map_err(|_| Error::ClientTimeout { timeout_ms })?
-        .map_err(Error::Client)?;
-        let ReadAhead::Whole(body) = read else {
-            // Each stage may need the body again: it must fit the buffer.
-            return Err(Error::Client(crate::body::ClientFault::TooLarge));
-        };
-        if let Some(v) = &route.endpoint_header {
-            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
-        }
-        let request: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-        let rows = request.as_ref().and_then(cascade::splittable_rows);
-        // Rows still travelling (indices into the request's rows) and who answered each.
-        let mut pending: Vec<usize> = (0..rows.unwrap_or(1)).collect();
-        let mut answered_by: Vec<usize> = vec![0; pending.len()];
-        let mut merged: Option<(serde_json::Value, http::response::Parts)> = None;
-        let mut send = body.clone();
-        for (i, (pool, min)) in cascade.stages.iter().enumerate() {
-            // A later stage scaled to zero holds its rows as the first stage does.
-            let pool = if pool.is_cold() {
-                &self.hold(&pool.name, route.timeout, deadline).await?
-            } else {
-                pool
-            };
-            let (head, bytes) = self
-                .exchange(route, target, pool, &parts, send, deadline)
-                .await?;
-            let (answered, escalated) = &cascade.rows[i];
-            if !head.status.is_success() {
-                return Ok(buffered_response(head, bytes, pool));
-            }
-            let header_length: Option<usize> = head
-                .headers
-                .get(agreement::HEADER_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            // The answer's JSON part, parsed once for the confidences and the merge.
-            let (json, binary) =
-                bytes.split_at(header_length.unwrap_or(bytes.len()).min(bytes.len()));
-            let value: Option<serde_json::Value> = serde_json::from_slice(json).ok();
-            let low: Vec<usize> = match (min, &value) {
-                (None, _) => Vec::new(),
-                (Some(min), value) => {
-                    let judged = value
-                        .as_ref()
-                        .ok_or_else(|| "not JSON".to_owned())
-                        .and_then(|v| agreement::confidences(v, binary, &cascade.output));
-                    match judged {
-                        Ok(c) if c.len() == pending.len() => cascade::escalated(&c, *min),
-                        // Unjudgeable (no such output, rows miscounted): the next stage
-                        // answers it all rather than an answer nobody checked.
-                        other => {
-                            tracing::debug!(backend = %pool.name, result = ?other.map(|c| c.len()), "cascade: confidences unreadable");
-                            (0..pending.len()).collect()
-                        }
-                    }
-                }
-            };
-            answered.inc_by((pending.len() - low.len()) as u64);
-            escalated.inc_by(low.len() as u64);
-            for r in &pending {
-                answered_by[*r] = i;
-            }
-            // Split by row only while everything is plain JSON with rows.
-            let json_answer = value.filter(|_| header_length.is_none() && rows.is_some());
-            merged = match (merged.take(), json_answer) {
-                (None, Some(v)) => Some((v, head)),
-                (Some((mut acc, first_head)), Some(v)) => {
-                    cascade::merge(&mut acc, &pending, &v).map_err(|reason| {
-                        Error::UpstreamProtocol {
-                            backend: pool.name.clone(),
-                            reason,
-                        }
-                    })?;
-                    Some((acc, first_head))
-                }
-                (_, None) => {
-                    // Not splittable: the whole request went to this stage; its answer is
-                    // the answer unless it escalates again.
-                    if low.is_empty() {
-                        return Ok(buffered_response(head, bytes, pool));
-                    }
-                    send = body.clone();
-                    continue;
-                }
-            };
-            if low.is_empty() {
-                break;
-            }
-            let next: Vec<usize> = low.iter().map(|j| pending[*j]).collect();
-            send = match &request {
-                Some(req) if next.len() < rows.unwrap_or(0) => Bytes::from(
-                    cascade::select_rows(req, &next)
-                        .map_err(Error::BadRequest)?
-                        .to_string(),
-                ),
-                _ => body.clone(),
-            };
-            pending = next;
-        }
-        let Some((mut acc, mut head)) = merged else {
-            return Err(Error::NoReadyBackend(route.endpoint.clone()));
-        };
-        let single = answered_by.len() == 1;
-        if !single {
-            let names: Vec<&str> = answered_by
-                .iter()
-                .map(|s| cascade.stages[*s].0.name.as_str())
-                .collect();
-            cascade::name_stages(&mut acc, &names);
-        }
-        let bytes = Bytes::from(acc.to_string());
-        head.headers.remove(header::CONTENT_LENGTH);
-        let answering = &cascade.stages[if single { answered_by[0] } else { 0 }].0;
-        let mut resp = buffered_response(head, bytes, answering);
-        if !single {
-            resp.headers_mut().remove(BACKEND_HEADER_NAME);
-        }
-        Ok(resp)
-    }
-
-    /// One stage of a cascade: the buffered body sent with [`Self::send`], and the whole
-    /// answer read (at most the body limit) within the deadline.
-    async fn exchange(
-        &self,
-        route: &CompiledRoute,
-        target: &Target,
-        pool: &Arc<BackendPool>,
-        parts: &Parts,
-        body: Bytes,
-        deadline: tokio::time::Instant,
-    ) -> Result<(http::response::Parts, Bytes)> {
-        let timeout_ms = route.timeout.as_millis() as u64;
-        let path = PathAndQuery::try_from(target.path.render(&pool.model, parts.uri.query()))
-            .map_err(|e| Error::BadRequest(format!("rewritten path: {e}")))?;
-        let (resp, _inflight) = self
-            .send(
-                route,
-                pool,
-                parts,
-                &path,
-                Outgoing::Buffered(&body),
-                deadline,
-            )
-            .await?;
-        let (head, answer) = resp.into_parts();
-        let read = http_body_util::Limited::new(
-            answer,
-            usize::try_from(self.max_body).unwrap_or(usize::MAX),
-        )
-        .collect();
-        let bytes = tokio::time::timeout_at(deadline, read)
-            .await
-            .map_err(|_| Error::Timeout {
-                endpoint: route.endpoint.clone(),
-                timeout_ms,
-            })?
-            .map_err(|e| Error::UpstreamProtocol {
-                backend: pool.name.clone(),
-                reason: e.to_string(),
-            })?
-            .to_bytes();
-        Ok((head, bytes))
     }
 
     fn launch_mirror(
@@ -756,8 +636,25 @@ pub fn upstream_request(
     Ok(req)
 }
 
+/// Tells the model server how long it has: the time left to the route's deadline, or the
+/// client's own `serval-deadline-ms` when shorter. A stage of a composition late in the
+/// request gets only what is left, so no model works on an answer nobody waits for.
+fn propagate_deadline(headers: &mut HeaderMap, deadline: tokio::time::Instant) {
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .as_millis()
+        .max(1) as u64;
+    let asked = headers
+        .get(&DEADLINE_HEADER_NAME)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if asked.is_none_or(|a| a > left) {
+        headers.insert(DEADLINE_HEADER_NAME, HeaderValue::from(left));
+    }
+}
+
 /// How a request's body goes upstream.
-enum Outgoing<'a> {
+pub(crate) enum Outgoing<'a> {
     /// Read whole: sent again on a retry.
     Buffered(&'a Bytes),
     /// Too long to buffer: streamed once (taken by the first attempt), and a failure of the
@@ -765,14 +662,14 @@ enum Outgoing<'a> {
     Streamed(Option<UpstreamBody>, &'a FaultCell),
 }
 
-/// A whole answer read for a cascade, relayed with the stage that gave it.
+/// A whole answer read for a composition, relayed with the Backend that gave it.
 fn buffered_response(
     mut head: http::response::Parts,
     bytes: Bytes,
-    pool: &BackendPool,
+    pool: Option<&BackendPool>,
 ) -> Response<ProxyBody> {
     headers::relay_response(&mut head.headers);
-    if let Some(v) = &pool.header_value {
+    if let Some(v) = pool.and_then(|p| p.header_value.as_ref()) {
         head.headers.insert(BACKEND_HEADER_NAME, v.clone());
     }
     Response::from_parts(head, ProxyBody::full(bytes))

@@ -10,13 +10,14 @@ use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+use serval_api::Hop;
 use serval_api::routing::RoutingTable;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::errors::{Error, Result};
 use crate::matching::Matcher;
 use crate::metrics::{
-    BackendLabels, CascadeLabels, CodeLabels, Metrics, RouteCounters, RouteLabels,
+    BackendLabels, CascadeLabels, CodeLabels, Metrics, RouteCounters, RouteLabels, StageLabels,
 };
 use crate::split::Split;
 
@@ -107,8 +108,43 @@ pub struct CompiledRoute {
     pub primary: Option<Arc<BackendPool>>,
     /// The Endpoint's name as the value of [`serval_api::routing::ENDPOINT_HEADER`].
     pub endpoint_header: Option<HeaderValue>,
-    /// A cascade's stages after the split's (its first stage).
-    pub cascade: Option<CompiledCascade>,
+    /// A cascade, an ensemble or a sequence: requests go through it instead of the split.
+    pub composition: Option<Composition>,
+}
+
+/// How a composed route answers.
+#[derive(Debug)]
+pub enum Composition {
+    /// Rows a stage is unsure of go on to the next.
+    Cascade(CompiledCascade),
+    /// Every member answers; the answers are reduced.
+    Ensemble(CompiledEnsemble),
+    /// Each step's outputs are the next one's inputs.
+    Sequence(CompiledSequence),
+}
+
+/// Where a composition sends one call.
+#[derive(Debug, Clone)]
+pub enum CompiledHop {
+    /// A Backend's replicas.
+    Pool(Arc<BackendPool>),
+    /// Another route of the table (an index into [`CompiledTable::routes`]): its own policy
+    /// chooses.
+    Route(usize),
+}
+
+/// One call of a composition: where it goes and its series.
+#[derive(Debug)]
+pub struct Stage {
+    /// Where.
+    pub hop: CompiledHop,
+    /// The Backend's or Endpoint's name, as the metrics' `stage` label.
+    pub name: String,
+    /// `composition_stage_duration_seconds{endpoint, stage}`: calls and their latency.
+    pub duration: Histogram,
+    /// `composition_stage_failures_total{endpoint, stage}`: calls that failed (no answer in
+    /// time, an error status, an unreadable answer).
+    pub failures: Counter,
 }
 
 /// A route's cascade.
@@ -117,9 +153,29 @@ pub struct CompiledCascade {
     /// The output whose per-row maximum is a row's confidence.
     pub output: String,
     /// Every stage in order with its threshold (`None` on the last, which answers all).
-    pub stages: Vec<(Arc<BackendPool>, Option<f64>)>,
+    pub stages: Vec<(Stage, Option<f64>)>,
     /// Rows answered and escalated, per stage: `cascade_rows_total{endpoint, backend, outcome}`.
     pub rows: Vec<(Counter, Counter)>,
+}
+
+/// A route's ensemble.
+#[derive(Debug)]
+pub struct CompiledEnsemble {
+    /// Members in order (Backends).
+    pub members: Vec<Stage>,
+    /// The output reduced.
+    pub output: String,
+    /// How.
+    pub reduce: serval_api::Reduce,
+    /// Answers needed.
+    pub min_responses: usize,
+}
+
+/// A route's sequence.
+#[derive(Debug)]
+pub struct CompiledSequence {
+    /// Steps in order, each with its `{input: output}` mapping.
+    pub steps: Vec<(Stage, std::collections::BTreeMap<String, String>)>,
 }
 
 /// A route's shadow traffic.
@@ -197,6 +253,35 @@ pub struct CompiledTable {
 }
 
 impl CompiledTable {
+    /// Whether a route can answer now: a usable Backend for its split, or what its
+    /// composition needs (a cascade's first stage, an ensemble's `minResponses` members,
+    /// every step of a sequence), through the Endpoints it calls.
+    pub fn ready(&self, route: &CompiledRoute) -> bool {
+        // Validated tables have no cycle; the depth bound guards a table built otherwise.
+        self.ready_within(route, self.routes.len())
+    }
+
+    fn ready_within(&self, route: &CompiledRoute, depth: usize) -> bool {
+        let hop = |h: &CompiledHop| match h {
+            CompiledHop::Pool(p) => p.is_usable(),
+            CompiledHop::Route(i) => {
+                depth > 0
+                    && self
+                        .routes
+                        .get(*i)
+                        .is_some_and(|r| self.ready_within(r, depth - 1))
+            }
+        };
+        match &route.composition {
+            None => route.has_ready_backend(),
+            Some(Composition::Cascade(c)) => c.stages.first().is_some_and(|(s, _)| hop(&s.hop)),
+            Some(Composition::Ensemble(e)) => {
+                e.members.iter().filter(|m| hop(&m.hop)).count() >= e.min_responses
+            }
+            Some(Composition::Sequence(q)) => q.steps.iter().all(|(s, _)| hop(&s.hop)),
+        }
+    }
+
     /// The backend named `name`, if the table has it.
     pub fn pool(&self, name: &str) -> Option<&Arc<BackendPool>> {
         self.pools.get(name)
@@ -276,6 +361,33 @@ impl CompiledTable {
                 Error::TableCompile(format!("route {endpoint:?}: {h:?} is not a header name"))
             })
         };
+        // Routes are compiled in the table's order: a hop to an Endpoint is its index.
+        let index: HashMap<&str, usize> = table
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.endpoint.as_str(), i))
+            .collect();
+        let stage = |to: &Hop<String>, endpoint: &str| -> Result<Stage> {
+            let hop = match to {
+                Hop::Backend(b) => CompiledHop::Pool(pool(b, endpoint)?),
+                Hop::Endpoint(e) => {
+                    CompiledHop::Route(*index.get(e.as_str()).ok_or_else(|| {
+                        Error::TableCompile(format!("route {endpoint:?}: endpoint {e:?} missing"))
+                    })?)
+                }
+            };
+            let labels = StageLabels {
+                endpoint: endpoint.to_owned(),
+                stage: to.name().to_owned(),
+            };
+            Ok(Stage {
+                hop,
+                name: to.name().to_owned(),
+                duration: metrics.stage_duration.get_or_create(&labels).clone(),
+                failures: metrics.stage_failures.get_or_create(&labels).clone(),
+            })
+        };
         let mut routes = Vec::with_capacity(table.routes.len());
         for r in &table.routes {
             let e = r.endpoint.as_str();
@@ -352,13 +464,13 @@ impl CompiledTable {
                     },
                 )
                 .map(|(_, p)| p.clone());
-            let cascade = match &r.cascade {
-                Some(c) => Some(CompiledCascade {
+            let composition = if let Some(c) = &r.cascade {
+                Some(Composition::Cascade(CompiledCascade {
                     output: c.output.clone(),
                     stages: c
                         .stages
                         .iter()
-                        .map(|s| Ok((pool(&s.backend, e)?, s.min_confidence)))
+                        .map(|s| Ok((stage(&s.to, e)?, s.min_confidence)))
                         .collect::<Result<Vec<_>>>()?,
                     rows: c
                         .stages
@@ -369,7 +481,7 @@ impl CompiledTable {
                                     .cascade_rows
                                     .get_or_create(&CascadeLabels {
                                         endpoint: r.endpoint.clone(),
-                                        backend: s.backend.clone(),
+                                        backend: s.to.name().to_owned(),
                                         outcome,
                                     })
                                     .clone()
@@ -377,11 +489,31 @@ impl CompiledTable {
                             (series("answered"), series("escalated"))
                         })
                         .collect(),
-                }),
-                None => None,
+                }))
+            } else if let Some(en) = &r.ensemble {
+                Some(Composition::Ensemble(CompiledEnsemble {
+                    members: en
+                        .backends
+                        .iter()
+                        .map(|b| stage(&Hop::Backend(b.clone()), e))
+                        .collect::<Result<Vec<_>>>()?,
+                    output: en.output.clone(),
+                    reduce: en.reduce,
+                    min_responses: en.min_responses as usize,
+                }))
+            } else if let Some(q) = &r.sequence {
+                Some(Composition::Sequence(CompiledSequence {
+                    steps: q
+                        .steps
+                        .iter()
+                        .map(|s| Ok((stage(&s.to, e)?, s.inputs.clone())))
+                        .collect::<Result<Vec<_>>>()?,
+                }))
+            } else {
+                None
             };
             routes.push(CompiledRoute {
-                cascade,
+                composition,
                 primary,
                 endpoint_header: HeaderValue::from_str(&r.endpoint).ok(),
                 endpoint: r.endpoint.clone(),

@@ -94,9 +94,20 @@ async fn read_upstream_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(len)) = req.parse(buf) {
+            // The time left to the deadline varies: checked here, then left out of the record.
+            let left = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("serval-deadline-ms"))
+                .map(|h| String::from_utf8_lossy(h.value).parse::<u64>().unwrap());
+            assert!(
+                left.is_some_and(|ms| ms > 0 && ms <= 30_000),
+                "every forwarded request carries the time left: {left:?}"
+            );
             let mut lines: Vec<String> = req
                 .headers
                 .iter()
+                .filter(|h| !h.name.eq_ignore_ascii_case("serval-deadline-ms"))
                 .map(|h| {
                     format!(
                         "{}: {}",
