@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
 use serval_api::routing::{ROUTING_CONFIGMAP, ROUTING_TABLE_KEY};
-use serval_api::{Backend, Endpoint, RoutingTable};
+use serval_api::{Backend, Endpoint, Hop, RoutingTable};
 use serval_e2e::{
     Cluster, LOG_TAIL_LINES, OPERATOR_BIN_ENV, Operator, OperatorConfig, POLL_INTERVAL,
     operator_binary, wait_for, wait_for_async,
@@ -124,7 +124,7 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
 
     // The examples are valid, the rollout and autoscaling ones too.
     s.kubectl_ok(["apply", "--dry-run=server", "-f", &examples_dir()])?;
-    for dir in ["rollout", "autoscaling"] {
+    for dir in ["rollout", "autoscaling", "cascade", "ensemble", "sequence"] {
         s.kubectl_ok([
             "apply",
             "--dry-run=server",
@@ -145,19 +145,51 @@ fn crds_explain_and_reject(s: &Scenario) -> anyhow::Result<()> {
              spec:\n  route: {{pathPrefix: /{name}}}\n{spec}"
         )
     };
-    let cases: [(&str, String, &str); 15] = [
+    let cases: [(&str, String, &str); 19] = [
         (
             "cascade and traffic",
             cascade(
                 "cas1",
                 "  cascade: {output: p, stages: [{backend: a, minConfidence: 0.9}, {backend: b}]}\n  traffic: [{backend: a, weight: 100}]\n",
             ),
-            "an Endpoint has either traffic or a cascade",
+            "an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
         ),
         (
             "neither cascade nor traffic",
             cascade("cas2", ""),
-            "an Endpoint has either traffic or a cascade",
+            "an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
+        ),
+        (
+            "ensemble and sequence",
+            cascade(
+                "ens1",
+                "  ensemble: {backends: [a, b], output: p, reduce: Mean}\n  sequence: {steps: [{backend: a}, {backend: b}]}\n",
+            ),
+            "an Endpoint has exactly one of traffic, cascade, ensemble and sequence",
+        ),
+        (
+            "ensemble needing more answers than members",
+            cascade(
+                "ens2",
+                "  ensemble: {backends: [a, b], output: p, reduce: Vote, minResponses: 3}\n",
+            ),
+            "ensemble.minResponses cannot exceed the number of backends",
+        ),
+        (
+            "sequence step naming a backend and an endpoint",
+            cascade(
+                "seq1",
+                "  sequence: {steps: [{backend: a}, {backend: b, endpoint: c}]}\n",
+            ),
+            "a sequence step names either a backend or an endpoint",
+        ),
+        (
+            "cascade stage naming nothing",
+            cascade(
+                "cas4",
+                "  cascade: {output: p, stages: [{minConfidence: 0.9}, {backend: b}]}\n",
+            ),
+            "a cascade stage names either a backend or an endpoint",
         ),
         (
             "cascade stage without minConfidence",
@@ -1035,6 +1067,109 @@ spec:
         "RolloutRolledBack missing: {bad_reasons:?}"
     );
     writer.abort();
+    Ok(())
+}
+
+/// Compositions planned from the real API server: a sequence whose step is another Endpoint,
+/// an ensemble, and two Endpoints calling each other, left out and reported as a cycle until
+/// one of them is deleted, after which the other reports the Endpoint it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compositions_are_planned_and_cycles_reported() {
+    let _shared = EXCLUSIVE.read().await;
+    let mut s = Scenario::new("compose", true).await;
+    let result = compositions(&mut s).await;
+    s.finish(result);
+}
+
+async fn compositions(s: &mut Scenario) -> anyhow::Result<()> {
+    s.apply_examples_and_wait_ready()?;
+    let endpoint = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: serval.dev/v1alpha1\nkind: Endpoint\nmetadata: {{name: {name}}}\n\
+             spec:\n  route: {{pathPrefix: /{name}}}\n{spec}---\n"
+        )
+    };
+    s.apply(&[
+        endpoint(
+            "pipe",
+            "  sequence: {steps: [{backend: digits-v1}, {endpoint: digits, inputs: {X: probabilities}}]}\n",
+        ),
+        endpoint(
+            "ens",
+            "  ensemble: {backends: [digits-v1, digits-v2], output: probabilities, reduce: Vote}\n",
+        ),
+        endpoint(
+            "loop-a",
+            "  sequence: {steps: [{backend: digits-v1}, {endpoint: loop-b}]}\n",
+        ),
+        endpoint(
+            "loop-b",
+            "  cascade: {output: p, stages: [{endpoint: loop-a, minConfidence: 0.5}, {backend: digits-v2}]}\n",
+        ),
+    ]
+    .concat())?;
+    for name in ["pipe", "ens"] {
+        s.wait_endpoint(name, "Ready", |e| {
+            condition_is(
+                e.status.as_ref().map(|s| s.conditions.as_slice()),
+                READY,
+                "True",
+            )
+        })
+        .await?;
+    }
+    let cycle = |e: &Endpoint| {
+        e.status.as_ref().is_some_and(|st| {
+            st.conditions.iter().any(|c| {
+                c.type_ == DEGRADED
+                    && c.status == "True"
+                    && c.reason == "Cycle"
+                    && c.message.contains("loop-a -> loop-b -> loop-a")
+            })
+        })
+    };
+    for name in ["loop-a", "loop-b"] {
+        s.wait_endpoint(name, "Degraded=True Cycle", cycle).await?;
+    }
+    let table = s.routing_table().await?;
+    let pipe = table.route("pipe").context("pipe not routed")?;
+    let steps = &pipe.sequence.as_ref().context("no sequence")?.steps;
+    ensure!(
+        steps[1].to == Hop::Endpoint("digits".to_owned())
+            && steps[1].inputs["X"] == "probabilities",
+        "pipe's steps: {steps:?}"
+    );
+    let ens = table.route("ens").context("ens not routed")?;
+    let plan = ens.ensemble.as_ref().context("no ensemble")?;
+    ensure!(
+        plan.backends == ["digits-v1", "digits-v2"] && plan.min_responses == 2,
+        "ens: {plan:?}"
+    );
+    ensure!(
+        table.route("loop-a").is_none() && table.route("loop-b").is_none(),
+        "a cycle was routed: {table:?}"
+    );
+
+    // Without loop-b, loop-a lacks the Endpoint its second step names.
+    s.kubectl_ok(["delete", "endpoint", "loop-b"])?;
+    let e = s
+        .wait_endpoint("loop-a", "Degraded=True EndpointNotFound", |e| {
+            e.status.as_ref().is_some_and(|st| {
+                st.conditions.iter().any(|c| {
+                    c.type_ == DEGRADED && c.status == "True" && c.reason == "EndpointNotFound"
+                })
+            })
+        })
+        .await?;
+    let degraded = e
+        .status
+        .as_ref()
+        .and_then(|st| st.conditions.iter().find(|c| c.type_ == DEGRADED))
+        .context("no Degraded")?;
+    ensure!(
+        degraded.message.contains("loop-b"),
+        "Degraded does not name loop-b: {degraded:?}"
+    );
     Ok(())
 }
 

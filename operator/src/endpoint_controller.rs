@@ -1,6 +1,6 @@
 //! Endpoint → the namespace's routing table, router Deployment, Service and RBAC; status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,17 +145,41 @@ pub fn backend_views(backends: &[Arc<Backend>], namespace: &str) -> BTreeMap<Str
         .collect()
 }
 
-/// Endpoints to re-reconcile when a Backend appears, disappears or flips readiness.
+/// Endpoints to re-reconcile when a Backend appears, disappears or flips readiness: those
+/// naming it, and those reaching it through another Endpoint (a cascade stage or sequence
+/// step naming one), whose ability to serve changes with it.
 pub fn endpoints_using(backend: &Backend, endpoints: &[Arc<Endpoint>]) -> Vec<ObjectRef<Endpoint>> {
     let name = backend.name_any();
     let ns = backend.namespace();
-    endpoints
+    let local: Vec<&Endpoint> = endpoints
         .iter()
         .filter(|e| e.namespace() == ns)
-        // Every role, cascade stages included: found on a real node, a cascade whose stages
-        // turned Ready after it was planned stayed without a ready Backend.
+        .map(AsRef::as_ref)
+        .collect();
+    // Every role, cascade stages included: found on a real node, a cascade whose stages
+    // turned Ready after it was planned stayed without a ready Backend.
+    let mut users: BTreeSet<String> = local
+        .iter()
         .filter(|e| e.spec.named_backends().any(|b| b == name))
-        .map(|e| ObjectRef::from_obj(e.as_ref()))
+        .map(|e| e.name_any())
+        .collect();
+    // Then their callers, until none is added (a cycle ends it too).
+    loop {
+        let callers: Vec<String> = local
+            .iter()
+            .filter(|e| !users.contains(&e.name_any()))
+            .filter(|e| e.spec.named_endpoints().any(|n| users.contains(n)))
+            .map(|e| e.name_any())
+            .collect();
+        if callers.is_empty() {
+            break;
+        }
+        users.extend(callers);
+    }
+    local
+        .into_iter()
+        .filter(|e| users.contains(&e.name_any()))
+        .map(ObjectRef::from_obj)
         .collect()
 }
 

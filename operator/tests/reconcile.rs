@@ -1096,3 +1096,35 @@ fn a_cascade_is_reconciled_when_any_of_its_stages_changes() {
     }
     assert!(endpoint_controller::endpoints_using(&backend("other", 1), &endpoints).is_empty());
 }
+
+/// A composition reaching a Backend through another Endpoint is reconciled when that Backend
+/// changes, as its own Backends would, and so are its callers in turn.
+#[test]
+fn an_endpoint_calling_an_endpoint_is_reconciled_when_the_callees_backend_changes() {
+    let with = |name: &str, spec: serde_json::Value| {
+        let mut e = endpoint(name, &[], 1_000);
+        e.spec = serde_json::from_value(spec).unwrap();
+        Arc::new(e)
+    };
+    let endpoints = vec![
+        Arc::new(endpoint("head", &[("head-v1", 100)], 1_000)),
+        with(
+            "pipe",
+            json!({"route": {"pathPrefix": "/p"}, "sequence": {"steps": [
+                {"backend": "pca"}, {"endpoint": "head", "inputs": {"X": "variable"}}]}}),
+        ),
+        with(
+            "outer",
+            json!({"route": {"pathPrefix": "/o"}, "cascade": {"output": "p", "stages": [
+                {"backend": "small", "minConfidence": 0.9}, {"endpoint": "pipe"}]}}),
+        ),
+        Arc::new(endpoint("other", &[("v1", 100)], 1_000)),
+    ];
+    let mut names: Vec<String> =
+        endpoint_controller::endpoints_using(&backend("head-v1", 1), &endpoints)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+    names.sort();
+    assert_eq!(names, ["head", "outer", "pipe"]);
+}
