@@ -41,7 +41,7 @@ help:
 	@echo "make bench-overload  10x capacity on the CNN, direct and through the router: admitted p99,"
 	@echo "              goodput, 429 latency, peak RSS (bench/results/overload.txt)"
 	@echo "make bench-autoscale  1 -> 16 -> 1 clients, fixed vs autoscaled, from zero (bench/results/autoscale.txt)"
-	@echo "make bench-cascade  a cascade digits-small -> digits-large vs each alone (bench/results/cascade.txt)"
+	@echo "make bench-composition  cascade, ensemble, sequence: accuracy, throughput, hop cost (bench/results/composition.txt)"
 
 include e2e/cluster.mk
 include charts/chart.mk
@@ -125,7 +125,7 @@ fuzz:
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
-bench: bench-sidecar bench-router bench-compare bench-overload bench-autoscale bench-cascade
+bench: bench-sidecar bench-router bench-compare bench-overload bench-autoscale bench-composition
 
 # Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
 # MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).

@@ -7,12 +7,13 @@
 #   make bench-quick     1 repetition, short windows, c = 1,32 (~3 min; for iterating)
 #   make bench-overload  10x capacity on the CNN, directly and through the router (~3 min)
 #   make bench-autoscale a 1 -> 16 -> 1 client step and a scale from zero in `serval local` (~3 min)
-#   make bench-cascade   a cascade digits-small -> digits-large against each alone (~2 min)
+#   make bench-composition  cascade, ensemble and sequence Endpoints: accuracy, throughput, the
+#                        cost of a hop (~3 min)
 #
 # bench-compare writes bench/results/{results.json,README.md,*.png}; bench-quick writes the
 # same into $(SERVAL_CACHE)/bench-quick so it never overwrites the published results.
 # bench-overload writes bench/results/overload.{json,txt}; bench-autoscale autoscale.{json,txt};
-# bench-cascade cascade.{json,txt}.
+# bench-composition composition.{json,txt}.
 
 BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
@@ -21,7 +22,7 @@ BENCH_ARGS ?=
 OVERLOAD_ARGS ?=
 AUTOSCALE_ARGS ?=
 
-.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale bench-cascade
+.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale bench-composition
 
 bench-venv: $(BENCH_VENV)/.installed
 $(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
@@ -66,12 +67,13 @@ bench-autoscale:
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
 		$(VENV)/bin/python bench/autoscale.py --out bench/results $(AUTOSCALE_ARGS)
 
-# Cascade (issue 24): `serval local` with digits-small, digits-large and cascades of the two at
-# minConfidence 0.9 and 0.99: accuracy and rows escalated on the held-out digits, req/s at
-# saturation of the cascade against digits-large alone, and the latency one stage adds.
-# Standard library only. CASCADE_ARGS="--quick --out /tmp/c" checks the harness.
-CASCADE_ARGS ?=
-bench-cascade:
+# Composition (issue 24): `serval local` with the composition models behind cascades (0.9,
+# 0.99), ensembles (Mean, Vote, Max) and a sequence: accuracy (and rows escalated) on the
+# held-out digits, req/s at saturation of the cascade against digits-large alone, the latency
+# one stage adds, and the cost of a hop (p50 and router CPU) at c = 1 and c = 32.
+# Standard library only. COMPOSITION_ARGS="--quick --out /tmp/c" checks the harness.
+COMPOSITION_ARGS ?=
+bench-composition:
 	$(CARGO) build --release -p serval-cli -p serval-sidecar -p serval-router -p serval-loadgen --bins
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
-		python3 bench/cascade.py --out bench/results $(CASCADE_ARGS)
+		python3 bench/composition.py --out bench/results $(COMPOSITION_ARGS)

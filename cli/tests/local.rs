@@ -1479,6 +1479,80 @@ fn an_ensemble_answers_like_the_offline_ensemble_for_each_reduce() {
             "{reduce}: {accuracy} < best member {best}"
         );
     }
+    // V1 requests: each member post-processes, the vote is taken on labels, and agrees with
+    // the offline vote (ties to the first member alike).
+    let want: Vec<usize> =
+        serde_json::from_value(truth["predictions"]["ensembleVote"].clone()).unwrap();
+    let mut got = Vec::new();
+    for chunk in rows.chunks(16) {
+        let v: serde_json::Value = client
+            .post(format!(
+                "http://127.0.0.1:{}/vote/v1/models/digits-vote:predict",
+                local.port
+            ))
+            .json(&serde_json::json!({ "instances": chunk }))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        for p in v["predictions"].as_array().unwrap_or_else(|| panic!("{v}")) {
+            let label = p["label"].as_str().unwrap();
+            got.push(DIGIT_NAMES.iter().position(|n| *n == label).unwrap());
+        }
+    }
+    println!(
+        "ensemble Vote over V1 labels: {} of {} rows differ from the offline vote",
+        differing(&got, &want),
+        rows.len()
+    );
+    assert!(differing(&got, &want) <= 2);
+    // Images: one label, the same the tensor path gives the same pixels.
+    for (name, row) in digit_pngs() {
+        let png = std::fs::read(repo().join("models/digits").join(format!("{name}.png"))).unwrap();
+        let v: serde_json::Value = client
+            .post(format!(
+                "http://127.0.0.1:{}/vote/v2/models/digits-vote/infer",
+                local.port
+            ))
+            .header("content-type", "image/png")
+            .body(png)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let tensor = labels_of(&infer("digits-vote", "/vote", &[row]).unwrap())[0];
+        assert_eq!(v["label"], DIGIT_NAMES[tensor], "{name}: {v}");
+        assert_eq!(
+            v["parameters"]["serval_members"].as_array().unwrap().len(),
+            3
+        );
+    }
+}
+
+const DIGIT_NAMES: [&str; 10] = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+];
+
+/// The data set's PNGs (models/digits/<name>.png, pixel = value * 15) and their rows.
+fn digit_pngs() -> Vec<(&'static str, Vec<f32>)> {
+    DIGIT_NAMES
+        .iter()
+        .map(|name| {
+            let file =
+                std::fs::File::open(repo().join("models/digits").join(format!("{name}.png")))
+                    .unwrap();
+            let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+                .read_info()
+                .unwrap();
+            let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut pixels).unwrap();
+            let row = pixels[..info.buffer_size()]
+                .iter()
+                .map(|p| f32::from(*p) / 15.0)
+                .collect();
+            (*name, row)
+        })
+        .collect()
 }
 
 #[test]
@@ -1564,4 +1638,33 @@ fn a_sequence_answers_like_the_offline_pipeline_in_json_and_in_binary() {
     assert_eq!(binary.len(), rows.len());
     assert!(differing(&got, &want) <= 2);
     assert!(differing(&binary, &want) <= 2);
+
+    // An image: digits-pca's preprocess, then digits-pca-head's label, as the tensor path
+    // gives the same pixels.
+    for (name, row) in digit_pngs() {
+        let png = std::fs::read(repo().join("models/digits").join(format!("{name}.png"))).unwrap();
+        let v: serde_json::Value = client
+            .post(&url)
+            .header("content-type", "image/png")
+            .body(png)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let tensor = labels_of(&json_infer(&[row]).unwrap())[0];
+        assert_eq!(v["label"], DIGIT_NAMES[tensor], "{name}: {v}");
+        assert!(v["score"].as_f64().is_some(), "{v}");
+    }
+    // V1 requests cannot be handed from step to step: refused with a reason.
+    let resp = client
+        .post(url.replace(
+            "/v2/models/digits-pipeline/infer",
+            "/v1/models/digits-pipeline:predict",
+        ))
+        .json(&serde_json::json!({"instances": [rows[0]]}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: serde_json::Value = resp.json().unwrap();
+    assert!(v["error"].as_str().unwrap().contains("V1 predict"), "{v}");
 }

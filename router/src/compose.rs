@@ -99,6 +99,32 @@ fn infer_path() -> UpstreamPath {
     }
 }
 
+/// A V1 answer of one row unwrapped, `{"predictions": [x]}` to `x`: what one Backend answers
+/// an image with.
+fn single_prediction(mut reply: Reply) -> Reply {
+    let one = serde_json::from_slice::<Value>(&reply.bytes)
+        .ok()
+        .and_then(
+            |mut v| match v.get_mut("predictions")?.as_array_mut()?.as_mut_slice() {
+                [x] => Some(x.take()),
+                _ => None,
+            },
+        );
+    if let Some(x) = one {
+        reply.bytes = Bytes::from(x.to_string());
+        reply.head.headers.remove(header::CONTENT_LENGTH);
+    }
+    reply
+}
+
+/// The V1 predict path, for the last step of a sequence called with an image.
+fn predict_path() -> UpstreamPath {
+    UpstreamPath::Model {
+        before: "/v1/models/".to_owned(),
+        after: ":predict".to_owned(),
+    }
+}
+
 impl Proxy {
     /// Runs a composed route for a buffered request.
     pub(crate) fn compose<'a>(
@@ -447,6 +473,22 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
         };
+        let v1 = body.path.render("", None).contains(":predict");
+        // An image expects the last step's post-processed answer (its label), as from one
+        // Backend: the last step gets a V1 request, from a JSON answer of the step before.
+        let labels = body.made.is_none()
+            && call
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.trim().to_ascii_lowercase().starts_with("image/"));
+        if v1 && !labels {
+            return Err(Error::BadRequest(
+                "a sequence takes Open Inference Protocol (JSON or binary) and image requests; \
+                 a V1 predict answer names no outputs or datatypes to hand to the next step"
+                    .to_owned(),
+            ));
+        }
         let first = sequence::first_step(&body.bytes, header_length);
         let mut send = match first.request {
             Some(r) => Body {
@@ -454,25 +496,42 @@ impl Proxy {
                 path: body.path.clone(),
                 made: Some(r.header_length),
             },
+            // An image goes to the first step's V2 path, which answers with its outputs.
+            None if labels => Body {
+                path: infer_path(),
+                ..body
+            },
             None => body,
         };
         let last = q.steps.len().saturating_sub(1);
         for (i, (stage, _)) in q.steps.iter().enumerate() {
             let reply = self.hop(call, stage, send).await?;
+            if i == last && labels && reply.head.status.is_success() {
+                return Ok(single_prediction(reply));
+            }
             if i == last || !reply.head.status.is_success() {
                 return Ok(reply);
             }
             let (value, binary) = reply.parts();
             let inputs = &q.steps[i + 1].1;
+            let to_last = i + 1 == last;
             let next = value
                 .ok_or_else(|| "not JSON".to_owned())
                 .and_then(|v| {
-                    let to_last = i + 1 == last;
+                    if labels && to_last {
+                        return sequence::v1_request(&v, inputs);
+                    }
+                    // Binary between steps, but JSON before a V1 last step.
+                    let binary_output = if to_last {
+                        first.binary_output
+                    } else {
+                        !(labels && i + 2 == last)
+                    };
                     sequence::next_request(
                         &v,
                         binary,
                         inputs,
-                        !to_last || first.binary_output,
+                        binary_output,
                         first.outputs.as_ref().filter(|_| to_last),
                     )
                 })
@@ -482,7 +541,11 @@ impl Proxy {
                 })?;
             send = Body {
                 bytes: next.body,
-                path: infer_path(),
+                path: if labels && to_last {
+                    predict_path()
+                } else {
+                    infer_path()
+                },
                 made: Some(next.header_length),
             };
         }

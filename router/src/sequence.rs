@@ -115,6 +115,99 @@ pub fn next_request(
     })
 }
 
+/// The V1 request (`{"instances": [...]}`) for the last step from a step's JSON answer, when
+/// the client sent an image or a V1 request and expects the last step's post-processed answer
+/// (labels): each row of the chosen outputs (named as [`next_request`] does) an instance, a
+/// nested list of its values, or with several inputs an object of them by name.
+pub fn v1_request(value: &Value, inputs: &BTreeMap<String, String>) -> Result<Request, String> {
+    let outputs = value
+        .get("outputs")
+        .and_then(Value::as_array)
+        .ok_or("the answer has no outputs (only the last step may post-process)")?;
+    let named = |name: &str| outputs.iter().find(|o| o["name"] == name);
+    let chosen: Vec<(&str, &Value)> = if inputs.is_empty() {
+        outputs
+            .iter()
+            .filter_map(|o| Some((o["name"].as_str()?, o)))
+            .collect()
+    } else {
+        inputs
+            .iter()
+            .map(|(to, from)| {
+                named(from)
+                    .map(|o| (to.as_str(), o))
+                    .ok_or_else(|| format!("no output {from:?} for input {to:?}"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut columns: Vec<(&str, Vec<Value>)> = Vec::with_capacity(chosen.len());
+    let mut rows = None;
+    for (name, o) in &chosen {
+        let shape: Vec<usize> = o["shape"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut flat = Vec::new();
+        flatten(
+            o.get("data")
+                .ok_or_else(|| format!("output {name:?} has no JSON data"))?,
+            &mut flat,
+        );
+        let (n, dims) = shape.split_first().map_or((1, &[][..]), |(n, d)| (*n, d));
+        let size: usize = dims.iter().product();
+        if flat.len() != n * size {
+            return Err(format!(
+                "output {name:?} has {} values for shape {shape:?}",
+                flat.len()
+            ));
+        }
+        if *rows.get_or_insert(n) != n {
+            return Err("the outputs have different numbers of rows".to_owned());
+        }
+        let per_row = flat
+            .chunks(size.max(1))
+            .map(|row| nest(row, dims))
+            .collect();
+        columns.push((name, per_row));
+    }
+    let instances: Vec<Value> = (0..rows.unwrap_or(0))
+        .map(|r| match columns.as_slice() {
+            [(_, one)] => one[r].clone(),
+            many => Value::Object(
+                many.iter()
+                    .map(|(name, col)| ((*name).to_owned(), col[r].clone()))
+                    .collect(),
+            ),
+        })
+        .collect();
+    Ok(Request {
+        body: Bytes::from(json!({ "instances": instances }).to_string()),
+        header_length: None,
+    })
+}
+
+fn flatten(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other.clone()),
+    }
+}
+
+/// Values laid out as nested lists of `dims` (one value when `dims` is empty).
+fn nest(values: &[Value], dims: &[usize]) -> Value {
+    match dims.split_first() {
+        None => values.first().cloned().unwrap_or(Value::Null),
+        Some((_, rest)) => {
+            let inner: usize = rest.iter().product::<usize>().max(1);
+            Value::Array(values.chunks(inner).map(|c| nest(c, rest)).collect())
+        }
+    }
+}
+
 /// What the router makes of the client's request before the first step of a sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FirstStep {
@@ -254,6 +347,26 @@ mod tests {
             next_request(&answer, &a, &BTreeMap::new(), false, None).is_err(),
             "cut short"
         );
+    }
+
+    #[test]
+    fn a_v1_last_step_gets_each_row_as_an_instance() {
+        let answer = json!({"outputs": [
+            {"name": "variable", "datatype": "FP32", "shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]},
+            {"name": "k", "datatype": "INT64", "shape": [2], "data": [7, 8]}
+        ]});
+        let one = BTreeMap::from([("X".to_owned(), "variable".to_owned())]);
+        let r = v1_request(&answer, &one).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v, json!({"instances": [[1, 2, 3], [4, 5, 6]]}));
+        let r = v1_request(&answer, &BTreeMap::new()).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["instances"][1], json!({"variable": [4, 5, 6], "k": 8}));
+        let cube =
+            json!({"outputs": [{"name": "c", "shape": [1, 2, 2], "data": [[[1, 2], [3, 4]]]}]});
+        let v: Value =
+            serde_json::from_slice(&v1_request(&cube, &BTreeMap::new()).unwrap().body).unwrap();
+        assert_eq!(v, json!({"instances": [[[1, 2], [3, 4]]]}));
     }
 
     #[test]

@@ -285,7 +285,7 @@ fn answer_name<'a>(state: &'a AppState, headers: &'a HeaderMap) -> &'a str {
 /// Longest Endpoint name echoed back: a Kubernetes object name's bound.
 const MAX_ANSWER_NAME: usize = 253;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     V1,
     V2,
@@ -315,7 +315,7 @@ async fn infer(
     let body = read_body(state, headers, body, deadline, &mut _held).await?;
     inject_faults(&state.config).await?;
     if is_image {
-        return image(state, &model, body, deadline).await;
+        return image(state, &model, body, deadline, protocol, headers).await;
     }
     let engine = &model.engine;
     match protocol {
@@ -371,7 +371,9 @@ async fn infer(
     }
 }
 
-/// An image body: pre-process into one row, infer, answer the post-processed result.
+/// An image body: pre-process into one row, infer, answer the post-processed result; without
+/// post-processing, the outputs in the protocol of the path (an Open Inference Protocol
+/// answer on the V2 path, so a sequence's next step can take them as inputs).
 ///
 /// The image's size is checked from its header on the I/O thread (a decompression bomb is
 /// refused unread); decoding runs on the blocking pool, at most one per worker at once, so a
@@ -381,6 +383,8 @@ async fn image(
     model: &LoadedModel,
     body: Bytes,
     deadline: Instant,
+    protocol: Protocol,
+    headers: &HeaderMap,
 ) -> RequestResult<Resp> {
     let cfg = state
         .config
@@ -428,6 +432,19 @@ async fn image(
                 .next()
                 .unwrap_or(Value::Null);
             Ok(json_response(StatusCode::OK, &value))
+        }
+        None if protocol == Protocol::V2 => {
+            let every: Vec<(usize, bool)> = (0..model.engine.outputs().len())
+                .map(|i| (i, false))
+                .collect();
+            let enc = v2::encode(
+                answer_name(state, headers),
+                None,
+                model.engine.outputs(),
+                &outputs,
+                &every,
+            )?;
+            Ok(json_body_response(enc.body))
         }
         None => Ok(json_body_response(v1::encode(
             model.engine.outputs(),

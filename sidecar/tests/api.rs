@@ -168,6 +168,34 @@ async fn a_png_of_each_digit_gets_its_label() {
     assert_eq!(a.json["label"], "seven");
     s.shutdown();
     bounded("shutdown", s.wait()).await;
+
+    // Without post-processing, the V2 route answers an image with the protocol's outputs (a
+    // sequence's next step takes them as its inputs); the V1 route with predictions.
+    let mut raw = digits_config();
+    raw.postprocess = None;
+    let s = start(raw).await;
+    let a = send(
+        c.post(format!("{}/v2/models/digits/infer", base(&s)))
+            .header("Content-Type", "image/png")
+            .body(digit_png("seven")),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(a.json["model_name"], "digits");
+    let label = a.json["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["name"] == "label"))
+        .unwrap_or_else(|| panic!("no label output: {}", a.json));
+    assert_eq!(label["data"], json!([7]));
+    let a = send(
+        c.post(format!("{}/v1/models/digits:predict", base(&s)))
+            .header("Content-Type", "image/png")
+            .body(digit_png("seven")),
+    )
+    .await;
+    assert!(a.json["predictions"].is_array(), "{}", a.json);
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
