@@ -1381,6 +1381,27 @@ fn composition_truth() -> (serde_json::Value, Vec<Vec<f32>>, Vec<usize>) {
     (truth, rows, labels)
 }
 
+/// The answer to the digits `rows` as one Open Inference Protocol JSON request (input `X`),
+/// or `None` until it is a success.
+fn infer_rows(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    rows: &[Vec<f32>],
+) -> Option<serde_json::Value> {
+    let data: Vec<f32> = rows.iter().flatten().copied().collect();
+    client
+        .post(url)
+        .json(
+            &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
+            "shape": [rows.len(), 64], "data": data}]}),
+        )
+        .send()
+        .ok()
+        .filter(|r| r.status().is_success())?
+        .json()
+        .ok()
+}
+
 /// The classes an answer gives its rows: its `label` output.
 fn labels_of(answer: &serde_json::Value) -> Vec<usize> {
     let out = answer["outputs"]
@@ -1412,22 +1433,12 @@ fn an_ensemble_answers_like_the_offline_ensemble_for_each_reduce() {
     let local = serve_example("ensemble", &models, Some(("more.yaml", more)));
     let (truth, rows, labels) = composition_truth();
     let client = reqwest::blocking::Client::new();
-    let infer = |endpoint: &str, prefix: &str, chunk: &[Vec<f32>]| -> Option<serde_json::Value> {
-        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
-        client
-            .post(format!(
-                "http://127.0.0.1:{}{prefix}/v2/models/{endpoint}/infer",
-                local.port
-            ))
-            .json(
-                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
-                "shape": [chunk.len(), 64], "data": data}]}),
-            )
-            .send()
-            .ok()
-            .filter(|r| r.status().is_success())?
-            .json()
-            .ok()
+    let infer = |endpoint: &str, prefix: &str, chunk: &[Vec<f32>]| {
+        let url = format!(
+            "http://127.0.0.1:{}{prefix}/v2/models/{endpoint}/infer",
+            local.port
+        );
+        infer_rows(&client, &url, chunk)
     };
     // Every member answers before the comparison starts (minResponses 2 would answer with
     // two).
@@ -1567,20 +1578,7 @@ fn a_sequence_answers_like_the_offline_pipeline_in_json_and_in_binary() {
         "http://127.0.0.1:{}/digits/v2/models/digits-pipeline/infer",
         local.port
     );
-    let json_infer = |chunk: &[Vec<f32>]| -> Option<serde_json::Value> {
-        let data: Vec<f32> = chunk.iter().flatten().copied().collect();
-        client
-            .post(&url)
-            .json(
-                &serde_json::json!({"inputs": [{"name": "X", "datatype": "FP32",
-                "shape": [chunk.len(), 64], "data": data}]}),
-            )
-            .send()
-            .ok()
-            .filter(|r| r.status().is_success())?
-            .json()
-            .ok()
-    };
+    let json_infer = |chunk: &[Vec<f32>]| infer_rows(&client, &url, chunk);
     wait_until("both steps serving", Duration::from_secs(120), || {
         json_infer(&rows[..1])
     });

@@ -774,6 +774,20 @@ mod tests {
         ep
     }
 
+    /// The condition `type_` of the status planned for `ep`.
+    fn condition(
+        ep: &Endpoint,
+        outcome: &Outcome,
+        type_: &str,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        let status = status_for(ep, outcome, "http://r", true, Timestamp::UNIX_EPOCH);
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .expect("the condition")
+    }
+
     fn ready(names: &[&str]) -> BTreeMap<String, BackendView> {
         names
             .iter()
@@ -815,18 +829,7 @@ mod tests {
         assert_eq!(plan.outcomes["pipe"].missing, ["head"]);
         let plan = super::plan([&ens], &ready(&["a"]));
         assert!(!plan.outcomes["vote"].serves);
-        let status = status_for(
-            &ens,
-            &plan.outcomes["vote"],
-            "http://r",
-            true,
-            Timestamp::UNIX_EPOCH,
-        );
-        let ready = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY)
-            .expect("Ready");
+        let ready = condition(&ens, &plan.outcomes["vote"], READY);
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
             ("False", reason::NO_READY_BACKEND)
@@ -888,11 +891,7 @@ mod tests {
             true,
             Timestamp::UNIX_EPOCH,
         );
-        let degraded = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == DEGRADED)
-            .expect("Degraded");
+        let degraded = condition(&seq, &plan.outcomes["pipe"], DEGRADED);
         assert_eq!(degraded.reason, reason::ENDPOINT_NOT_FOUND);
         assert!(degraded.message.contains("ghost"), "{}", degraded.message);
         assert_eq!(status.url, None);
@@ -923,18 +922,7 @@ mod tests {
         assert_eq!(plan.outcomes["a"].cycle.as_deref(), Some("a -> b -> a"));
         assert_eq!(plan.outcomes["b"].cycle.as_deref(), Some("a -> b -> a"));
         assert_eq!(plan.outcomes["c"].missing_endpoints, ["a"]);
-        let status = status_for(
-            &b,
-            &plan.outcomes["b"],
-            "http://r",
-            true,
-            Timestamp::UNIX_EPOCH,
-        );
-        let degraded = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == DEGRADED)
-            .expect("Degraded");
+        let degraded = condition(&b, &plan.outcomes["b"], DEGRADED);
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
             ("True", reason::CYCLE)
