@@ -8,6 +8,7 @@ pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod grpc;
 pub mod handlers;
 /// Idle polling, shared with the router.
 pub use serval_idle_poll as idle_poll;

@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::errors::{StartupError, StartupResult};
-use crate::handlers;
 use crate::state::{AppState, LoadedModel};
+use crate::{grpc, handlers};
+use http_body_util::Either;
 
 /// Least time given to open connections to close after the drain, even when the drain used
 /// the whole shutdown budget: enough to flush the last responses.
@@ -230,7 +231,22 @@ async fn serve_dealt(state: Arc<AppState>, mut dealt: mpsc::Receiver<Dealt>) {
             continue;
         };
         let state = state.clone();
-        let svc = service_fn(move |req| handlers::handle(state.clone(), req));
+        // One port for both protocols: gRPC calls (HTTP/2, `application/grpc`) go to the
+        // gRPC service, everything else to the REST handlers.
+        let grpc = grpc::service(state.clone());
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let state = state.clone();
+            let mut grpc = grpc.clone();
+            async move {
+                if grpc::is_grpc(&req) {
+                    let resp = tower::Service::call(&mut grpc, req).await?;
+                    Ok::<_, std::convert::Infallible>(grpc::size_refusals(resp).map(Either::Right))
+                } else {
+                    let resp = handlers::handle(state, req).await?;
+                    Ok(resp.map(Either::Left))
+                }
+            }
+        });
         let conn = watcher.watch(
             builder
                 .serve_connection(TokioIo::new(stream), svc)

@@ -244,13 +244,18 @@ async fn tritonclient_infers_against_the_binary() {
         "16",
     ]);
     wait_ready(port).await;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_tritonclient.py");
+    // The HTTP client and the gRPC client, on the same port.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python");
     let out = tokio::process::Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&script)
+        .arg(dir.join("test_tritonclient.py"))
+        .arg(dir.join("test_tritonclient_grpc.py"))
         .env("SERVAL_URL", format!("127.0.0.1:{port}"))
         .env("SERVAL_MODEL", model)
+        .env(
+            "SERVAL_MAX_BODY",
+            serval_sidecar::config::DEFAULT_MAX_BODY_BYTES.to_string(),
+        )
         .output();
     let out = bounded("pytest", out).await.expect("run pytest");
     let text = format!(
