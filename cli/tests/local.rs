@@ -336,12 +336,20 @@ fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() 
             .is_success();
         (ready && processes_with(&format!("{needle}.*--name digits")).len() == 3).then_some(())
     });
-    let script = repo().join("sidecar/tests/python/test_tritonclient.py");
+    // The HTTP and gRPC clients against the router's one port, and the Endpoint's policy
+    // applied to gRPC calls.
+    let scripts = repo().join("sidecar/tests/python");
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&script)
+        .args(["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider"])
+        .arg(scripts.join("test_tritonclient.py"))
+        .arg(scripts.join("test_tritonclient_grpc.py"))
+        .arg(scripts.join("test_router_grpc.py"))
         .env("SERVAL_URL", format!("127.0.0.1:{port}"))
         .env("SERVAL_MODEL", &model)
+        .env(
+            "SERVAL_MAX_BODY",
+            serval_router::config::DEFAULT_MAX_BODY.to_string(),
+        )
         .output()
         .unwrap();
     let text = format!(
@@ -354,6 +362,7 @@ fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() 
         "tritonclient through the router:\n{text}"
     );
     assert!(text.contains("passed"), "{text}");
+    println!("{text}");
     // Metadata answers for the Endpoint from its primary (digits-v1, weight 90), every time.
     for _ in 0..20 {
         let resp = client

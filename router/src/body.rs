@@ -29,6 +29,8 @@ pub struct ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    /// A message, then trailers: the router's own gRPC answers.
+    Grpc(Option<Bytes>, Option<http::HeaderMap>),
 }
 
 /// What the mirror learns of the primary's answer.
@@ -133,6 +135,25 @@ impl ProxyBody {
         }
     }
 
+    /// No body at all: the head ends the stream (a gRPC trailers-only answer must be one
+    /// HEADERS frame, not headers and an empty DATA frame).
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Full(None),
+            guard: None,
+            tee: None,
+        }
+    }
+
+    /// A gRPC message followed by its trailers (`grpc-status`).
+    pub fn grpc(message: Bytes, trailers: http::HeaderMap) -> Self {
+        Self {
+            kind: Kind::Grpc(Some(message), Some(trailers)),
+            guard: None,
+            tee: None,
+        }
+    }
+
     /// The upstream's streamed body (hyper-util returns its connection to the pool once the
     /// body has been read to its end).
     pub fn upstream(body: Incoming, guard: InflightGuard, tee: Option<Tee>) -> Self {
@@ -162,6 +183,10 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Grpc(message, trailers) => Poll::Ready(match message.take() {
+                Some(m) => Some(Ok(Frame::data(m))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
             Kind::Upstream(inner) => {
                 let res = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 // hyper stops polling a sized body once its last byte is out, so the end is
@@ -190,6 +215,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
+            Kind::Grpc(m, t) => m.is_none() && t.is_none(),
             Kind::Upstream(inner) => inner.is_end_stream(),
         }
     }
@@ -198,6 +224,8 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+            // Trailers follow: no length is promised.
+            Kind::Grpc(..) => SizeHint::default(),
             Kind::Upstream(inner) => inner.size_hint(),
         }
     }

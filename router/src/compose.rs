@@ -241,6 +241,7 @@ impl Proxy {
         };
         let (resp, _inflight) = self
             .send(
+                self.http_client(),
                 route,
                 pool,
                 method,

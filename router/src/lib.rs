@@ -16,6 +16,7 @@ pub mod compose;
 pub mod config;
 pub mod ensemble;
 pub mod errors;
+pub mod grpc;
 pub mod headers;
 pub mod matching;
 pub mod metrics;

@@ -111,6 +111,15 @@ impl Matcher {
         }
     }
 
+    /// The route serving an Endpoint by name, for a request to `host` (a gRPC call names its
+    /// model in its message, not in its path).
+    pub fn endpoint(&self, host: Option<&str>, name: &str) -> Option<usize> {
+        self.by_endpoint
+            .get(name)
+            .copied()
+            .filter(|r| self.host_ok(*r, host))
+    }
+
     /// The route and upstream path for a request's host (without port) and path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<Target> {
         if let Some((name, rewrite, kind)) = model_in_path(path)

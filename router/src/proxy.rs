@@ -21,6 +21,7 @@ use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, discard, rea
 use crate::compose::{Body as ComposedBody, Call};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
+use crate::grpc;
 use crate::headers;
 use crate::matching::{PathKind, Target, host_of};
 use crate::metrics::{
@@ -30,8 +31,8 @@ use crate::mirror::{Mirror, ShadowCopy};
 use crate::oip;
 use crate::table::{CompiledRoute, CompiledTable, Composition, TableStore};
 use crate::upstream::{
-    AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, http_client,
-    shed_window,
+    AddrState, BackendPool, HttpClient, InflightGuard, OutlierPolicy, UpstreamBody, grpc_client,
+    http_client, shed_window,
 };
 
 /// One request counted in `held_requests{backend}` until dropped.
@@ -66,6 +67,7 @@ pub struct Proxy {
     store: Arc<TableStore>,
     metrics: Arc<Metrics>,
     client: HttpClient,
+    grpc_client: HttpClient,
     outlier: OutlierPolicy,
     max_buffered_body: usize,
     max_body: u64,
@@ -89,6 +91,7 @@ impl Proxy {
             config.pool_idle_timeout,
             config.pool_max_idle_per_host,
         );
+        let grpc_client = grpc_client(config.connect_timeout, config.pool_idle_timeout);
         let outlier = OutlierPolicy {
             after_failures: config.eject_after_failures.max(1),
             duration: config.ejection_duration,
@@ -104,6 +107,7 @@ impl Proxy {
             store,
             metrics,
             client,
+            grpc_client,
             outlier,
             max_buffered_body: config.max_buffered_body,
             max_body: config.max_body,
@@ -134,6 +138,9 @@ impl Proxy {
         if let Err(refused) = headers::check_request(parts.version, &mut parts.headers) {
             self.metrics.refused.inc();
             return Error::Refused(refused).into_response();
+        }
+        if grpc::is_grpc(&parts.headers) {
+            return self.grpc(&table, parts, body, start).await;
         }
         let host = parts
             .uri
@@ -254,6 +261,170 @@ impl Proxy {
             resp.headers_mut().remove(BACKEND_HEADER_NAME);
         }
         Ok((resp, by))
+    }
+
+    /// A gRPC call: the server-wide ones answered here; the model's (infer, metadata,
+    /// readiness) routed by the model its message names, through that Endpoint's policy, and
+    /// sent on over HTTP/2 with retries under the route's deadline.
+    async fn grpc(
+        &self,
+        table: &CompiledTable,
+        mut parts: Parts,
+        body: Incoming,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        use serval_proto as pb;
+        let path = parts.uri.path().to_owned();
+        let Some(method) = path.strip_prefix(grpc::SERVICE) else {
+            return grpc::error(grpc::code::UNIMPLEMENTED, &format!("no service for {path}"));
+        };
+        match method {
+            "ServerLive" => return grpc::answer(&pb::ServerLiveResponse { live: true }),
+            "ServerReady" => {
+                let ready = table.routes.iter().all(|r| table.ready(r));
+                return grpc::answer(&pb::ServerReadyResponse { ready });
+            }
+            "ServerMetadata" => {
+                return grpc::answer(&pb::ServerMetadataResponse {
+                    name: oip::SERVER_NAME.to_owned(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    extensions: vec!["binary_tensor_data".to_owned()],
+                });
+            }
+            "ModelInfer" | "ModelReady" | "ModelMetadata" => {}
+            other => {
+                return grpc::error(
+                    grpc::code::UNIMPLEMENTED,
+                    &format!("{other} is not served: the router serves inference and metadata"),
+                );
+            }
+        }
+        // The model is in the message: read it whole (it is retried from the buffer too).
+        let read_for = std::time::Duration::from_millis(u64::from(
+            serval_api::endpoint::DEFAULT_TIMEOUT_MILLIS,
+        ));
+        let read = tokio::time::timeout(
+            read_for,
+            read_ahead(body, self.max_body as usize, self.max_body),
+        )
+        .await;
+        let bytes = match read {
+            Ok(Ok(ReadAhead::Whole(b))) => b,
+            Ok(Ok(ReadAhead::Partial(..))) | Ok(Err(crate::body::ClientFault::TooLarge)) => {
+                return grpc::error(
+                    grpc::code::RESOURCE_EXHAUSTED,
+                    &format!(
+                        "the request is larger than the router's limit of {} bytes",
+                        self.max_body
+                    ),
+                );
+            }
+            Ok(Err(fault)) => {
+                return grpc::error(
+                    grpc::code::INVALID_ARGUMENT,
+                    &Error::Client(fault).to_string(),
+                );
+            }
+            Err(_) => {
+                return grpc::error(
+                    grpc::code::DEADLINE_EXCEEDED,
+                    "the request was not received in time",
+                );
+            }
+        };
+        let name = match grpc::model_name(&bytes) {
+            Ok(n) => n,
+            Err(why) => return grpc::error(grpc::code::INVALID_ARGUMENT, &why),
+        };
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .map(host_of);
+        let route = table
+            .matcher
+            .endpoint(host.as_deref(), &name)
+            .and_then(|i| table.routes.get(i));
+        if method == "ModelReady" {
+            // A model the router does not serve is not ready: a question with an answer.
+            let ready = route.is_some_and(|r| table.ready(r));
+            return grpc::answer(&pb::ModelReadyResponse { ready });
+        }
+        let Some(route) = route else {
+            self.metrics.unmatched.inc();
+            return grpc::error(grpc::code::NOT_FOUND, &format!("model {name:?} not found"));
+        };
+        if route.composition.is_some() {
+            return grpc::error(
+                grpc::code::UNIMPLEMENTED,
+                &format!(
+                    "{name:?} composes models: a cascade, ensemble or sequence answers REST only"
+                ),
+            );
+        }
+        let chosen = if method == "ModelMetadata" {
+            route.choose_primary(&parts.headers)
+        } else {
+            route.choose(&parts.headers)
+        };
+        let Some(pool) = chosen.cloned() else {
+            self.count(route, None, StatusCode::SERVICE_UNAVAILABLE, start);
+            let e = Error::NoReadyBackend(route.endpoint.clone());
+            return grpc::error(grpc::code_of(&e), &e.to_string());
+        };
+        let deadline = tokio::time::Instant::from_std(start) + route.timeout;
+        let pool = if pool.is_cold() {
+            match self.hold(&pool.name, route.timeout, deadline).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.count(route, Some(&pool), e.status(), start);
+                    return grpc::error(grpc::code_of(&e), &e.to_string());
+                }
+            }
+        } else {
+            pool
+        };
+        if let Some(v) = &route.endpoint_header {
+            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
+        }
+        // gRPC needs `te: trailers` (a hop-by-hop header the check took out).
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+        let sent = match PathAndQuery::try_from(path.as_str()) {
+            Ok(p) => {
+                self.send(
+                    &self.grpc_client,
+                    route,
+                    &pool,
+                    &parts.method,
+                    &parts.headers,
+                    &p,
+                    Outgoing::Buffered(&bytes),
+                    deadline,
+                )
+                .await
+            }
+            Err(e) => Err(Error::BadRequest(e.to_string())),
+        };
+        let mut resp = match sent {
+            Ok((resp, inflight)) => into_proxy_response(resp, inflight, None),
+            Err(e) => {
+                self.count(route, Some(&pool), e.status(), start);
+                return grpc::error(grpc::code_of(&e), &e.to_string());
+            }
+        };
+        if let Some(v) = &pool.header_value {
+            resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
+        }
+        self.count(route, Some(&pool), resp.status(), start);
+        resp
+    }
+
+    /// The HTTP/1 client of REST calls.
+    pub(crate) fn http_client(&self) -> &HttpClient {
+        &self.client
     }
 
     /// The largest body read whole from an upstream.
@@ -455,6 +626,7 @@ impl Proxy {
         );
         let (resp, inflight) = self
             .send(
+                &self.client,
                 route,
                 pool,
                 &parts.method,
@@ -489,6 +661,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
         &self,
+        client: &HttpClient,
         route: &CompiledRoute,
         pool: &Arc<BackendPool>,
         method: &Method,
@@ -523,7 +696,7 @@ impl Proxy {
             let addr = &pool.addrs[idx];
             let mut upstream = upstream_request(method, addr, path, headers, this)?;
             propagate_deadline(upstream.headers_mut(), deadline);
-            let answer = tokio::time::timeout_at(deadline, self.client.request(upstream)).await;
+            let answer = tokio::time::timeout_at(deadline, client.request(upstream)).await;
             match answer {
                 Ok(Ok(resp)) => {
                     let status = resp.status();

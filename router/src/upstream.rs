@@ -45,6 +45,21 @@ pub fn http_client(
         .build(connector)
 }
 
+/// The client of gRPC calls to model servers: HTTP/2 with prior knowledge (no TLS between
+/// router and pods), one multiplexed connection per replica.
+pub fn grpc_client(connect_timeout: Duration, idle_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .set_host(false)
+        .build(connector)
+}
+
 /// When an address is taken out of rotation.
 #[derive(Debug, Clone, Copy)]
 pub struct OutlierPolicy {
