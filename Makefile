@@ -42,6 +42,7 @@ help:
 	@echo "              goodput, 429 latency, peak RSS (bench/results/overload.txt)"
 	@echo "make bench-autoscale  1 -> 16 -> 1 clients, fixed vs autoscaled, from zero (bench/results/autoscale.txt)"
 	@echo "make bench-composition  cascade, ensemble, sequence: accuracy, throughput, hop cost (bench/results/composition.txt)"
+	@echo "make bench-grpc     gRPC vs REST binary vs REST JSON on digits and the CNN (bench/results/grpc.txt)"
 
 include e2e/cluster.mk
 include charts/chart.mk
@@ -125,7 +126,7 @@ fuzz:
 
 ## Benchmarks (not tests: numbers are printed as ratios against baselines from the same run)
 
-bench: bench-sidecar bench-router bench-compare bench-overload bench-autoscale bench-composition
+bench: bench-sidecar bench-router bench-compare bench-overload bench-autoscale bench-composition bench-grpc
 
 # Sidecar vs the raw in-process engine, and batched vs maxBatchSize 1, on the digits MLP and a
 # MobileNetV2-architecture CNN (generated into $(SERVAL_CACHE)/models, 14 MB, not committed).

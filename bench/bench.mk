@@ -9,11 +9,13 @@
 #   make bench-autoscale a 1 -> 16 -> 1 client step and a scale from zero in `serval local` (~3 min)
 #   make bench-composition  cascade, ensemble and sequence Endpoints: accuracy, throughput, the
 #                        cost of a hop (~3 min)
+#   make bench-grpc      gRPC against REST binary and REST JSON on the digits MLP and the CNN,
+#                        one sidecar each (~3 min)
 #
 # bench-compare writes bench/results/{results.json,README.md,*.png}; bench-quick writes the
 # same into $(SERVAL_CACHE)/bench-quick so it never overwrites the published results.
 # bench-overload writes bench/results/overload.{json,txt}; bench-autoscale autoscale.{json,txt};
-# bench-composition composition.{json,txt}.
+# bench-composition composition.{json,txt}; bench-grpc grpc.{json,txt}.
 
 BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
@@ -22,7 +24,7 @@ BENCH_ARGS ?=
 OVERLOAD_ARGS ?=
 AUTOSCALE_ARGS ?=
 
-.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale bench-composition
+.PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale bench-composition bench-grpc
 
 bench-venv: $(BENCH_VENV)/.installed
 $(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
@@ -77,3 +79,13 @@ bench-composition:
 	$(CARGO) build --release -p serval-cli -p serval-sidecar -p serval-router -p serval-loadgen --bins
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
 		python3 bench/composition.py --out bench/results $(COMPOSITION_ARGS)
+
+# gRPC (issue 22): one serval-sidecar per model called directly with the same input as REST
+# JSON, REST binary and gRPC ModelInfer (raw_input_contents) on the same port, c = 1 and 8.
+# Standard library only. GRPC_ARGS="--quick --out /tmp/g" checks the harness.
+GRPC_ARGS ?=
+bench-grpc:
+	$(MAKE) -C models mobilenet VENV=$(VENV)
+	$(CARGO) build --release -p serval-sidecar -p serval-loadgen --bins
+	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		python3 bench/grpc.py --out bench/results $(GRPC_ARGS)

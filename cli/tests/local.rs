@@ -363,6 +363,28 @@ fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() 
     );
     assert!(text.contains("passed"), "{text}");
     println!("{text}");
+    // gRPC outcomes are counted as REST ones are (what a rollout's gates read): the 10,000
+    // split calls and more as 200, the call with a wrong shape as the client's 400.
+    let metrics = client
+        .get(format!("http://127.0.0.1:{port}/-/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let count = |code: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("serval_router_requests_total{")
+                    && l.contains("endpoint=\"digits\"")
+                    && l.contains(&format!("code=\"{code}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("200") >= 10_000.0, "{metrics}");
+    assert!(count("400") >= 1.0, "{metrics}");
+    assert_eq!(count("500"), 0.0, "{metrics}");
     // Metadata answers for the Endpoint from its primary (digits-v1, weight 90), every time.
     for _ in 0..20 {
         let resp = client

@@ -23,6 +23,28 @@ pub struct ProxyBody {
     kind: Kind,
     guard: Option<InflightGuard>,
     tee: Option<Tee>,
+    on_end: Option<OnEnd>,
+}
+
+/// Called once when an upstream body ends, with its trailers if it had any (a gRPC answer's
+/// outcome is in them): counts the request then.
+pub struct OnEnd(Box<dyn EndHook>);
+
+/// What [`OnEnd`] calls.
+pub trait EndHook: FnOnce(Option<&http::HeaderMap>) + Send + Sync {}
+impl<F: FnOnce(Option<&http::HeaderMap>) + Send + Sync> EndHook for F {}
+
+impl OnEnd {
+    /// Wraps the callback.
+    pub fn new(f: impl FnOnce(Option<&http::HeaderMap>) + Send + Sync + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnEnd")
+    }
 }
 
 #[derive(Debug)]
@@ -132,6 +154,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(bytes)),
             guard: None,
             tee: None,
+            on_end: None,
         }
     }
 
@@ -142,7 +165,18 @@ impl ProxyBody {
             kind: Kind::Full(None),
             guard: None,
             tee: None,
+            on_end: None,
         }
+    }
+
+    /// Calls `on_end` when the upstream body ends (at once if it already has).
+    pub fn with_on_end(mut self, on_end: OnEnd) -> Self {
+        if self.is_end_stream() {
+            (on_end.0)(None);
+        } else {
+            self.on_end = Some(on_end);
+        }
+        self
     }
 
     /// A gRPC message followed by its trailers (`grpc-status`).
@@ -151,6 +185,7 @@ impl ProxyBody {
             kind: Kind::Grpc(Some(message), Some(trailers)),
             guard: None,
             tee: None,
+            on_end: None,
         }
     }
 
@@ -161,6 +196,7 @@ impl ProxyBody {
             kind: Kind::Upstream(body),
             guard: Some(guard),
             tee,
+            on_end: None,
         };
         if this.is_end_stream() {
             this.guard = None;
@@ -196,12 +232,20 @@ impl Body for ProxyBody {
                         if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
                             tee.push(data);
                         }
+                        if let Some(t) = frame.trailers_ref()
+                            && let Some(on_end) = this.on_end.take()
+                        {
+                            (on_end.0)(Some(t));
+                        }
                         inner.is_end_stream().then_some(true)
                     }
                     Some(Err(_)) => Some(false),
                     None => Some(true),
                 };
                 if let Some(ok) = ended {
+                    if let Some(on_end) = this.on_end.take() {
+                        (on_end.0)(None);
+                    }
                     this.guard = None;
                     if let Some(tee) = this.tee.as_mut() {
                         tee.finish(ok);

@@ -126,6 +126,28 @@ pub fn error(code: i32, message: &str) -> Response<ProxyBody> {
     resp
 }
 
+/// The HTTP status a gRPC outcome is counted as in the router's metrics and load signals, so
+/// a rollout's error-rate gate and the autoscaler see gRPC failures as they see REST ones: a
+/// client's mistake is a 4xx, overload a 429, the server's failure a 5xx.
+pub fn counted_as(grpc_status: Option<&HeaderValue>) -> StatusCode {
+    let code = grpc_status
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i32>().ok());
+    match code {
+        Some(code::OK) => StatusCode::OK,
+        Some(code::RESOURCE_EXHAUSTED) => StatusCode::TOO_MANY_REQUESTS,
+        // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED,
+        // FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED: the caller's.
+        Some(3 | 5 | 6 | 7 | 9 | 11 | 16) => StatusCode::BAD_REQUEST,
+        // CANCELLED: the client went away.
+        Some(1) => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Some(code::DEADLINE_EXCEEDED) => StatusCode::GATEWAY_TIMEOUT,
+        Some(code::UNAVAILABLE) => StatusCode::SERVICE_UNAVAILABLE,
+        // UNKNOWN, ABORTED, UNIMPLEMENTED, INTERNAL, DATA_LOSS, or no status at all.
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// The gRPC code of a router error, as its HTTP status would say it.
 pub fn code_of(e: &Error) -> i32 {
     match e.status().as_u16() {
@@ -176,6 +198,20 @@ mod tests {
         );
         assert!(model_name(&[0, 0, 0, 0, 9, 1]).is_err(), "length mismatch");
         assert!(model_name(&[]).is_err());
+    }
+
+    #[test]
+    fn grpc_outcomes_are_counted_as_their_http_statuses() {
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(counted_as(Some(&v("0"))), StatusCode::OK);
+        assert_eq!(counted_as(Some(&v("3"))), StatusCode::BAD_REQUEST);
+        assert_eq!(counted_as(Some(&v("8"))), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            counted_as(Some(&v("13"))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(counted_as(Some(&v("14"))), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(counted_as(None), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serval_idle_poll::IdlePoller;
 use tokio::sync::Semaphore;
 
-use crate::body::{ClientBody, FaultCell, ProxyBody, ReadAhead, Tee, discard, read_ahead};
+use crate::body::{ClientBody, FaultCell, OnEnd, ProxyBody, ReadAhead, Tee, discard, read_ahead};
 use crate::compose::{Body as ComposedBody, Call};
 use crate::config::Config;
 use crate::errors::{Error, Result, json_error};
@@ -408,17 +408,42 @@ impl Proxy {
             }
             Err(e) => Err(Error::BadRequest(e.to_string())),
         };
-        let mut resp = match sent {
-            Ok((resp, inflight)) => into_proxy_response(resp, inflight, None),
+        let (resp, inflight) = match sent {
+            Ok(answer) => answer,
             Err(e) => {
                 self.count(route, Some(&pool), e.status(), start);
                 return grpc::error(grpc::code_of(&e), &e.to_string());
             }
         };
+        // The call's outcome is its grpc-status: in the head of a trailers-only answer, else
+        // in the trailers, counted when they pass.
+        let in_head = resp.headers().get("grpc-status").cloned();
+        let http_ok = resp.status() == StatusCode::OK;
+        let mut resp = into_proxy_response(resp, inflight, None);
         if let Some(v) = &pool.header_value {
             resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
         }
-        self.count(route, Some(&pool), resp.status(), start);
+        match (http_ok, in_head) {
+            (false, _) => self.count(route, Some(&pool), resp.status(), start),
+            (true, Some(s)) => self.count(route, Some(&pool), grpc::counted_as(Some(&s)), start),
+            (true, None) => {
+                let metrics = self.metrics.clone();
+                let stats = route.stats_for(&pool).cloned();
+                let (endpoint, backend) = (route.endpoint.clone(), pool.name.clone());
+                let on_end = OnEnd::new(move |trailers| {
+                    let code = grpc::counted_as(trailers.and_then(|t| t.get("grpc-status")));
+                    record(
+                        &metrics,
+                        &endpoint,
+                        stats.as_ref(),
+                        Some(&backend),
+                        code,
+                        start.elapsed(),
+                    );
+                });
+                resp = resp.map(|b| b.with_on_end(on_end));
+            }
+        }
         resp
     }
 
@@ -479,35 +504,16 @@ impl Proxy {
         code: StatusCode,
         start: Instant,
     ) {
-        let took = start.elapsed();
-        let elapsed = took.as_secs_f64();
         // The series resolved at table load, when the backend is one of the route's.
-        if let Some(stats) = pool.and_then(|p| route.stats_for(p)) {
-            stats.signals.record(code.as_u16(), took);
-            stats.duration.observe(elapsed);
-            if code == StatusCode::OK {
-                stats.ok.inc();
-                return;
-            }
-        } else {
-            self.metrics
-                .request_duration
-                .get_or_create(&RouteLabels {
-                    endpoint: route.endpoint.clone(),
-                    backend: pool.map(|p| p.name.clone()).unwrap_or_default(),
-                })
-                .observe(elapsed);
-        }
-        let endpoint = route.endpoint.clone();
-        let backend = pool.map(|p| p.name.clone()).unwrap_or_default();
-        self.metrics
-            .requests
-            .get_or_create(&CodeLabels {
-                endpoint,
-                backend,
-                code: code.as_u16(),
-            })
-            .inc();
+        let stats = pool.and_then(|p| route.stats_for(p));
+        record(
+            &self.metrics,
+            &route.endpoint,
+            stats,
+            pool.map(|p| p.name.as_str()),
+            code,
+            start.elapsed(),
+        );
     }
 
     pub(crate) fn upstream_error(
@@ -777,6 +783,43 @@ impl Proxy {
             timeout: route.timeout,
         })
     }
+}
+
+/// Counts one answer: its route's series (`stats`, when resolved at table load) or the
+/// families, and the load signals.
+fn record(
+    metrics: &Metrics,
+    endpoint: &str,
+    stats: Option<&crate::table::RouteStats>,
+    backend: Option<&str>,
+    code: StatusCode,
+    took: std::time::Duration,
+) {
+    let elapsed = took.as_secs_f64();
+    if let Some(stats) = stats {
+        stats.signals.record(code.as_u16(), took);
+        stats.duration.observe(elapsed);
+        if code == StatusCode::OK {
+            stats.ok.inc();
+            return;
+        }
+    } else {
+        metrics
+            .request_duration
+            .get_or_create(&RouteLabels {
+                endpoint: endpoint.to_owned(),
+                backend: backend.unwrap_or_default().to_owned(),
+            })
+            .observe(elapsed);
+    }
+    metrics
+        .requests
+        .get_or_create(&CodeLabels {
+            endpoint: endpoint.to_owned(),
+            backend: backend.unwrap_or_default().to_owned(),
+            code: code.as_u16(),
+        })
+        .inc();
 }
 
 /// A buffered upstream body.

@@ -1,9 +1,10 @@
-//! One keep-alive HTTP/1.1 connection and the request it repeats.
+//! One keep-alive connection and the request it repeats: HTTP/1.1, or for `--grpc` HTTP/2
+//! with prior knowledge, its answer's status read from `grpc-status`.
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, TE};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -29,11 +30,18 @@ pub struct Target {
     path: String,
     headers: HeaderMap,
     body: Bytes,
+    /// A unary gRPC call: the body is its framed message.
+    grpc: bool,
 }
 
 impl Target {
     /// Parses `http://host:port/path`, `name: value` headers, and takes the body bytes.
-    pub fn new(url: &str, headers: &[String], body: Vec<u8>) -> Result<Self, ClientError> {
+    pub fn new(
+        url: &str,
+        headers: &[String],
+        body: Vec<u8>,
+        grpc: bool,
+    ) -> Result<Self, ClientError> {
         let uri: Uri = url
             .parse()
             .map_err(|e| ClientError::Target(format!("{url}: {e}")))?;
@@ -55,11 +63,19 @@ impl Target {
             .path_and_query()
             .map_or("/".to_string(), |p| p.as_str().to_string());
         let mut map = HeaderMap::new();
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| ClientError::Target(e.to_string()))?;
-        map.insert(HOST, host);
-        map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let path = if grpc {
+            // HTTP/2 takes the authority from the URI.
+            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            map.insert(TE, HeaderValue::from_static("trailers"));
+            format!("http://{authority}{path}")
+        } else {
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|e| ClientError::Target(e.to_string()))?;
+            map.insert(HOST, host);
+            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            path
+        };
         for h in headers {
             let (name, value) = h
                 .split_once(':')
@@ -75,6 +91,7 @@ impl Target {
             path,
             headers: map,
             body: Bytes::from(body),
+            grpc,
         })
     }
 
@@ -89,33 +106,52 @@ impl Target {
 }
 
 /// A connection with one request in flight at a time.
-pub struct Connection {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+pub enum Connection {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Connection {
-    /// Opens a TCP connection without Nagle's delay and runs its HTTP/1.1 driver.
-    pub async fn open(addr: SocketAddr) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr)
+    /// Opens a TCP connection without Nagle's delay and runs its HTTP/1.1 driver, or for a
+    /// gRPC target its HTTP/2 one.
+    pub async fn open(target: &Target) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(target.addr)
             .await
             .map_err(ClientError::Connect)?;
         stream.set_nodelay(true).map_err(ClientError::Connect)?;
+        if target.grpc {
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Self::Http2(sender));
+        }
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // The driver ends when the connection closes; the next send reports that.
             let _ = conn.await;
         });
-        Ok(Self { sender })
+        Ok(Self::Http1(sender))
     }
 
     /// Whether the server closed the connection (e.g. after `Connection: close`).
     pub fn is_closed(&self) -> bool {
-        self.sender.is_closed()
+        match self {
+            Self::Http1(s) => s.is_closed(),
+            Self::Http2(s) => s.is_closed(),
+        }
     }
 
     /// Waits until the connection can take a request; fails if the server closed it.
     pub async fn ready(&mut self) -> Result<(), ClientError> {
-        Ok(self.sender.ready().await?)
+        match self {
+            Self::Http1(s) => Ok(s.ready().await?),
+            Self::Http2(s) => Ok(s.ready().await?),
+        }
     }
 
     /// Sends the target's request and reads the whole answer; returns its status.
@@ -126,13 +162,35 @@ impl Connection {
     /// Sends the target's request and reads the whole answer; returns what the open loop
     /// records of it.
     pub async fn exchange(&mut self, target: &Target) -> Result<Answer, ClientError> {
-        self.sender.ready().await?;
-        let resp = self.sender.send_request(target.request()?).await?;
-        let answer = Answer {
+        self.ready().await?;
+        let resp = match self {
+            Self::Http1(s) => s.send_request(target.request()?).await?,
+            Self::Http2(s) => s.send_request(target.request()?).await?,
+        };
+        let mut answer = Answer {
             status: resp.status(),
             retry_after: resp.headers().contains_key(RETRY_AFTER),
         };
-        resp.into_body().collect().await?;
+        let (head, body) = resp.into_parts();
+        let collected = body.collect().await?;
+        if target.grpc {
+            // A gRPC call's outcome is its grpc-status: in the trailers, or the head of a
+            // trailers-only answer. Recorded as the HTTP status it corresponds to.
+            let code = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .or_else(|| head.headers.get("grpc-status"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok());
+            answer.status = match code {
+                Some(0) => StatusCode::OK,
+                Some(8) => StatusCode::TOO_MANY_REQUESTS,
+                Some(14) => StatusCode::SERVICE_UNAVAILABLE,
+                Some(4) => StatusCode::GATEWAY_TIMEOUT,
+                Some(3) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+        }
         Ok(answer)
     }
 }

@@ -79,7 +79,7 @@ async fn worker(
             // A connection the server closed after its last answer is replaced, not an error.
             let mut c = match conn.take() {
                 Some(c) if !c.is_closed() => c,
-                _ => Connection::open(target.addr).await?,
+                _ => Connection::open(&target).await?,
             };
             let status = c.send(&target).await?;
             Ok::<_, ClientError>((c, status))

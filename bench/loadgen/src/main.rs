@@ -76,6 +76,10 @@ struct Args {
     /// request counts as error `timeout`.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
     timeout_ms: u64,
+    /// The body is one framed gRPC message: send it over HTTP/2 (prior knowledge) as a unary
+    /// call, and count an answer by its `grpc-status`.
+    #[arg(long, conflicts_with = "tcp_floor")]
+    grpc: bool,
     /// Runtime threads of the generator. One keeps its CPU share small and equal for every
     /// system on a small machine.
     #[arg(long, default_value_t = 1)]
@@ -105,7 +109,7 @@ fn main() -> Result<()> {
     };
     let body =
         std::fs::read(&body).with_context(|| format!("reading body file {}", body.display()))?;
-    let target = Target::new(&url, &args.headers, body)?;
+    let target = Target::new(&url, &args.headers, body, args.grpc)?;
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

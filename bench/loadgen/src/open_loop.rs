@@ -220,7 +220,7 @@ async fn request(shared: Arc<Shared>, scheduled: Instant, timeout: Duration) -> 
             Some(c) => c,
             None => {
                 opened = 1;
-                Connection::open(shared.target.addr)
+                Connection::open(&shared.target)
                     .await
                     .map_err(|e| match e {
                         ClientError::Connect(_) => "connect",
