@@ -18,7 +18,6 @@ the gRPC message is encoded here by hand (a few protobuf fields). Writes grpc.{j
 """
 
 import argparse
-import array
 import json
 import struct
 import sys
@@ -28,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overload import CACHE, RELEASE, free_port, loadgen, log, spawn, stop  # noqa: E402
+from overload import CACHE, RELEASE, free_port, loadgen, log, spawn, stop, values  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -60,17 +59,6 @@ def grpc_body(model: str, name: str, shape: list, raw: bytes) -> bytes:
               + field(3, b"".join(varint(d) for d in shape)))
     message = field(1, model.encode()) + field(5, tensor) + field(7, raw)
     return b"\0" + struct.pack(">I", len(message)) + message
-
-
-def values(shape: list) -> array.array:
-    n = 1
-    for d in shape:
-        n *= d
-    # Deterministic values in [0, 1): the same bytes every run.
-    data = array.array("f", (((i * 2654435761) % 1000) / 1000.0 for i in range(n)))
-    if sys.byteorder != "little":
-        data.byteswap()
-    return data
 
 
 def main() -> int:

@@ -85,16 +85,23 @@ def free_port() -> int:
 # the model and not parsing 150,528 floats of JSON.
 
 
-def binary_request() -> tuple:
-    """(body bytes, JSON header length): a V2 header naming one FP32 input whose raw
-    little-endian bytes follow, as tritonclient sends it."""
+def values(shape: list) -> array.array:
+    """Deterministic FP32 values in [0, 1) for a tensor of `shape`, little-endian: the same
+    bytes every run."""
     n = 1
-    for d in SHAPE:
+    for d in shape:
         n *= d
-    # Deterministic values in [0, 1): the same bytes every run.
     data = array.array("f", (((i * 2654435761) % 1000) / 1000.0 for i in range(n)))
     if sys.byteorder != "little":
         data.byteswap()
+    return data
+
+
+def binary_request() -> tuple:
+    """(body bytes, JSON header length): a V2 header naming one FP32 input whose raw
+    little-endian bytes follow, as tritonclient sends it."""
+    data = values(SHAPE)
+    n = len(data)
     header = json.dumps({"inputs": [{"name": "input", "shape": SHAPE, "datatype": "FP32",
                                      "parameters": {"binary_data_size": n * 4}}]}).encode()
     return header + data.tobytes(), len(header)

@@ -311,20 +311,7 @@ impl Grpc {
             .unwrap_or(1);
         model.batcher.check_admission(rows.max(1), deadline)?;
         let (json, tensors) = as_binary_request(msg)?;
-        let engine = &model.engine;
-        let decoded = v2::decode(&json, tensors, engine.inputs(), engine.outputs())?;
-        let outputs = model
-            .batcher
-            .submit(decoded.inputs, deadline, state.others_in_flight())?
-            .wait()
-            .await?;
-        let enc = v2::encode(
-            &name,
-            decoded.id.as_deref(),
-            engine.outputs(),
-            &outputs,
-            &decoded.outputs,
-        )?;
+        let enc = crate::handlers::infer_v2(state, &model, &json, tensors, &name, deadline).await?;
         as_grpc_answer(&enc.body, enc.header_length.unwrap_or(enc.body.len()))
     }
 }

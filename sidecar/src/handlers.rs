@@ -321,19 +321,8 @@ async fn infer(
     match protocol {
         Protocol::V2 => {
             let (json, binary) = v2::split_body(&body, header_length)?;
-            let decoded = v2::decode(&json, binary, engine.inputs(), engine.outputs())?;
-            let outputs = model
-                .batcher
-                .submit(decoded.inputs, deadline, state.others_in_flight())?
-                .wait()
-                .await?;
-            let enc = v2::encode(
-                answer_name(state, headers),
-                decoded.id.as_deref(),
-                engine.outputs(),
-                &outputs,
-                &decoded.outputs,
-            )?;
+            let name = answer_name(state, headers);
+            let enc = infer_v2(state, &model, &json, binary, name, deadline).await?;
             let mut r = Response::new(Full::new(Bytes::from(enc.body)));
             let headers = r.headers_mut();
             match enc.header_length {
@@ -369,6 +358,33 @@ async fn infer(
             }
         }
     }
+}
+
+/// An Open Inference Protocol request (its JSON part and the binary tensors after it) run
+/// through the batcher and encoded as it asks, answering as `name`: REST's V2 path and gRPC's
+/// ModelInfer share it.
+pub(crate) async fn infer_v2(
+    state: &AppState,
+    model: &LoadedModel,
+    json: &[u8],
+    binary: Bytes,
+    name: &str,
+    deadline: Instant,
+) -> RequestResult<v2::Encoded> {
+    let engine = &model.engine;
+    let decoded = v2::decode(json, binary, engine.inputs(), engine.outputs())?;
+    let outputs = model
+        .batcher
+        .submit(decoded.inputs, deadline, state.others_in_flight())?
+        .wait()
+        .await?;
+    v2::encode(
+        name,
+        decoded.id.as_deref(),
+        engine.outputs(),
+        &outputs,
+        &decoded.outputs,
+    )
 }
 
 /// An image body: pre-process into one row, infer, answer the post-processed result; without
