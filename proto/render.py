@@ -4,8 +4,9 @@ that KServe publishes in its Python package (kserve/protocol/grpc/grpc_predict_v
 serialized FileDescriptorProto of grpc_predict_v2.proto; Apache-2.0). The package ships no
 .proto file; its descriptor is the published definition, field for field.
 
-    pip download kserve==0.21.0 --no-deps -d /tmp/k && unzip -o /tmp/k/*.whl -d /tmp/k
-    python3 proto/render.py /tmp/k/kserve/protocol/grpc/grpc_predict_v2_pb2.py \
+    k=$(mktemp -d)
+    pip download kserve==0.21.0 --no-deps -d "$k" && unzip -o "$k"/*.whl -d "$k"
+    python3 proto/render.py "$k"/kserve/protocol/grpc/grpc_predict_v2_pb2.py \
         > proto/grpc_predict_v2.proto
 
 Needs the `protobuf` Python package only.
