@@ -307,11 +307,8 @@ fn children_exit_when_serval_local_is_killed() {
     });
 }
 
-/// The real `tritonclient` through the router, as a user of the Endpoint `digits` would call
-/// it: one inference server (live, ready, server metadata), the Endpoint's model metadata, and
-/// inference in JSON and binary tensors, every answer naming `digits` (not the Backend).
-#[test]
-fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() {
+/// The Python of the venv with tritonclient (`make venv`, or `SERVAL_VENV`).
+fn venv_python() -> PathBuf {
     let python = std::env::var_os("SERVAL_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/serval/venv"))
@@ -321,6 +318,15 @@ fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() 
         "this test needs the Python venv at {} (make venv, or set SERVAL_VENV)",
         python.display()
     );
+    python
+}
+
+/// The real `tritonclient` through the router, as a user of the Endpoint `digits` would call
+/// it: one inference server (live, ready, server metadata), the Endpoint's model metadata, and
+/// inference in JSON and binary tensors, every answer naming `digits` (not the Backend).
+#[test]
+fn tritonclient_sees_the_router_as_one_inference_server_named_by_the_endpoint() {
+    let python = venv_python();
     let dir = examples_copy();
     let model = dir.path().join("models/digits.onnx");
     let needle = dir.path().display().to_string();
@@ -901,8 +907,8 @@ fn mirror_counts(client: &reqwest::blocking::Client, port: u16) -> (u64, u64, u6
 /// Issue 20: a shadow's agreement is counted right in every protocol. The stable model and a
 /// retrained canary disagree on 153 of 1,000 noisy digits (onnxruntime, offline); sent through
 /// an Endpoint mirroring every request to the canary, in Open Inference Protocol JSON, with
-/// binary outputs, V1 and as PNGs, each 1,000 requests must count exactly that, with no
-/// comparison error.
+/// binary outputs, V1, as PNGs and (issue 22) as gRPC calls, each 1,000 requests must count
+/// exactly that, with no comparison error.
 #[test]
 fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
     let corpus: AgreementCorpus = serde_json::from_slice(
@@ -1022,6 +1028,36 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
             tail(&output.text())
         );
     }
+    // The same 1,000 digits as gRPC calls of the real tritonclient.grpc, on the same port:
+    // the answers are protobuf messages, compared as the tensors they hold.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = mirror_counts(&client, port);
+    let out = Command::new(venv_python())
+        .arg(repo().join("sidecar/tests/python/send_corpus_grpc.py"))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("mirrored")
+        .arg(repo().join("models/digits/agreement.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tritonclient.grpc: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (agree, disagree, errors) =
+        wait_until("gRPC: 1,000 comparisons", Duration::from_secs(30), || {
+            let now = mirror_counts(&client, port);
+            let delta = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
+            (delta.0 + delta.1 + delta.2 >= 1000).then_some(delta)
+        });
+    eprintln!("gRPC: agree {agree}, disagree {disagree}, errors {errors}");
+    assert_eq!(
+        (agree, disagree, errors),
+        (truth, 1000 - truth, 0),
+        "gRPC: the router's counts against the offline truth\n{}",
+        tail(&output.text())
+    );
 }
 
 // ---------------------------------------------------------------- Rollouts (issue 20)

@@ -177,6 +177,7 @@ fn real_node_scenarios() {
     )
     .unwrap();
 
+    grpc_through_the_service(&router);
     split_weight_change_and_header_match(&cluster, &ns, &client, &digits, &png);
     rolling_update_under_load(&cluster, &ns, &digits, &png);
     pod_deleted_under_load(&cluster, &ns, &digits, &png);
@@ -184,6 +185,54 @@ fn real_node_scenarios() {
     scale_from_zero(&cluster, &ns, &client, &router, &png);
     rollout_promoted(&cluster, &ns, &router, &png);
     cascade(&cluster, &node, &ns, &client, &router);
+}
+
+/// gRPC through the router's Service (kube-proxy, one port for both protocols, the Services
+/// the operator made) with the real tritonclient.grpc: health, metadata, inference equal to
+/// onnxruntime's, the body limit's refusal, then the examples' 90/10 split over 10,000 calls,
+/// header match on metadata and sticky keys, as the local tier checks them.
+fn grpc_through_the_service(router: &str) {
+    let python = std::env::var_os("SERVAL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/serval/venv"))
+        .join("bin/python");
+    assert!(
+        python.exists(),
+        "the gRPC scenario needs the Python venv at {} (make venv, or set SERVAL_VENV)",
+        python.display()
+    );
+    let t = Instant::now();
+    let scripts = repo().join("sidecar/tests/python");
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider"])
+        .arg(scripts.join("test_tritonclient_grpc.py"))
+        .arg(scripts.join("test_router_grpc.py"))
+        .env("SERVAL_URL", router)
+        .env("SERVAL_MODEL", repo().join("models/digits.onnx"))
+        .env(
+            "SERVAL_MAX_BODY",
+            serval_router::config::DEFAULT_MAX_BODY.to_string(),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("passed"),
+        "tritonclient.grpc through the router's Service:\n{text}"
+    );
+    println!(
+        "gRPC through the Service in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        text.lines()
+            .filter(|l| l.contains("digits-v1") || l.contains("passed"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
 }
 
 /// OCI archives of the operator, sidecar, router and the user-container example (from the

@@ -7,7 +7,9 @@
 //!   row (by argmax), else the first output (by exact equality);
 //! - post-processed answers (an image's `{"label", ...}`, V1 `predictions` with labels) by
 //!   label;
-//! - V1 `predictions` of plain values as a tensor per output, as above.
+//! - V1 `predictions` of plain values as a tensor per output, as above;
+//! - gRPC `ModelInferResponse`s (`application/grpc`) as the Open Inference Protocol answers they
+//!   are, from `raw_output_contents` or typed contents.
 //!
 //! A pair that cannot be compared (an answer that does not decode, different outputs or row
 //! counts) is an [`Unreadable`] with a reason, never a disagreement.
@@ -155,6 +157,12 @@ impl Tensor {
 }
 
 fn decode(answer: &Answer<'_>) -> Result<Decoded, String> {
+    if answer
+        .content_type
+        .is_some_and(|c| c.starts_with("application/grpc"))
+    {
+        return grpc(answer.body).map(Decoded::Tensors);
+    }
     let (json, binary) = match answer.header_length {
         Some(n) if n <= answer.body.len() => answer.body.split_at(n),
         Some(n) => {
@@ -219,17 +227,99 @@ fn oip(outputs: &Value, binary: &[u8]) -> Result<Vec<Tensor>, String> {
             shape,
             data,
         };
-        if t.len() != t.shape.iter().product::<usize>() {
-            return Err(format!(
-                "output {:?} has {} values for shape {:?}",
-                t.name,
-                t.len(),
-                t.shape
-            ));
-        }
+        check_len(&t)?;
         tensors.push(t);
     }
     Ok(tensors)
+}
+
+/// The outputs of a unary gRPC answer: one length-prefixed, uncompressed `ModelInferResponse`.
+fn grpc(body: &[u8]) -> Result<Vec<Tensor>, String> {
+    use prost::Message;
+    let (&compressed, rest) = body.split_first().ok_or("an empty gRPC answer")?;
+    if compressed != 0 {
+        return Err("a compressed gRPC answer".to_owned());
+    }
+    let (len, msg) = rest
+        .split_first_chunk::<4>()
+        .ok_or("a gRPC answer shorter than its frame header")?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if len != msg.len() {
+        return Err(format!(
+            "a gRPC answer of one message of {len} bytes has {} bytes",
+            msg.len()
+        ));
+    }
+    let answer = serval_proto::ModelInferResponse::decode(msg).map_err(|e| e.to_string())?;
+    let raw = &answer.raw_output_contents;
+    if !raw.is_empty() && raw.len() != answer.outputs.len() {
+        return Err(format!(
+            "{} outputs with {} raw contents",
+            answer.outputs.len(),
+            raw.len()
+        ));
+    }
+    let mut tensors = Vec::with_capacity(answer.outputs.len());
+    for (i, o) in answer.outputs.into_iter().enumerate() {
+        let name = o.name;
+        let shape = o
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).ok())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("output {name:?} has a bad shape"))?;
+        let data = match raw.get(i) {
+            Some(bytes) => {
+                decode_binary(&o.datatype, bytes).map_err(|e| format!("output {name:?}: {e}"))?
+            }
+            None => typed(o.contents.unwrap_or_default()),
+        };
+        let t = Tensor {
+            float: matches!(o.datatype.as_str(), "FP16" | "BF16" | "FP32" | "FP64"),
+            name,
+            shape,
+            data,
+        };
+        check_len(&t)?;
+        tensors.push(t);
+    }
+    Ok(tensors)
+}
+
+/// Typed gRPC contents: whichever list is filled (a tensor fills one).
+fn typed(c: serval_proto::InferTensorContents) -> Data {
+    fn numbers<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> Option<Data> {
+        (!v.is_empty()).then(|| Data::Numbers(v.iter().map(|&x| f(x)).collect()))
+    }
+    if !c.bytes_contents.is_empty() {
+        return Data::Values(
+            c.bytes_contents
+                .iter()
+                .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
+                .collect(),
+        );
+    }
+    numbers(&c.fp32_contents, f64::from)
+        .or_else(|| numbers(&c.fp64_contents, |x| x))
+        .or_else(|| numbers(&c.int_contents, f64::from))
+        .or_else(|| numbers(&c.int64_contents, |x| x as f64))
+        .or_else(|| numbers(&c.uint_contents, f64::from))
+        .or_else(|| numbers(&c.uint64_contents, |x| x as f64))
+        .or_else(|| numbers(&c.bool_contents, |x| f64::from(u8::from(x))))
+        .unwrap_or(Data::Numbers(Vec::new()))
+}
+
+fn check_len(t: &Tensor) -> Result<(), String> {
+    if t.len() == t.shape.iter().product::<usize>() {
+        Ok(())
+    } else {
+        Err(format!(
+            "output {:?} has {} values for shape {:?}",
+            t.name,
+            t.len(),
+            t.shape
+        ))
+    }
 }
 
 /// A JSON `data` list, flattened (tritonclient and some servers nest it by shape).
@@ -669,6 +759,88 @@ mod tests {
             compare(&d, &bin(&p, p.len() + 1), &bin(&s, s_len)).map_err(|u| u.reason),
             Err("primary_unreadable")
         );
+    }
+
+    /// A framed `ModelInferResponse` of the digits model: raw contents (as the sidecar and
+    /// Triton answer) or typed ones.
+    fn grpc_answer(labels: &[usize], raw: bool) -> Vec<u8> {
+        use prost::Message;
+        use serval_proto::model_infer_response::InferOutputTensor;
+        let probs: Vec<f32> = labels
+            .iter()
+            .flat_map(|&l| (0..10).map(move |i| if i == l { 0.7 } else { 0.02 }))
+            .collect();
+        let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let n = labels.len() as i64;
+        let mut label = InferOutputTensor {
+            name: "label".into(),
+            datatype: "INT64".into(),
+            shape: vec![n],
+            ..Default::default()
+        };
+        let mut p = InferOutputTensor {
+            name: "probabilities".into(),
+            datatype: "FP32".into(),
+            shape: vec![n, 10],
+            ..Default::default()
+        };
+        let mut msg = serval_proto::ModelInferResponse::default();
+        if raw {
+            msg.raw_output_contents = vec![
+                ids.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                probs.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ];
+        } else {
+            label.contents = Some(serval_proto::InferTensorContents {
+                int64_contents: ids,
+                ..Default::default()
+            });
+            p.contents = Some(serval_proto::InferTensorContents {
+                fp32_contents: probs,
+                ..Default::default()
+            });
+        }
+        msg.outputs = vec![label, p];
+        let body = msg.encode_to_vec();
+        let mut out = vec![0];
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn grpc_answers_are_decoded_from_raw_or_typed_contents() {
+        let g = |body| Answer {
+            content_type: Some("application/grpc"),
+            header_length: None,
+            body,
+        };
+        let d = MirrorCompare::default();
+        let (p, s) = (grpc_answer(&[3, 7, 9], true), grpc_answer(&[3, 1, 9], true));
+        assert_eq!(compare(&d, &g(&p), &g(&s)), rows(2, 1));
+        let typed = grpc_answer(&[3, 1, 8], false);
+        assert_eq!(compare(&d, &g(&p), &g(&typed)), rows(1, 2));
+        // The class ids, exactly, from INT64 contents.
+        let ids = MirrorCompare {
+            output: Some("label".to_owned()),
+            ..MirrorCompare::default()
+        };
+        assert_eq!(compare(&ids, &g(&p), &g(&typed)), rows(1, 2));
+        // Against the same classes answered in REST JSON.
+        let json = json_answer(&digits("v2", &[3, 7, 9]));
+        let j = Answer {
+            content_type: Some("application/json"),
+            header_length: None,
+            body: &json,
+        };
+        assert_eq!(compare(&d, &g(&p), &j), rows(3, 0));
+        // A cut frame, a compressed one and an empty one are unreadable, never a disagreement.
+        for bad in [&p[..p.len() - 1], &[1, 0, 0, 0, 0][..], &[][..]] {
+            assert_eq!(
+                compare(&d, &g(&p), &g(bad)).map_err(|u| u.reason),
+                Err("shadow_unreadable")
+            );
+        }
     }
 
     #[test]

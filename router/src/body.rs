@@ -82,6 +82,8 @@ pub struct Tee {
     overflow: bool,
     content_type: Option<String>,
     header_length: Option<usize>,
+    /// A gRPC answer succeeded only if its trailers say `grpc-status: 0`.
+    grpc_ok: Option<bool>,
     tx: Option<oneshot::Sender<PrimaryAnswer>>,
 }
 
@@ -94,6 +96,7 @@ impl Tee {
             overflow: false,
             content_type: None,
             header_length: None,
+            grpc_ok: None,
             tx: Some(tx),
         }
     }
@@ -103,6 +106,20 @@ impl Tee {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         self.content_type = text("content-type").map(str::to_owned);
         self.header_length = text(crate::agreement::HEADER_LENGTH).and_then(|v| v.parse().ok());
+        if self
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("application/grpc"))
+        {
+            self.grpc_ok = Some(false);
+        }
+    }
+
+    /// Reads a gRPC answer's outcome from its trailers.
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.grpc_ok.is_some() {
+            self.grpc_ok = Some(trailers.get("grpc-status").is_some_and(|v| v == "0"));
+        }
     }
 
     /// The primary answered nothing comparable, for `reason`.
@@ -128,6 +145,9 @@ impl Tee {
     fn finish(&mut self, ok: bool) {
         let answer = if !ok {
             PrimaryAnswer::Failed("primary_failed")
+        } else if self.grpc_ok == Some(false) {
+            // A gRPC error (or an answer cut before its trailers) is not an answer to compare.
+            PrimaryAnswer::Failed("primary_status")
         } else if self.overflow {
             PrimaryAnswer::Failed("primary_too_large")
         } else {
@@ -232,10 +252,13 @@ impl Body for ProxyBody {
                         if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
                             tee.push(data);
                         }
-                        if let Some(t) = frame.trailers_ref()
-                            && let Some(on_end) = this.on_end.take()
-                        {
-                            (on_end.0)(Some(t));
+                        if let Some(t) = frame.trailers_ref() {
+                            if let Some(tee) = this.tee.as_mut() {
+                                tee.trailers(t);
+                            }
+                            if let Some(on_end) = this.on_end.take() {
+                                (on_end.0)(Some(t));
+                            }
                         }
                         inner.is_end_stream().then_some(true)
                     }
@@ -495,4 +518,54 @@ pub async fn read_ahead(
         }
     }
     Ok(ReadAhead::Whole(first.unwrap_or_else(|| buf.freeze())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teed(content_type: &str) -> (Tee, oneshot::Receiver<PrimaryAnswer>) {
+        let (tx, rx) = oneshot::channel();
+        let mut tee = Tee::new(1024, tx);
+        let mut head = http::HeaderMap::new();
+        head.insert("content-type", content_type.parse().unwrap());
+        tee.set_head(&head);
+        tee.push(&Bytes::from_static(b"\0\0\0\0\x01x"));
+        (tee, rx)
+    }
+
+    fn status(code: &str) -> http::HeaderMap {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.parse().unwrap());
+        t
+    }
+
+    #[test]
+    fn a_grpc_answer_is_compared_only_when_its_trailers_say_ok() {
+        let (mut tee, mut rx) = teed("application/grpc");
+        tee.trailers(&status("0"));
+        tee.finish(true);
+        assert!(matches!(rx.try_recv(), Ok(PrimaryAnswer::Body { body, .. }) if body.len() == 6));
+
+        let (mut tee, mut rx) = teed("application/grpc");
+        tee.trailers(&status("13"));
+        tee.finish(true);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(PrimaryAnswer::Failed("primary_status"))
+        ));
+
+        // Cut before its trailers: no outcome, nothing to compare.
+        let (mut tee, mut rx) = teed("application/grpc+proto");
+        tee.finish(true);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(PrimaryAnswer::Failed("primary_status"))
+        ));
+
+        // REST answers have no trailers to wait for.
+        let (mut tee, mut rx) = teed("application/json");
+        tee.finish(true);
+        assert!(matches!(rx.try_recv(), Ok(PrimaryAnswer::Body { .. })));
+    }
 }

@@ -6,7 +6,7 @@
 //! router answers itself, as it does over REST.
 
 use bytes::{BufMut, BytesMut};
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use prost::Message;
 
@@ -126,16 +126,23 @@ pub fn error(code: i32, message: &str) -> Response<ProxyBody> {
     resp
 }
 
-/// The HTTP status a gRPC outcome is counted as in the router's metrics and load signals, so
-/// a rollout's error-rate gate and the autoscaler see gRPC failures as they see REST ones: a
-/// client's mistake is a 4xx, overload a 429, the server's failure a 5xx.
-pub fn counted_as(grpc_status: Option<&HeaderValue>) -> StatusCode {
-    let code = grpc_status
+/// The HTTP status a gRPC outcome (`grpc-status` in `headers`: trailers, or the head of a
+/// trailers-only answer) is counted as in the router's metrics, load signals, retries and
+/// ejection, so a rollout's error-rate gate, the autoscaler and the retry policy see gRPC as
+/// they see REST: a client's mistake is a 4xx, overload a 429, the server's failure a 5xx.
+pub fn outcome(headers: &HeaderMap) -> StatusCode {
+    let code = headers
+        .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i32>().ok());
     match code {
         Some(code::OK) => StatusCode::OK,
-        Some(code::RESOURCE_EXHAUSTED) => StatusCode::TOO_MANY_REQUESTS,
+        // Overload says when to come back (`retry-after`); without it, RESOURCE_EXHAUSTED is
+        // a message over a size limit: the caller's.
+        Some(code::RESOURCE_EXHAUSTED) if headers.contains_key(RETRY_AFTER) => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        Some(code::RESOURCE_EXHAUSTED) => StatusCode::PAYLOAD_TOO_LARGE,
         // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED,
         // FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED: the caller's.
         Some(3 | 5 | 6 | 7 | 9 | 11 | 16) => StatusCode::BAD_REQUEST,
@@ -202,16 +209,26 @@ mod tests {
 
     #[test]
     fn grpc_outcomes_are_counted_as_their_http_statuses() {
-        let v = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(counted_as(Some(&v("0"))), StatusCode::OK);
-        assert_eq!(counted_as(Some(&v("3"))), StatusCode::BAD_REQUEST);
-        assert_eq!(counted_as(Some(&v("8"))), StatusCode::TOO_MANY_REQUESTS);
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            outcome(&m)
+        };
+        assert_eq!(h(&[("grpc-status", "0")]), StatusCode::OK);
+        assert_eq!(h(&[("grpc-status", "3")]), StatusCode::BAD_REQUEST);
         assert_eq!(
-            counted_as(Some(&v("13"))),
+            h(&[("grpc-status", "8"), ("retry-after", "1")]),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(h(&[("grpc-status", "8")]), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            h(&[("grpc-status", "13")]),
             StatusCode::INTERNAL_SERVER_ERROR
         );
-        assert_eq!(counted_as(Some(&v("14"))), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(counted_as(None), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(h(&[("grpc-status", "14")]), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(h(&[]), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -15,7 +15,9 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::agreement::{self, Answer};
 use crate::body::{PrimaryAnswer, Tee, collect_limited};
+use crate::grpc;
 use crate::metrics::{Metrics, MirrorErrorLabels, MirrorLabels};
+use http_body_util::BodyExt;
 
 /// Least time between two log lines about mirror errors: a shadow failing every request must
 /// not flood the log; the metric counts them all.
@@ -42,12 +44,15 @@ pub struct ShadowCopy {
     pub body: Bytes,
     /// How long to wait for the shadow, and then for the primary's answer.
     pub timeout: Duration,
+    /// A gRPC call: sent over HTTP/2, its outcome read from `grpc-status`.
+    pub grpc: bool,
 }
 
 /// Launches shadow requests.
 #[derive(Debug, Clone)]
 pub struct Mirror {
     client: HttpClient,
+    grpc_client: HttpClient,
     metrics: Arc<Metrics>,
     outlier: OutlierPolicy,
     permits: Arc<Semaphore>,
@@ -75,9 +80,10 @@ pub const SHADOW_HEADER: &str = "serval-shadow";
 
 impl Mirror {
     /// A mirror with at most as many shadows in flight as `permits` holds; the permits are
-    /// shared by every shard, so the bound is the process's.
+    /// shared by every shard, so the bound is the process's. `grpc_client` sends gRPC calls.
     pub fn new(
         client: HttpClient,
+        grpc_client: HttpClient,
         metrics: Arc<Metrics>,
         outlier: OutlierPolicy,
         permits: Arc<Semaphore>,
@@ -85,6 +91,7 @@ impl Mirror {
     ) -> Self {
         Self {
             client,
+            grpc_client,
             metrics,
             outlier,
             permits,
@@ -224,43 +231,70 @@ impl Mirror {
         .map_err(|e| unreachable(e.to_string()))?;
         req.headers_mut()
             .insert(SHADOW_HEADER, http::HeaderValue::from_static("1"));
-        match self.client.request(req).await {
-            Ok(resp) if resp.status().is_success() => {
-                copy.pool.record_success(idx);
-                let text = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
-                let content_type = text("content-type").map(str::to_owned);
-                let header_length = text(agreement::HEADER_LENGTH).and_then(|v| v.parse().ok());
-                match collect_limited(resp.into_body(), self.compare_limit).await {
-                    Some(body) => Ok(Captured {
-                        content_type,
-                        header_length,
-                        body,
-                    }),
-                    None => Err((
-                        "shadow_too_large",
-                        format!("cut short or larger than {} bytes", self.compare_limit),
-                    )),
-                }
-            }
-            Ok(resp) => {
-                let status = resp.status();
-                if status.is_server_error() {
-                    copy.pool.record_failure(idx, self.outlier, &self.metrics);
-                }
-                // The shadow's own words: a preprocess mismatch says what it refused.
-                let body = collect_limited(resp.into_body(), 1024)
-                    .await
-                    .unwrap_or_default();
-                Err((
-                    "shadow_status",
-                    format!("{status}: {}", String::from_utf8_lossy(&body)),
-                ))
-            }
+        let client = if copy.grpc {
+            &self.grpc_client
+        } else {
+            &self.client
+        };
+        let resp = match client.request(req).await {
+            Ok(resp) => resp,
             Err(e) => {
                 copy.pool.record_failure(idx, self.outlier, &self.metrics);
-                Err(unreachable(e.to_string()))
+                return Err(unreachable(e.to_string()));
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            if status.is_server_error() {
+                copy.pool.record_failure(idx, self.outlier, &self.metrics);
+            }
+            // The shadow's own words: a preprocess mismatch says what it refused.
+            let body = collect_limited(resp.into_body(), 1024)
+                .await
+                .unwrap_or_default();
+            return Err((
+                "shadow_status",
+                format!("{status}: {}", String::from_utf8_lossy(&body)),
+            ));
+        }
+        let text = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let content_type = text("content-type").map(str::to_owned);
+        let header_length = text(agreement::HEADER_LENGTH).and_then(|v| v.parse().ok());
+        let head = resp.headers().clone();
+        let Ok(collected) = http_body_util::Limited::new(resp.into_body(), self.compare_limit)
+            .collect()
+            .await
+        else {
+            return Err((
+                "shadow_too_large",
+                format!("cut short or larger than {} bytes", self.compare_limit),
+            ));
+        };
+        if copy.grpc {
+            // The outcome is in the trailers, or in the head of a trailers-only answer.
+            let outcome = collected.trailers().unwrap_or(&head);
+            let counted = grpc::outcome(outcome);
+            if counted != http::StatusCode::OK {
+                if counted.is_server_error() {
+                    copy.pool.record_failure(idx, self.outlier, &self.metrics);
+                }
+                let words = |name| outcome.get(name).and_then(|v| v.to_str().ok());
+                return Err((
+                    "shadow_status",
+                    format!(
+                        "grpc-status {}: {}",
+                        words("grpc-status").unwrap_or("missing"),
+                        words("grpc-message").unwrap_or_default()
+                    ),
+                ));
             }
         }
+        copy.pool.record_success(idx);
+        Ok(Captured {
+            content_type,
+            header_length,
+            body: collected.to_bytes(),
+        })
     }
 }
 

@@ -98,6 +98,7 @@ impl Proxy {
         };
         let mirror = Mirror::new(
             client.clone(),
+            grpc_client.clone(),
             metrics.clone(),
             outlier,
             mirror_permits,
@@ -392,6 +393,20 @@ impl Proxy {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
+        // The shadow gets the same call: the model is named in the message, and the endpoint
+        // header lets the shadow answer for it.
+        let mut tee = (method == "ModelInfer")
+            .then(|| {
+                self.launch_mirror(
+                    route,
+                    &parts.method,
+                    &parts.headers,
+                    |_| path.clone(),
+                    Some(&bytes),
+                    true,
+                )
+            })
+            .flatten();
         let sent = match PathAndQuery::try_from(path.as_str()) {
             Ok(p) => {
                 self.send(
@@ -417,21 +432,33 @@ impl Proxy {
         };
         // The call's outcome is its grpc-status: in the head of a trailers-only answer, else
         // in the trailers, counted when they pass.
-        let in_head = resp.headers().get("grpc-status").cloned();
+        let trailers_only = resp.headers().contains_key("grpc-status");
         let http_ok = resp.status() == StatusCode::OK;
-        let mut resp = into_proxy_response(resp, inflight, None);
+        // Only answers with a message are compared; a trailers-only one is an error.
+        let tee = match tee.take() {
+            Some(mut t) if http_ok && !trailers_only => {
+                t.set_head(resp.headers());
+                Some(t)
+            }
+            Some(t) => {
+                t.fail("primary_status");
+                None
+            }
+            None => None,
+        };
+        let mut resp = into_proxy_response(resp, inflight, tee);
         if let Some(v) = &pool.header_value {
             resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
         }
-        match (http_ok, in_head) {
+        match (http_ok, trailers_only) {
             (false, _) => self.count(route, Some(&pool), resp.status(), start),
-            (true, Some(s)) => self.count(route, Some(&pool), grpc::counted_as(Some(&s)), start),
-            (true, None) => {
+            (true, true) => self.count(route, Some(&pool), grpc::outcome(resp.headers()), start),
+            (true, false) => {
                 let metrics = self.metrics.clone();
                 let stats = route.stats_for(&pool).cloned();
                 let (endpoint, backend) = (route.endpoint.clone(), pool.name.clone());
                 let on_end = OnEnd::new(move |trailers| {
-                    let code = grpc::counted_as(trailers.and_then(|t| t.get("grpc-status")));
+                    let code = grpc::outcome(trailers.unwrap_or(&HeaderMap::new()));
                     record(
                         &metrics,
                         &endpoint,
@@ -624,11 +651,11 @@ impl Proxy {
         }
         let mut tee = self.launch_mirror(
             route,
-            target,
             &parts.method,
             &parts.headers,
-            query,
-            &buffered,
+            |model| target.path.render(model, query),
+            buffered.as_ref(),
+            false,
         );
         let (resp, inflight) = self
             .send(
@@ -705,7 +732,12 @@ impl Proxy {
             let answer = tokio::time::timeout_at(deadline, client.request(upstream)).await;
             match answer {
                 Ok(Ok(resp)) => {
-                    let status = resp.status();
+                    // A gRPC error is a trailers-only answer: its outcome is in the head.
+                    let status = if resp.headers().contains_key("grpc-status") {
+                        grpc::outcome(resp.headers())
+                    } else {
+                        resp.status()
+                    };
                     self.record_answer(route, pool, idx, status.as_u16());
                     if status == StatusCode::TOO_MANY_REQUESTS {
                         addr.refuses_work_for(shed_window(resp.headers()));
@@ -753,14 +785,16 @@ impl Proxy {
         }
     }
 
+    /// Sends a sampled copy of the request to the route's shadow, at the path `path` gives for
+    /// the shadow's model; returns the tee the primary's answer must go through.
     fn launch_mirror(
         &self,
         route: &CompiledRoute,
-        target: &Target,
         method: &Method,
         headers: &HeaderMap,
-        query: Option<&str>,
-        body: &Option<Bytes>,
+        path: impl FnOnce(&str) -> String,
+        body: Option<&Bytes>,
+        grpc: bool,
     ) -> Option<Tee> {
         let mirror = route.mirror.as_ref()?;
         let pool = &mirror.pool;
@@ -777,10 +811,11 @@ impl Proxy {
             pool: pool.clone(),
             compare: mirror.compare.clone(),
             method: method.clone(),
-            path: target.path.render(&pool.model, query),
+            path: path(&pool.model),
             headers: headers.clone(),
             body: body.clone(),
             timeout: route.timeout,
+            grpc,
         })
     }
 }

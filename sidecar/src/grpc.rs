@@ -104,7 +104,22 @@ fn status_of(e: &RequestError) -> Status {
         405 => Code::Unimplemented,
         _ => Code::Internal,
     };
-    Status::new(code, e.to_string())
+    let mut status = Status::new(code, e.to_string());
+    // As the REST answers say it: when to come back. It also tells a router that this
+    // RESOURCE_EXHAUSTED is overload (shed the replica a moment), not a message too large.
+    if matches!(e.status().as_u16(), 429 | 503) {
+        status.metadata_mut().insert(
+            "retry-after",
+            crate::errors::DEFAULT_RETRY_AFTER_SECS.into(),
+        );
+    }
+    if let RequestError::Overloaded { expected, budget } = e {
+        let ms = expected.saturating_sub(*budget).as_millis().max(1) as u64;
+        status
+            .metadata_mut()
+            .insert(serval_api::routing::RETRY_AFTER_MS_HEADER, ms.into());
+    }
+    status
 }
 
 /// The name answers carry: the Endpoint the router says the client called, else the model's.
@@ -467,9 +482,21 @@ mod tests {
             status_of(&RequestError::DeadlineExceeded(Duration::ZERO)).code(),
             Code::DeadlineExceeded
         );
+        let large = status_of(&RequestError::TooLarge("big".into()));
+        assert_eq!(large.code(), Code::ResourceExhausted);
+        assert!(large.metadata().get("retry-after").is_none());
+        // Overload says when to come back, so it is told apart from a message too large.
+        let busy = status_of(&RequestError::Overloaded {
+            expected: Duration::from_millis(250),
+            budget: Duration::from_millis(100),
+        });
+        assert_eq!(busy.code(), Code::ResourceExhausted);
+        assert_eq!(busy.metadata().get("retry-after").unwrap(), "1");
         assert_eq!(
-            status_of(&RequestError::TooLarge("big".into())).code(),
-            Code::ResourceExhausted
+            busy.metadata()
+                .get(serval_api::routing::RETRY_AFTER_MS_HEADER)
+                .unwrap(),
+            "150"
         );
     }
 }

@@ -2,6 +2,8 @@
 //! with prior knowledge, its answer's status read from `grpc-status`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER, TE};
@@ -29,19 +31,25 @@ pub struct Target {
     pub addr: SocketAddr,
     path: String,
     headers: HeaderMap,
-    body: Bytes,
+    /// The bodies sent in turn, one per request, shared by every connection.
+    bodies: Arc<[Bytes]>,
+    next: Arc<AtomicUsize>,
     /// A unary gRPC call: the body is its framed message.
     grpc: bool,
 }
 
 impl Target {
-    /// Parses `http://host:port/path`, `name: value` headers, and takes the body bytes.
+    /// Parses `http://host:port/path`, `name: value` headers, and takes the bodies, sent in
+    /// turn (round robin over every connection's requests).
     pub fn new(
         url: &str,
         headers: &[String],
-        body: Vec<u8>,
+        bodies: Vec<Vec<u8>>,
         grpc: bool,
     ) -> Result<Self, ClientError> {
+        if bodies.is_empty() {
+            return Err(ClientError::Target("no request body".into()));
+        }
         let uri: Uri = url
             .parse()
             .map_err(|e| ClientError::Target(format!("{url}: {e}")))?;
@@ -73,7 +81,6 @@ impl Target {
                 .map_err(|e| ClientError::Target(e.to_string()))?;
             map.insert(HOST, host);
             map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
             path
         };
         for h in headers {
@@ -90,17 +97,25 @@ impl Target {
             addr,
             path,
             headers: map,
-            body: Bytes::from(body),
+            bodies: bodies.into_iter().map(Bytes::from).collect(),
+            next: Arc::new(AtomicUsize::new(0)),
             grpc,
         })
     }
 
     fn request(&self) -> Result<Request<Full<Bytes>>, http::Error> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bodies.len();
+        let body = self.bodies[i].clone();
+        let len = body.len();
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.path.as_str())
-            .body(Full::new(self.body.clone()))?;
+            .body(Full::new(body))?;
         *req.headers_mut() = self.headers.clone();
+        if !self.grpc {
+            req.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
         Ok(req)
     }
 }

@@ -43,9 +43,10 @@ struct Args {
     /// Full URL to POST to, `http://host:port/path` (plain HTTP only).
     #[arg(long, required_unless_present = "tcp_floor")]
     url: Option<String>,
-    /// File whose bytes are the request body.
+    /// File whose bytes are the request body; repeat it to send several bodies in turn
+    /// (round robin, e.g. a set of photos).
     #[arg(long, required_unless_present = "tcp_floor")]
-    body: Option<PathBuf>,
+    body: Vec<PathBuf>,
     /// Instead of HTTP load, time a 1-byte round trip over loopback TCP to an echo thread in
     /// this process (blocking sockets, no runtime): the floor a request at concurrency 1 pays
     /// on this machine before any server does any work.
@@ -94,7 +95,7 @@ fn main() -> Result<()> {
         duration: Duration::from_secs_f64(args.duration.max(0.001)),
         timeout: Duration::from_millis(args.timeout_ms),
     };
-    let (Some(url), Some(body)) = (args.url, args.body) else {
+    let Some(url) = args.url else {
         // `--tcp-floor` (clap requires both otherwise).
         let plan = Plan {
             concurrency: 1,
@@ -107,9 +108,12 @@ fn main() -> Result<()> {
         );
         return Ok(());
     };
-    let body =
-        std::fs::read(&body).with_context(|| format!("reading body file {}", body.display()))?;
-    let target = Target::new(&url, &args.headers, body, args.grpc)?;
+    let bodies = args
+        .body
+        .iter()
+        .map(|b| std::fs::read(b).with_context(|| format!("reading body file {}", b.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let target = Target::new(&url, &args.headers, bodies, args.grpc)?;
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
