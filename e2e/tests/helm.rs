@@ -183,6 +183,11 @@ fn template_defaults() {
         None,
         "all namespaces by default"
     );
+    assert_eq!(
+        env(c, "SERVAL_SERVICE_APP_PROTOCOL"),
+        None,
+        "no appProtocol by default"
+    );
     let pod_name = c
         .env
         .iter()
@@ -265,6 +270,8 @@ fn template_with_edited_values() {
             "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.labels.release=prom",
             "--set",
             "dashboard.enabled=true,dashboard.namespace=monitoring",
+            "--set",
+            "serviceAppProtocol=kubernetes.io/h2c",
         ],
     )
     .unwrap();
@@ -294,6 +301,10 @@ fn template_with_edited_values() {
         Some("serval-leader")
     );
     assert_eq!(env(c, "SERVAL_LEASE_NAMESPACE").as_deref(), Some("ops"));
+    assert_eq!(
+        env(c, "SERVAL_SERVICE_APP_PROTOCOL").as_deref(),
+        Some("kubernetes.io/h2c")
+    );
 
     // Confined to one namespace: a RoleBinding there, no ClusterRoleBinding.
     assert!(!docs.iter().any(|d| d["kind"] == "ClusterRoleBinding"));
@@ -380,12 +391,14 @@ fn monitoring_targets_what_the_operator_creates() {
         &digits,
         &backend::BackendDefaults {
             sidecar_image: "serval-sidecar".to_owned(),
+            service_app_protocol: None,
         },
     );
     let router_pods = router::deployment_for(
         "models",
         &router::RouterDefaults {
             router_image: "serval-router".to_owned(),
+            service_app_protocol: None,
         },
         &[],
     );
@@ -676,6 +689,13 @@ fn schema_rejects_typos() {
     ))
     .unwrap();
     assert!(!out.status.success(), "replicas=many rendered");
+    // An appProtocol Kubernetes would refuse on every Service is refused at install.
+    let out = helm(template_args(
+        "default",
+        &["--set", "serviceAppProtocol=h2c over tcp"],
+    ))
+    .unwrap();
+    assert!(!out.status.success(), "a bad appProtocol rendered");
 }
 
 // ---------------------------------------------------------------------------------------

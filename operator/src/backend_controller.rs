@@ -48,7 +48,7 @@ async fn reconcile_inner(backend: &Backend, ctx: &Context) -> Result<Action> {
     .await?;
     apply(
         &Api::<Service>::namespaced(client.clone(), &ns),
-        &service_for(backend),
+        &service_for(backend, &ctx.backend_defaults),
     )
     .await?;
 

@@ -93,7 +93,7 @@ async fn reconcile_inner(endpoint: &Endpoint, ctx: &Context) -> Result<Action> {
     applied
         .apply_changed(
             &Api::<Service>::namespaced(client.clone(), &ns),
-            &service_for(&ns, &owners),
+            &service_for(&ns, &owners, &ctx.router_defaults),
         )
         .await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);

@@ -32,6 +32,11 @@ struct Args {
     /// Router image.
     #[arg(long, env = "SERVAL_ROUTER_IMAGE", default_value = concat!("serval-router:", env!("CARGO_PKG_VERSION")))]
     router_image: String,
+    /// `appProtocol` of the one port of the Services the operator creates (Backends' and
+    /// routers'), e.g. `kubernetes.io/h2c` for a mesh or Gateway that must be told the port
+    /// speaks HTTP/2 (gRPC); the port serves HTTP/1.1 and HTTP/2 either way. Unset: none.
+    #[arg(long, env = "SERVAL_SERVICE_APP_PROTOCOL", value_parser = app_protocol)]
+    service_app_protocol: Option<String>,
     /// Watch only this namespace (all namespaces when unset).
     #[arg(long, env = "SERVAL_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -140,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         sidecar_image: args.sidecar_image,
         router_image: args.router_image,
+        service_app_protocol: args.service_app_protocol.filter(|p| !p.is_empty()),
         namespace: args.watch_namespace,
         identity: identity.clone(),
         autoscaler: AutoscalerSettings {
@@ -200,4 +206,59 @@ async fn signal_handler(shutdown: CancellationToken) {
 fn default_identity() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "serval-operator".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+/// A Service port's `appProtocol`: a qualified name (`name` or `prefix/name`, as Kubernetes
+/// validates it), or empty for none; refused at start, not at the first Service apply.
+fn app_protocol(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        return Ok(String::new());
+    }
+    let (prefix, name) = v.rsplit_once('/').map_or((None, v), |(p, n)| (Some(p), n));
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && l.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    if name_ok && prefix_ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "{v:?} is not an appProtocol (a name like `http2`, or `prefix/name` like `kubernetes.io/h2c`)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::app_protocol;
+
+    #[test]
+    fn app_protocols_are_qualified_names() {
+        for ok in [
+            "",
+            "kubernetes.io/h2c",
+            "http2",
+            "grpc",
+            "example.com/my-proto",
+        ] {
+            assert_eq!(app_protocol(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["h2c/", "/h2c", "Kubernetes.IO/h2c", "a b", "-grpc", "x/y/z"] {
+            assert!(app_protocol(bad).is_err(), "{bad}");
+        }
+    }
 }

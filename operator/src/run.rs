@@ -36,6 +36,9 @@ pub struct Settings {
     pub sidecar_image: String,
     /// Router image.
     pub router_image: String,
+    /// `appProtocol` of the Services' one port, for a mesh or Gateway that must be told the
+    /// port speaks HTTP/2 (e.g. `kubernetes.io/h2c`); none by default.
+    pub service_app_protocol: Option<String>,
     /// Watch only this namespace; all when `None`.
     pub namespace: Option<String>,
     /// This replica's identity (the Lease holder), named in the Events it reports.
@@ -96,9 +99,11 @@ pub async fn run(
         endpoints: endpoint_store.clone(),
         backend_defaults: BackendDefaults {
             sidecar_image: settings.sidecar_image.clone(),
+            service_app_protocol: settings.service_app_protocol.clone(),
         },
         router_defaults: RouterDefaults {
             router_image: settings.router_image.clone(),
+            service_app_protocol: settings.service_app_protocol.clone(),
         },
         failures: FailureCounts::default(),
         namespace_applied: Default::default(),

@@ -134,9 +134,11 @@ fn harness() -> Harness {
         endpoints: endpoint_store,
         backend_defaults: BackendDefaults {
             sidecar_image: "serval-sidecar:test".to_owned(),
+            service_app_protocol: None,
         },
         router_defaults: RouterDefaults {
             router_image: "serval-router:test".to_owned(),
+            service_app_protocol: None,
         },
         failures: FailureCounts::default(),
         namespace_applied: Default::default(),
@@ -205,6 +207,7 @@ fn deployment_reporting(b: &Backend, ready: i32) -> Deployment {
         b,
         &BackendDefaults {
             sidecar_image: "serval-sidecar:test".to_owned(),
+            service_app_protocol: None,
         },
     );
     d.metadata.generation = Some(1);
@@ -1032,6 +1035,7 @@ fn with_status_from_deployment(mut b: Backend) -> Backend {
         &b,
         &BackendDefaults {
             sidecar_image: "serval-sidecar:test".to_owned(),
+            service_app_protocol: None,
         },
     );
     d.metadata.generation = Some(1);

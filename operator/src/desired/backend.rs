@@ -47,6 +47,8 @@ const PROBE_PERIOD_SECONDS: i32 = 1;
 pub struct BackendDefaults {
     /// Default model-server image.
     pub sidecar_image: String,
+    /// `appProtocol` of the Service port (REST and gRPC on one port); none by default.
+    pub service_app_protocol: Option<String>,
 }
 
 /// Labels on every object of a Backend.
@@ -317,7 +319,7 @@ pub fn deployment_for(backend: &Backend, defaults: &BackendDefaults) -> Deployme
 }
 
 /// The Backend's Service; it targets the user container when there is one.
-pub fn service_for(backend: &Backend) -> Service {
+pub fn service_for(backend: &Backend, defaults: &BackendDefaults) -> Service {
     let target = if backend.spec.container.is_some() {
         "user-http"
     } else {
@@ -332,6 +334,7 @@ pub fn service_for(backend: &Backend) -> Service {
                 port: i32::from(SERVICE_PORT),
                 target_port: Some(IntOrString::String(target.to_owned())),
                 protocol: Some("TCP".to_owned()),
+                app_protocol: defaults.service_app_protocol.clone(),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
@@ -508,6 +511,7 @@ mod tests {
     fn pod_of(b: &Backend) -> PodSpec {
         let defaults = BackendDefaults {
             sidecar_image: "serval-sidecar:0.1.0".to_owned(),
+            service_app_protocol: None,
         };
         deployment_for(b, &defaults)
             .spec
@@ -545,11 +549,28 @@ mod tests {
             .collect();
         assert_eq!(env["SERVAL_MODEL_NAME"], "digits-custom");
         assert_eq!(env["SERVAL_MODEL_SERVER"], "http://127.0.0.1:8080");
-        let service = service_for(&b).spec.expect("a spec");
+        let plain = BackendDefaults {
+            sidecar_image: "s".to_owned(),
+            service_app_protocol: None,
+        };
+        let service = service_for(&b, &plain).spec.expect("a spec");
+        let port = &service.ports.expect("ports")[0];
         assert_eq!(
-            service.ports.expect("ports")[0].target_port,
+            port.target_port,
             Some(IntOrString::String("user-http".to_owned()))
         );
+        assert_eq!(port.app_protocol, None);
+        // Set by the operator's flag for a mesh or Gateway that must be told it is HTTP/2.
+        let h2c = BackendDefaults {
+            service_app_protocol: Some("kubernetes.io/h2c".to_owned()),
+            ..plain
+        };
+        let port = &service_for(&b, &h2c)
+            .spec
+            .expect("a spec")
+            .ports
+            .expect("ports")[0];
+        assert_eq!(port.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
 
         let b = backend(json!({
             "model": {"uri": "pvc://models/digits.onnx"},

@@ -39,6 +39,8 @@ pub const ROUTER_REPLICAS: i32 = 2;
 pub struct RouterDefaults {
     /// Router image.
     pub router_image: String,
+    /// `appProtocol` of the Service port (REST and gRPC on one port); none by default.
+    pub service_app_protocol: Option<String>,
 }
 
 /// Labels on every router object.
@@ -220,7 +222,11 @@ pub fn deployment_for(
 }
 
 /// The router Service that clients call.
-pub fn service_for(namespace: &str, owners: &[OwnerReference]) -> Service {
+pub fn service_for(
+    namespace: &str,
+    owners: &[OwnerReference],
+    defaults: &RouterDefaults,
+) -> Service {
     Service {
         metadata: meta(ROUTER_NAME, namespace, owners),
         spec: Some(ServiceSpec {
@@ -230,6 +236,7 @@ pub fn service_for(namespace: &str, owners: &[OwnerReference]) -> Service {
                 port: i32::from(ROUTER_SERVICE_PORT),
                 target_port: Some(IntOrString::String("http".to_owned())),
                 protocol: Some("TCP".to_owned()),
+                app_protocol: defaults.service_app_protocol.clone(),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
