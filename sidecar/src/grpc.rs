@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use prost::Message;
 use serde_json::{Map, Value, json};
 use serval_proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
@@ -318,6 +319,11 @@ impl Grpc {
             )));
         }
         let (_inflight, model) = state.admit()?;
+        // The message counts against the memory budget as a REST body does, held until the
+        // answer is built. tonic has read it already: over budget, it is refused (and freed)
+        // here rather than queued, so what waits for the batcher stays bounded.
+        let mut _held = None;
+        state.memory.take(msg.encoded_len(), &mut _held)?;
         let rows = msg
             .inputs
             .first()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use serval_sidecar::Config;
+use serval_sidecar::{Config, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `slow.onnx` ([N,256] -> [N,256], ~0.1 ms a row) one row per batch on one worker, so the
@@ -209,12 +209,100 @@ async fn request_bodies_held_at_once_stay_within_the_memory_budget() {
     let a = send(
         c.post(&url)
             .header("content-type", "application/json")
-            .body(body),
+            .body(body.clone()),
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.json);
+
+    // gRPC messages count against the same budget: while the slow body holds its bytes, a
+    // message of the same size is RESOURCE_EXHAUSTED saying when to come back; one larger
+    // than the whole budget is RESOURCE_EXHAUSTED for good (no retry-after).
+    let rows = |n: usize| vec![[1.0f32, 2.0, 3.0, 4.0]; n];
+    let mut slow = open_request(
+        &s,
+        "/v2/models/identity/infer",
+        size,
+        "",
+        &body.as_bytes()[..10],
+    )
+    .await;
+    wait_until("the slow body is held", || s.state().memory.held() == size).await;
+    let budget = size + size / 2;
+    let fits_alone = budget * 3 / 4 / 16; // rows of 16 bytes: over what is left, under the budget
+    let (status, head) = grpc_infer(&s, &rows(fits_alone)).await;
+    assert_eq!(status, "8", "{head:?}");
+    assert!(head.contains_key("retry-after"), "{head:?}");
+    slow.write_all(&body.as_bytes()[10..]).await.expect("rest");
+    assert!(read_response(&mut slow).await.starts_with("HTTP/1.1 200"));
+    wait_until("bytes given back", || s.state().memory.held() == 0).await;
+    let (status, head) = grpc_infer(&s, &rows(fits_alone)).await;
+    assert_eq!(status, "0", "{head:?}");
+    let (status, head) = grpc_infer(&s, &rows(budget / 16 + 1)).await;
+    assert_eq!(status, "8", "{head:?}");
+    assert!(!head.contains_key("retry-after"), "{head:?}");
+    // grpc-message is percent-encoded.
+    let message = head["grpc-message"]
+        .to_str()
+        .unwrap_or_default()
+        .replace("%20", " ");
+    assert!(message.contains("over the memory budget"), "{message}");
     s.shutdown();
     bounded("shutdown", s.wait()).await;
+}
+
+/// One ModelInfer call of the identity model with `rows` as raw FP32 contents, over HTTP/2;
+/// returns its grpc-status and the trailers (or the trailers-only head).
+async fn grpc_infer(s: &Sidecar, rows: &[[f32; 4]]) -> (String, http::HeaderMap) {
+    use prost::Message;
+    let mut msg = serval_proto::ModelInferRequest {
+        model_name: "identity".into(),
+        ..Default::default()
+    };
+    msg.inputs
+        .push(serval_proto::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows.len() as i64, 4],
+            ..Default::default()
+        });
+    msg.raw_input_contents.push(
+        rows.iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    );
+    let mut framed = vec![0];
+    framed.extend((msg.encoded_len() as u32).to_be_bytes());
+    framed.extend(msg.encode_to_vec());
+    let stream = tokio::net::TcpStream::connect(s.local_addr())
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post("http://sidecar/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+        .expect("request");
+    let resp = bounded("a gRPC answer", send.send_request(req))
+        .await
+        .expect("answer");
+    let head = resp.headers().clone();
+    let collected = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body");
+    let outcome = collected.trailers().cloned().unwrap_or(head);
+    let status = outcome
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, outcome)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
