@@ -7,10 +7,11 @@ serval-sidecar each, called directly, in one run:
 
 - REST JSON: an Open Inference Protocol JSON request;
 - REST binary: the binary tensor extension (a JSON header, then the raw little-endian floats);
+- REST binary over HTTP/2 (h2c prior knowledge, `--http2`): the protocol's cost alone;
 - gRPC: `inference.GRPCInferenceService/ModelInfer` with `raw_input_contents`, over HTTP/2, on
   the same port.
 
-serval-loadgen runs a closed loop at c = 1 and c = 8 for each (`--grpc` for the third);
+serval-loadgen runs a closed loop at c = 1 and c = 8 for each (`--grpc` for the last);
 req/s and p50 are reported, with gRPC's ratio to each REST encoding. Standard library only:
 the gRPC message is encoded here by hand (a few protobuf fields). Writes grpc.{json,txt}.
 
@@ -107,13 +108,19 @@ def main() -> int:
                 "rest_json": (url, ["content-type: application/json"], []),
                 "rest_binary": (url, ["content-type: application/octet-stream",
                                       f"inference-header-content-length: {len(header)}"], []),
+                # The same REST binary request over HTTP/2 (h2c): what the protocol costs,
+                # apart from gRPC's own framing and decoding.
+                "rest_binary_h2": (url, ["content-type: application/octet-stream",
+                                         f"inference-header-content-length: {len(header)}"],
+                                   ["--http2"]),
                 "grpc": (f"http://127.0.0.1:{port}{SERVICE}", [], ["--grpc"]),
             }
             results[model] = {"body_bytes": {k: f.stat().st_size for k, f in files.items()}}
             for c in (1, 8):
                 for kind, (u, headers, extra) in runs.items():
                     log(f"{model} {kind} c = {c}")
-                    rep, _, _ = loadgen(u, files[kind], headers,
+                    body_file = files["rest_binary" if kind == "rest_binary_h2" else kind]
+                    rep, _, _ = loadgen(u, body_file, headers,
                                         ["--concurrency", c] + extra + window, 300)
                     results[model][f"{kind}@c{c}"] = {
                         "rps": rep["rps"], "p50_us": rep["p50_us"], "p99_us": rep["p99_us"],
@@ -130,14 +137,16 @@ def main() -> int:
         lines.append(f"{model}: request bytes JSON {b['rest_json']:,}, binary "
                      f"{b['rest_binary']:,}, gRPC {b['grpc']:,}")
         for c in (1, 8):
-            for kind in ("rest_json", "rest_binary", "grpc"):
+            for kind in ("rest_json", "rest_binary", "rest_binary_h2", "grpc"):
                 v = r[f"{kind}@c{c}"]
-                lines.append(f"  c = {c}  {kind:12} {v['rps']:9.0f} req/s  p50 "
+                lines.append(f"  c = {c}  {kind:14} {v['rps']:9.0f} req/s  p50 "
                              f"{v['p50_us'] / 1000:8.3f} ms  p99 {v['p99_us'] / 1000:8.3f} ms  "
                              f"errors {v['errors']}")
             g = r[f"grpc@c{c}"]["rps"]
             lines.append(f"  c = {c}  gRPC / REST binary {g / r[f'rest_binary@c{c}']['rps']:.2f}x,"
-                         f" gRPC / REST JSON {g / r[f'rest_json@c{c}']['rps']:.2f}x req/s")
+                         f" gRPC / REST JSON {g / r[f'rest_json@c{c}']['rps']:.2f}x,"
+                         f" gRPC / REST binary over HTTP/2 "
+                         f"{g / r[f'rest_binary_h2@c{c}']['rps']:.2f}x req/s")
         lines.append("")
     (out / "grpc.txt").write_text("\n".join(lines))
     print("\n".join(lines))

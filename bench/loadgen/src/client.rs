@@ -36,6 +36,8 @@ pub struct Target {
     next: Arc<AtomicUsize>,
     /// A unary gRPC call: the body is its framed message.
     grpc: bool,
+    /// HTTP/2 with prior knowledge (always for gRPC).
+    http2: bool,
 }
 
 impl Target {
@@ -46,7 +48,9 @@ impl Target {
         headers: &[String],
         bodies: Vec<Vec<u8>>,
         grpc: bool,
+        http2: bool,
     ) -> Result<Self, ClientError> {
+        let http2 = http2 || grpc;
         if bodies.is_empty() {
             return Err(ClientError::Target("no request body".into()));
         }
@@ -71,10 +75,14 @@ impl Target {
             .path_and_query()
             .map_or("/".to_string(), |p| p.as_str().to_string());
         let mut map = HeaderMap::new();
-        let path = if grpc {
+        let path = if http2 {
             // HTTP/2 takes the authority from the URI.
-            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            map.insert(TE, HeaderValue::from_static("trailers"));
+            if grpc {
+                map.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                map.insert(TE, HeaderValue::from_static("trailers"));
+            } else {
+                map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
             format!("http://{authority}{path}")
         } else {
             let host = HeaderValue::from_str(authority.as_str())
@@ -100,6 +108,7 @@ impl Target {
             bodies: bodies.into_iter().map(Bytes::from).collect(),
             next: Arc::new(AtomicUsize::new(0)),
             grpc,
+            http2,
         })
     }
 
@@ -128,13 +137,13 @@ pub enum Connection {
 
 impl Connection {
     /// Opens a TCP connection without Nagle's delay and runs its HTTP/1.1 driver, or for a
-    /// gRPC target its HTTP/2 one.
+    /// gRPC or `--http2` target its HTTP/2 one.
     pub async fn open(target: &Target) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(target.addr)
             .await
             .map_err(ClientError::Connect)?;
         stream.set_nodelay(true).map_err(ClientError::Connect)?;
-        if target.grpc {
+        if target.http2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(
                 hyper_util::rt::TokioExecutor::new(),
                 TokioIo::new(stream),

@@ -81,6 +81,10 @@ struct Args {
     /// call, and count an answer by its `grpc-status`.
     #[arg(long, conflicts_with = "tcp_floor")]
     grpc: bool,
+    /// Send over HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1, one request in flight
+    /// per connection as over HTTP/1.1 (implied by `--grpc`).
+    #[arg(long, conflicts_with = "tcp_floor")]
+    http2: bool,
     /// Runtime threads of the generator. One keeps its CPU share small and equal for every
     /// system on a small machine.
     #[arg(long, default_value_t = 1)]
@@ -113,7 +117,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|b| std::fs::read(b).with_context(|| format!("reading body file {}", b.display())))
         .collect::<Result<Vec<_>>>()?;
-    let target = Target::new(&url, &args.headers, bodies, args.grpc)?;
+    let target = Target::new(&url, &args.headers, bodies, args.grpc, args.http2)?;
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
