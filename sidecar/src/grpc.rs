@@ -256,7 +256,15 @@ fn as_binary_request(req: &ModelInferRequest) -> RequestResult<(Vec<u8>, Bytes)>
         .iter()
         .map(|o| json!({"name": o.name, "parameters": {"binary_data": true}}))
         .collect();
-    let mut header = json!({"inputs": inputs, "parameters": {"binary_data_output": true}});
+    // The request's parameters (e.g. `timeout`, which tritonclient sets) carry over as they
+    // are; every output is asked in binary.
+    let mut params: Map<String, Value> = req
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), parameter(v)))
+        .collect();
+    params.insert("binary_data_output".to_owned(), json!(true));
+    let mut header = json!({"inputs": inputs, "parameters": params});
     if !req.id.is_empty() {
         header["id"] = json!(req.id);
     }

@@ -373,6 +373,10 @@ pub(crate) async fn infer_v2(
 ) -> RequestResult<v2::Encoded> {
     let engine = &model.engine;
     let decoded = v2::decode(json, binary, engine.inputs(), engine.outputs())?;
+    // The request's own `timeout` parameter shortens its deadline (never lengthens it).
+    let deadline = decoded
+        .timeout
+        .map_or(deadline, |t| deadline.min(Instant::now() + t));
     let outputs = model
         .batcher
         .submit(decoded.inputs, deadline, state.others_in_flight())?

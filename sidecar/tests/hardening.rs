@@ -130,6 +130,65 @@ async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_la
     bounded("shutdown", s.wait()).await;
 }
 
+/// The request's own `timeout` parameter (microseconds, what tritonclient's `timeout=` sets,
+/// in REST's `parameters` and gRPC's) is a deadline: behind a queue it cannot wait out, the
+/// request is refused at once (429) instead of running late; without it, it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_timeout_parameter_is_a_deadline_over_rest_and_grpc() {
+    let s = start(slow_config(Duration::from_secs(10))).await;
+    let model = s.model().expect("model");
+    let one_row = model.engine.run_time(1).expect("timed");
+    let queued = (Duration::from_millis(2).as_secs_f64() / one_row.as_secs_f64()).ceil() as usize;
+    model.batcher.set_paused(true);
+    let url = format!("{}/v2/models/slow/infer", base(&s));
+    let mut held = offer(&url, queued + 1, None);
+    wait_until("requests queued", || {
+        model.batcher.queued_rows() == queued + 1
+    })
+    .await;
+    let c = client();
+    let mut hurried = slow_request(1);
+    hurried["parameters"] = json!({"timeout": 1000});
+    assert_overloaded(&send(c.post(&url).json_body(&hurried)).await);
+    let mut msg = grpc_message("slow", &[0.5; 256], 256);
+    msg.parameters.insert(
+        "timeout".into(),
+        serval_proto::InferParameter {
+            parameter_choice: Some(serval_proto::infer_parameter::ParameterChoice::Int64Param(
+                1000,
+            )),
+        },
+    );
+    let (status, head) = grpc_call(&s, &msg).await;
+    assert_eq!(status, "8", "{head:?}");
+    assert!(head.contains_key("retry-after"), "{head:?}");
+    // A generous timeout is served once the queue moves.
+    let mut patient = slow_request(1);
+    patient["parameters"] = json!({"timeout": 60_000_000});
+    let mut later = offer_body(&url, patient);
+    wait_until("the patient request queued", || {
+        model.batcher.queued_rows() == queued + 2
+    })
+    .await;
+    model.batcher.set_paused(false);
+    assert_eq!(next(&mut later).await.status, 200);
+    for _ in 0..=queued {
+        assert_eq!(next(&mut held).await.status, 200);
+    }
+    s.shutdown();
+    bounded("shutdown", s.wait()).await;
+}
+
+/// Sends `body` once; its answer arrives on the receiver.
+fn offer_body(url: &str, body: Value) -> tokio::sync::mpsc::UnboundedReceiver<Answer> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (c, url) = (client(), url.to_owned());
+    tokio::spawn(async move {
+        let _ = tx.send(send(c.post(&url).json_body(&body)).await);
+    });
+    rx
+}
+
 /// Writes a request head (and `first` body bytes) on a raw connection, leaving the body open.
 async fn open_request(
     s: &serval_sidecar::Sidecar,
@@ -253,24 +312,35 @@ async fn request_bodies_held_at_once_stay_within_the_memory_budget() {
 /// One ModelInfer call of the identity model with `rows` as raw FP32 contents, over HTTP/2;
 /// returns its grpc-status and the trailers (or the trailers-only head).
 async fn grpc_infer(s: &Sidecar, rows: &[[f32; 4]]) -> (String, http::HeaderMap) {
-    use prost::Message;
+    let values: Vec<f32> = rows.iter().flatten().copied().collect();
+    grpc_call(s, &grpc_message("identity", &values, 4)).await
+}
+
+/// A ModelInferRequest of `model`'s input `x`: `values` as raw FP32 rows of `width`.
+fn grpc_message(model: &str, values: &[f32], width: usize) -> serval_proto::ModelInferRequest {
     let mut msg = serval_proto::ModelInferRequest {
-        model_name: "identity".into(),
+        model_name: model.into(),
         ..Default::default()
     };
     msg.inputs
         .push(serval_proto::model_infer_request::InferInputTensor {
             name: "x".into(),
             datatype: "FP32".into(),
-            shape: vec![rows.len() as i64, 4],
+            shape: vec![(values.len() / width) as i64, width as i64],
             ..Default::default()
         });
-    msg.raw_input_contents.push(
-        rows.iter()
-            .flatten()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    );
+    msg.raw_input_contents
+        .push(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    msg
+}
+
+/// Calls ModelInfer with `msg` over HTTP/2; returns its grpc-status and the trailers (or the
+/// trailers-only head).
+async fn grpc_call(
+    s: &Sidecar,
+    msg: &serval_proto::ModelInferRequest,
+) -> (String, http::HeaderMap) {
+    use prost::Message;
     let mut framed = vec![0];
     framed.extend((msg.encoded_len() as u32).to_be_bytes());
     framed.extend(msg.encode_to_vec());

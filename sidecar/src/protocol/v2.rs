@@ -116,6 +116,25 @@ pub struct Decoded {
     pub inputs: Vec<Tensor>,
     /// `(output index, binary?)` in the order to return them.
     pub outputs: Vec<(usize, bool)>,
+    /// The request's `timeout` parameter (microseconds, as Triton and tritonclient define it):
+    /// it must be answered within this, or not run.
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// The `timeout` request parameter, in microseconds.
+fn timeout_param(p: &Option<Map<String, Value>>) -> RequestResult<Option<std::time::Duration>> {
+    p.as_ref()
+        .and_then(|m| m.get("timeout"))
+        .map(|v| {
+            v.as_u64()
+                .map(std::time::Duration::from_micros)
+                .ok_or_else(|| {
+                    RequestError::Malformed(format!(
+                        "parameter timeout must be a non-negative integer of microseconds, got {v}"
+                    ))
+                })
+        })
+        .transpose()
 }
 
 fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> bool {
@@ -153,6 +172,7 @@ pub fn decode(
 ) -> RequestResult<Decoded> {
     let req: InferRequest = serde_json::from_slice(json)
         .map_err(|e| RequestError::Malformed(format!("invalid inference request: {e}")))?;
+    let timeout = timeout_param(&req.parameters)?;
     // One slot per model input, in the model's order.
     let mut slots: Vec<Option<Tensor>> = inputs.iter().map(|_| None).collect();
     for input in &req.inputs {
@@ -263,6 +283,7 @@ pub fn decode(
         id: req.id,
         inputs: ordered,
         outputs: wanted,
+        timeout,
     })
 }
 
@@ -415,6 +436,29 @@ mod tests {
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert_eq!(head["id"], "7");
         assert_eq!(&enc.body[n..n + 4], &1.5f32.to_le_bytes());
+    }
+
+    #[test]
+    fn the_timeout_parameter_is_microseconds_or_refused() {
+        let (inputs, outputs) = specs();
+        let req = |params: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}}]{params}}}"#
+            )
+        };
+        let d = |params: &str| decode(req(params).as_bytes(), Bytes::new(), &inputs, &outputs);
+        assert_eq!(d("").expect("none").timeout, None);
+        assert_eq!(
+            d(r#","parameters":{"timeout":1500}"#).expect("µs").timeout,
+            Some(std::time::Duration::from_micros(1500))
+        );
+        for bad in [
+            r#","parameters":{"timeout":-1}"#,
+            r#","parameters":{"timeout":"1s"}"#,
+        ] {
+            let e = d(bad).expect_err(bad);
+            assert!(e.to_string().contains("microseconds"), "{e}");
+        }
     }
 
     /// The streamed answer is the text the `serde_json::Value` rendering gave: sorted keys,
