@@ -194,11 +194,39 @@ fn decode_value(value: &Value, binary: &[u8]) -> Result<Decoded, String> {
     }
 }
 
+/// Each output's bytes of the binary tensor extension, in order after the JSON part: `None`
+/// for an output given as JSON `data`.
+pub fn binary_slices<'a>(
+    outputs: &[Value],
+    binary: &'a [u8],
+) -> Result<Vec<Option<&'a [u8]>>, String> {
+    let mut rest = binary;
+    let mut slices = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        let slice = match o.pointer("/parameters/binary_data_size") {
+            Some(size) => {
+                let name = o["name"].as_str().unwrap_or_default();
+                let size = size
+                    .as_u64()
+                    .and_then(|s| usize::try_from(s).ok())
+                    .filter(|s| *s <= rest.len())
+                    .ok_or_else(|| format!("output {name:?}: binary_data_size past the body"))?;
+                let (bytes, after) = rest.split_at(size);
+                rest = after;
+                Some(bytes)
+            }
+            None => None,
+        };
+        slices.push(slice);
+    }
+    Ok(slices)
+}
+
 fn oip(outputs: &Value, binary: &[u8]) -> Result<Vec<Tensor>, String> {
     let outputs = outputs.as_array().ok_or("outputs is not a list")?;
-    let mut rest = binary;
+    let slices = binary_slices(outputs, binary)?;
     let mut tensors = Vec::with_capacity(outputs.len());
-    for o in outputs {
+    for (o, slice) in outputs.iter().zip(slices) {
         let name = o["name"].as_str().unwrap_or_default().to_owned();
         let datatype = o["datatype"].as_str().unwrap_or_default();
         let shape: Vec<usize> = o["shape"]
@@ -208,15 +236,8 @@ fn oip(outputs: &Value, binary: &[u8]) -> Result<Vec<Tensor>, String> {
             .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
             .ok_or_else(|| format!("output {name:?} has a bad shape"))?;
-        let data = match o.pointer("/parameters/binary_data_size") {
-            Some(size) => {
-                let size = size
-                    .as_u64()
-                    .and_then(|s| usize::try_from(s).ok())
-                    .filter(|s| *s <= rest.len())
-                    .ok_or_else(|| format!("output {name:?}: binary_data_size past the body"))?;
-                let (bytes, after) = rest.split_at(size);
-                rest = after;
+        let data = match slice {
+            Some(bytes) => {
                 decode_binary(datatype, bytes).map_err(|e| format!("output {name:?}: {e}"))?
             }
             None => json_data(&o["data"]).ok_or_else(|| format!("output {name:?} has no data"))?,

@@ -226,22 +226,12 @@ impl Proxy {
         body: Incoming,
         start: Instant,
     ) -> Result<(Response<ProxyBody>, Option<Arc<BackendPool>>)> {
-        let timeout_ms = route.timeout.as_millis() as u64;
         let deadline = tokio::time::Instant::from_std(start) + route.timeout;
-        let read = tokio::time::timeout_at(
-            deadline,
-            read_ahead(body, self.max_buffered_body, self.max_body),
-        )
-        .await
-        .map_err(|_| Error::ClientTimeout { timeout_ms })?
-        .map_err(Error::Client)?;
-        let ReadAhead::Whole(bytes) = read else {
+        let ReadAhead::Whole(bytes) = self.read_client(route, body, deadline).await? else {
             // Each call may need the body again: it must fit the buffer.
             return Err(Error::Client(crate::body::ClientFault::TooLarge));
         };
-        if let Some(v) = &route.endpoint_header {
-            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
-        }
+        name_endpoint(route, &mut parts.headers);
         let call = Call {
             table,
             route,
@@ -386,9 +376,7 @@ impl Proxy {
         } else {
             pool
         };
-        if let Some(v) = &route.endpoint_header {
-            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
-        }
+        name_endpoint(route, &mut parts.headers);
         // gRPC needs `te: trailers` (a hop-by-hop header the check took out).
         parts
             .headers
@@ -472,6 +460,24 @@ impl Proxy {
             }
         }
         resp
+    }
+
+    /// Reads the client's body ahead up to the buffering bound, by the route's deadline.
+    /// Reading is the client's part: too slow is a 408, never an upstream's failure.
+    async fn read_client(
+        &self,
+        route: &CompiledRoute,
+        body: Incoming,
+        deadline: tokio::time::Instant,
+    ) -> Result<ReadAhead> {
+        let timeout_ms = route.timeout.as_millis() as u64;
+        tokio::time::timeout_at(
+            deadline,
+            read_ahead(body, self.max_buffered_body, self.max_body),
+        )
+        .await
+        .map_err(|_| Error::ClientTimeout { timeout_ms })?
+        .map_err(Error::Client)
     }
 
     /// The HTTP/1 client of REST calls.
@@ -617,7 +623,6 @@ impl Proxy {
         body: Incoming,
         deadline: tokio::time::Instant,
     ) -> Result<Response<ProxyBody>> {
-        let timeout_ms = route.timeout.as_millis() as u64;
         let query = parts.uri.query();
         let rendered = target.path.render(&pool.model, query);
         let path = PathAndQuery::try_from(rendered)
@@ -629,15 +634,8 @@ impl Proxy {
             return Err(Error::Overloaded(pool.name.clone()));
         }
         // Bodies up to the bound are read whole so they can be retried and mirrored; longer
-        // ones stream through once. Reading is the client's part: too slow is a 408, never an
-        // upstream's failure.
-        let read = tokio::time::timeout_at(
-            deadline,
-            read_ahead(body, self.max_buffered_body, self.max_body),
-        )
-        .await
-        .map_err(|_| Error::ClientTimeout { timeout_ms })?
-        .map_err(Error::Client)?;
+        // ones stream through once.
+        let read = self.read_client(route, body, deadline).await?;
         let fault = FaultCell::default();
         let (buffered, stream) = match read {
             ReadAhead::Whole(b) => (Some(b), None),
@@ -646,9 +644,7 @@ impl Proxy {
                 Some(ClientBody::new(prefix, rest, self.max_body, fault.clone())),
             ),
         };
-        if let Some(v) = &route.endpoint_header {
-            parts.headers.insert(ENDPOINT_HEADER_NAME, v.clone());
-        }
+        name_endpoint(route, &mut parts.headers);
         let mut tee = self.launch_mirror(
             route,
             &parts.method,
@@ -817,6 +813,13 @@ impl Proxy {
             timeout: route.timeout,
             grpc,
         })
+    }
+}
+
+/// Tells the model server which Endpoint the client called, so its answers carry that name.
+fn name_endpoint(route: &CompiledRoute, headers: &mut HeaderMap) {
+    if let Some(v) = &route.endpoint_header {
+        headers.insert(ENDPOINT_HEADER_NAME, v.clone());
     }
 }
 

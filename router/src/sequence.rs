@@ -34,23 +34,10 @@ pub fn next_request(
         .and_then(Value::as_array)
         .ok_or("the answer has no outputs (only the last step may post-process)")?;
     // Each output's binary bytes, in order after the JSON part.
-    let mut rest = binary;
+    let slices = crate::agreement::binary_slices(outputs, binary)?;
     let mut found: Vec<(&str, &Value, Option<&[u8]>)> = Vec::with_capacity(outputs.len());
-    for o in outputs {
+    for (o, bytes) in outputs.iter().zip(slices) {
         let name = o["name"].as_str().ok_or("an output has no name")?;
-        let bytes = match o.pointer("/parameters/binary_data_size") {
-            Some(size) => {
-                let size = size
-                    .as_u64()
-                    .and_then(|s| usize::try_from(s).ok())
-                    .filter(|s| *s <= rest.len())
-                    .ok_or_else(|| format!("output {name:?}: binary_data_size past the body"))?;
-                let (b, after) = rest.split_at(size);
-                rest = after;
-                Some(b)
-            }
-            None => None,
-        };
         found.push((name, o, bytes));
     }
     let chosen: Vec<(&str, &Value, Option<&[u8]>)> = if inputs.is_empty() {
