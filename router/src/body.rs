@@ -122,6 +122,19 @@ impl Tee {
         }
     }
 
+    /// Keeps `tee` for an answer worth comparing (`comparable`), reading what its head says;
+    /// otherwise tells the mirror the primary failed (`primary_status`).
+    pub fn for_answer(tee: Option<Self>, comparable: bool, head: &http::HeaderMap) -> Option<Self> {
+        let mut tee = tee?;
+        if comparable {
+            tee.set_head(head);
+            Some(tee)
+        } else {
+            tee.fail("primary_status");
+            None
+        }
+    }
+
     /// The primary answered nothing comparable, for `reason`.
     pub fn fail(mut self, reason: &'static str) {
         self.send(PrimaryAnswer::Failed(reason));

@@ -383,7 +383,7 @@ impl Proxy {
             .insert(header::TE, HeaderValue::from_static("trailers"));
         // The shadow gets the same call: the model is named in the message, and the endpoint
         // header lets the shadow answer for it.
-        let mut tee = (method == "ModelInfer")
+        let tee = (method == "ModelInfer")
             .then(|| {
                 self.launch_mirror(
                     route,
@@ -423,17 +423,7 @@ impl Proxy {
         let trailers_only = resp.headers().contains_key("grpc-status");
         let http_ok = resp.status() == StatusCode::OK;
         // Only answers with a message are compared; a trailers-only one is an error.
-        let tee = match tee.take() {
-            Some(mut t) if http_ok && !trailers_only => {
-                t.set_head(resp.headers());
-                Some(t)
-            }
-            Some(t) => {
-                t.fail("primary_status");
-                None
-            }
-            None => None,
-        };
+        let tee = Tee::for_answer(tee, http_ok && !trailers_only, resp.headers());
         let mut resp = into_proxy_response(resp, inflight, tee);
         if let Some(v) = &pool.header_value {
             resp.headers_mut().insert(BACKEND_HEADER_NAME, v.clone());
@@ -645,7 +635,7 @@ impl Proxy {
             ),
         };
         name_endpoint(route, &mut parts.headers);
-        let mut tee = self.launch_mirror(
+        let tee = self.launch_mirror(
             route,
             &parts.method,
             &parts.headers,
@@ -669,17 +659,7 @@ impl Proxy {
             )
             .await?;
         // Only successful answers are compared.
-        let tee = match tee.take() {
-            Some(mut t) if resp.status().is_success() => {
-                t.set_head(resp.headers());
-                Some(t)
-            }
-            Some(t) => {
-                t.fail("primary_status");
-                None
-            }
-            None => None,
-        };
+        let tee = Tee::for_answer(tee, resp.status().is_success(), resp.headers());
         Ok(into_proxy_response(resp, inflight, tee))
     }
 

@@ -99,20 +99,31 @@ async fn requests_that_would_wait_past_the_queue_delay_budget_get_429_at_once() 
     bounded("shutdown", s.wait()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_late_504() {
-    let s = start(slow_config(Duration::from_secs(10))).await;
+/// A paused queue holding one-row requests that take longer than `wait` to run: returns the
+/// number queued beyond one, the URL, and their answers to come.
+async fn queue_longer_than(
+    s: &Sidecar,
+    wait: Duration,
+) -> (usize, String, tokio::sync::mpsc::UnboundedReceiver<Answer>) {
     let model = s.model().expect("model");
     let one_row = model.engine.run_time(1).expect("timed");
-    // More queued work than a 1 ms deadline leaves room for.
-    let queued = (Duration::from_millis(1).as_secs_f64() / one_row.as_secs_f64()).ceil() as usize;
+    let queued = (wait.as_secs_f64() / one_row.as_secs_f64()).ceil() as usize;
     model.batcher.set_paused(true);
-    let url = format!("{}/v2/models/slow/infer", base(&s));
-    let mut held = offer(&url, queued + 1, None);
+    let url = format!("{}/v2/models/slow/infer", base(s));
+    let held = offer(&url, queued + 1, None);
     wait_until("requests queued", || {
         model.batcher.queued_rows() == queued + 1
     })
     .await;
+    (queued, url, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_late_504() {
+    let s = start(slow_config(Duration::from_secs(10))).await;
+    let model = s.model().expect("model");
+    // More queued work than a 1 ms deadline leaves room for.
+    let (queued, url, mut held) = queue_longer_than(&s, Duration::from_millis(1)).await;
     let mut hurried = offer(&url, 1, Some(1));
     assert_overloaded(&next(&mut hurried).await);
     // Without a deadline of its own the 10 s budget admits it.
@@ -137,15 +148,7 @@ async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_la
 async fn the_timeout_parameter_is_a_deadline_over_rest_and_grpc() {
     let s = start(slow_config(Duration::from_secs(10))).await;
     let model = s.model().expect("model");
-    let one_row = model.engine.run_time(1).expect("timed");
-    let queued = (Duration::from_millis(2).as_secs_f64() / one_row.as_secs_f64()).ceil() as usize;
-    model.batcher.set_paused(true);
-    let url = format!("{}/v2/models/slow/infer", base(&s));
-    let mut held = offer(&url, queued + 1, None);
-    wait_until("requests queued", || {
-        model.batcher.queued_rows() == queued + 1
-    })
-    .await;
+    let (queued, url, mut held) = queue_longer_than(&s, Duration::from_millis(2)).await;
     let c = client();
     let mut hurried = slow_request(1);
     hurried["parameters"] = json!({"timeout": 1000});
