@@ -975,6 +975,25 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
         (a + d > 0).then_some(())
     });
 
+    // The 1,000 comparisons since `before` are the offline truth, with no error.
+    let expect_truth = |protocol: &str, before: (u64, u64, u64)| {
+        let (agree, disagree, errors) = wait_until(
+            &format!("{protocol}: 1,000 comparisons"),
+            Duration::from_secs(30),
+            || {
+                let now = mirror_counts(&client, port);
+                let delta = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
+                (delta.0 + delta.1 + delta.2 >= 1000).then_some(delta)
+            },
+        );
+        eprintln!("{protocol}: agree {agree}, disagree {disagree}, errors {errors}");
+        assert_eq!(
+            (agree, disagree, errors),
+            (truth, 1000 - truth, 0),
+            "{protocol}: the router's counts against the offline truth\n{}",
+            tail(&output.text())
+        );
+    };
     let protocols: [(&str, &SendDigit<'_>); 4] = [
         ("OIP JSON", &|x| oip(x, false)),
         ("OIP binary", &|x| oip(x, true)),
@@ -1011,22 +1030,7 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
                 resp.text().unwrap_or_default()
             );
         }
-        let (agree, disagree, errors) = wait_until(
-            &format!("{protocol}: 1,000 comparisons"),
-            Duration::from_secs(30),
-            || {
-                let now = mirror_counts(&client, port);
-                let delta = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
-                (delta.0 + delta.1 + delta.2 >= 1000).then_some(delta)
-            },
-        );
-        eprintln!("{protocol}: agree {agree}, disagree {disagree}, errors {errors}");
-        assert_eq!(
-            (agree, disagree, errors),
-            (truth, 1000 - truth, 0),
-            "{protocol}: the router's counts against the offline truth\n{}",
-            tail(&output.text())
-        );
+        expect_truth(protocol, before);
     }
     // The same 1,000 digits as gRPC calls of the real tritonclient.grpc, on the same port:
     // the answers are protobuf messages, compared as the tensors they hold.
@@ -1045,19 +1049,7 @@ fn mirror_agreement_counts_equal_the_offline_truth_in_every_protocol() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let (agree, disagree, errors) =
-        wait_until("gRPC: 1,000 comparisons", Duration::from_secs(30), || {
-            let now = mirror_counts(&client, port);
-            let delta = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
-            (delta.0 + delta.1 + delta.2 >= 1000).then_some(delta)
-        });
-    eprintln!("gRPC: agree {agree}, disagree {disagree}, errors {errors}");
-    assert_eq!(
-        (agree, disagree, errors),
-        (truth, 1000 - truth, 0),
-        "gRPC: the router's counts against the offline truth\n{}",
-        tail(&output.text())
-    );
+    expect_truth("gRPC", before);
 }
 
 // ---------------------------------------------------------------- Rollouts (issue 20)

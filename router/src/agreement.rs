@@ -257,20 +257,7 @@ fn oip(outputs: &Value, binary: &[u8]) -> Result<Vec<Tensor>, String> {
 /// The outputs of a unary gRPC answer: one length-prefixed, uncompressed `ModelInferResponse`.
 fn grpc(body: &[u8]) -> Result<Vec<Tensor>, String> {
     use prost::Message;
-    let (&compressed, rest) = body.split_first().ok_or("an empty gRPC answer")?;
-    if compressed != 0 {
-        return Err("a compressed gRPC answer".to_owned());
-    }
-    let (len, msg) = rest
-        .split_first_chunk::<4>()
-        .ok_or("a gRPC answer shorter than its frame header")?;
-    let len = u32::from_be_bytes(*len) as usize;
-    if len != msg.len() {
-        return Err(format!(
-            "a gRPC answer of one message of {len} bytes has {} bytes",
-            msg.len()
-        ));
-    }
+    let msg = crate::grpc::unframe(body, "answer")?;
     let answer = serval_proto::ModelInferResponse::decode(msg).map_err(|e| e.to_string())?;
     let raw = &answer.raw_output_contents;
     if !raw.is_empty() && raw.len() != answer.outputs.len() {

@@ -118,7 +118,11 @@ impl Tee {
     /// Reads a gRPC answer's outcome from its trailers.
     fn trailers(&mut self, trailers: &http::HeaderMap) {
         if self.grpc_ok.is_some() {
-            self.grpc_ok = Some(trailers.get("grpc-status").is_some_and(|v| v == "0"));
+            self.grpc_ok = Some(
+                trailers
+                    .get(crate::grpc::GRPC_STATUS)
+                    .is_some_and(|v| v == "0"),
+            );
         }
     }
 

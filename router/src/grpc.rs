@@ -13,6 +13,15 @@ use prost::Message;
 use crate::body::ProxyBody;
 use crate::errors::Error;
 
+/// The header (or trailer) holding a call's outcome, parsed once.
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// Whether an answer's head already holds its outcome: a trailers-only answer, as gRPC errors
+/// are (never the case for REST).
+pub fn trailers_only(head: &HeaderMap) -> bool {
+    head.contains_key(GRPC_STATUS)
+}
+
 /// The path prefix of the protocol's service.
 pub const SERVICE: &str = "/inference.GRPCInferenceService/";
 
@@ -48,20 +57,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// `ModelInferRequest` (`model_name`), `ModelReadyRequest` or `ModelMetadataRequest` (`name`)
 /// names. `body` is the whole request: one length-prefixed, uncompressed message.
 pub fn model_name(body: &[u8]) -> Result<String, String> {
-    let (&compressed, rest) = body.split_first().ok_or("an empty gRPC request")?;
-    if compressed != 0 {
-        return Err("compressed gRPC messages are not supported by the router".to_owned());
-    }
-    let (len, mut msg) = rest
-        .split_first_chunk::<4>()
-        .ok_or("a gRPC request shorter than its frame header")?;
-    let len = u32::from_be_bytes(*len) as usize;
-    if len != msg.len() {
-        return Err(format!(
-            "a gRPC request of one message of {len} bytes has {} bytes",
-            msg.len()
-        ));
-    }
+    let mut msg = unframe(body, "request")?;
     // Fields in any order (serializers write them in field order; the model is field 1).
     while !msg.is_empty() {
         let key = prost::encoding::decode_varint(&mut msg).map_err(|e| e.to_string())?;
@@ -88,6 +84,30 @@ pub fn model_name(body: &[u8]) -> Result<String, String> {
         }
     }
     Ok(String::new())
+}
+
+/// The message of a unary call's body (`what`: request or answer): one length-prefixed,
+/// uncompressed message, as gRPC frames it.
+pub fn unframe<'a>(body: &'a [u8], what: &str) -> Result<&'a [u8], String> {
+    let (&compressed, rest) = body
+        .split_first()
+        .ok_or_else(|| format!("an empty gRPC {what}"))?;
+    if compressed != 0 {
+        return Err(format!(
+            "a compressed gRPC {what}: compression is not supported by the router"
+        ));
+    }
+    let (len, msg) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| format!("a gRPC {what} shorter than its frame header"))?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if len != msg.len() {
+        return Err(format!(
+            "a gRPC {what} of one message of {len} bytes has {} bytes",
+            msg.len()
+        ));
+    }
+    Ok(msg)
 }
 
 /// A router-made answer: one message, then `grpc-status: 0`.
@@ -132,7 +152,7 @@ pub fn error(code: i32, message: &str) -> Response<ProxyBody> {
 /// they see REST: a client's mistake is a 4xx, overload a 429, the server's failure a 5xx.
 pub fn outcome(headers: &HeaderMap) -> StatusCode {
     let code = headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i32>().ok());
     match code {

@@ -420,7 +420,7 @@ impl Proxy {
         };
         // The call's outcome is its grpc-status: in the head of a trailers-only answer, else
         // in the trailers, counted when they pass.
-        let trailers_only = resp.headers().contains_key("grpc-status");
+        let trailers_only = grpc::trailers_only(resp.headers());
         let http_ok = resp.status() == StatusCode::OK;
         // Only answers with a message are compared; a trailers-only one is an error.
         let tee = Tee::for_answer(tee, http_ok && !trailers_only, resp.headers());
@@ -709,7 +709,7 @@ impl Proxy {
             match answer {
                 Ok(Ok(resp)) => {
                     // A gRPC error is a trailers-only answer: its outcome is in the head.
-                    let status = if resp.headers().contains_key("grpc-status") {
+                    let status = if grpc::trailers_only(resp.headers()) {
                         grpc::outcome(resp.headers())
                     } else {
                         resp.status()

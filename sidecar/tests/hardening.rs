@@ -121,14 +121,25 @@ async fn queue_longer_than(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_late_504() {
     let s = start(slow_config(Duration::from_secs(10))).await;
-    let model = s.model().expect("model");
     // More queued work than a 1 ms deadline leaves room for.
-    let (queued, url, mut held) = queue_longer_than(&s, Duration::from_millis(1)).await;
+    let (queued, url, held) = queue_longer_than(&s, Duration::from_millis(1)).await;
     let mut hurried = offer(&url, 1, Some(1));
     assert_overloaded(&next(&mut hurried).await);
     // Without a deadline of its own the 10 s budget admits it.
-    let mut patient = offer(&url, 1, None);
-    wait_until("patient request queued", || {
+    let patient = offer(&url, 1, None);
+    serve_patient_then_held(s, queued, patient, held).await;
+}
+
+/// Once the patient request joined the `queued + 1` held ones, resumes the queue: every one
+/// of them is served; then stops the sidecar.
+async fn serve_patient_then_held(
+    s: Sidecar,
+    queued: usize,
+    mut patient: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+    mut held: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+) {
+    let model = s.model().expect("model");
+    wait_until("the patient request queued", || {
         model.batcher.queued_rows() == queued + 2
     })
     .await;
@@ -147,8 +158,7 @@ async fn a_request_whose_deadline_the_queue_cannot_meet_gets_429_instead_of_a_la
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_timeout_parameter_is_a_deadline_over_rest_and_grpc() {
     let s = start(slow_config(Duration::from_secs(10))).await;
-    let model = s.model().expect("model");
-    let (queued, url, mut held) = queue_longer_than(&s, Duration::from_millis(2)).await;
+    let (queued, url, held) = queue_longer_than(&s, Duration::from_millis(2)).await;
     let c = client();
     let mut hurried = slow_request(1);
     hurried["parameters"] = json!({"timeout": 1000});
@@ -168,18 +178,8 @@ async fn the_timeout_parameter_is_a_deadline_over_rest_and_grpc() {
     // A generous timeout is served once the queue moves.
     let mut patient = slow_request(1);
     patient["parameters"] = json!({"timeout": 60_000_000});
-    let mut later = offer_body(&url, patient);
-    wait_until("the patient request queued", || {
-        model.batcher.queued_rows() == queued + 2
-    })
-    .await;
-    model.batcher.set_paused(false);
-    assert_eq!(next(&mut later).await.status, 200);
-    for _ in 0..=queued {
-        assert_eq!(next(&mut held).await.status, 200);
-    }
-    s.shutdown();
-    bounded("shutdown", s.wait()).await;
+    let later = offer_body(&url, patient);
+    serve_patient_then_held(s, queued, later, held).await;
 }
 
 /// Sends `body` once; its answer arrives on the receiver.
